@@ -1,0 +1,57 @@
+"""The compiler's graph IR.
+
+ONNX is lowered into it (:func:`load`, :func:`from_onnx`), passes rewrite it in place, and it is
+emitted back (:func:`save`, :func:`to_onnx`). Only :mod:`ir.lower` and :mod:`ir.emit` import ``onnx``.
+
+A tour::
+
+    import ir
+    model = ir.load("model.onnx")
+    for node in model.graph:                 # nodes in topological order
+        for value in node.outputs:
+            print(value.name, value.type, [(u.op_type, i) for u, i in value.uses()])
+    print(model)                              # deterministic text form
+    ir.verify(model)
+    ir.save(model, "out.onnx")
+"""
+
+from __future__ import annotations
+
+from ._core import Attr, AttrType, Function, Graph, Model, Node, Value
+from ._dtypes import DataType
+from ._errors import (
+    CycleError,
+    DuplicateNameError,
+    IRError,
+    ModelLoadError,
+    UndefinedValueError,
+    UnknownDTypeError,
+    UnsupportedError,
+    VerificationError,
+)
+from ._printer import print_graph, print_model
+from ._tensor import ExternalLocation, Tensor
+from ._types import (
+    Dim, MapType, OpaqueType, OptionalType, SequenceType, Shape, SparseTensorType, TensorType, Type,
+)
+from ._verify import verify
+from .emit import save, to_onnx
+from .lower import from_onnx, load
+
+__all__ = [
+    "Attr", "AttrType", "CycleError", "DataType", "Dim", "DuplicateNameError", "ExternalLocation",
+    "Function", "Graph", "IRError", "MapType", "Model", "ModelLoadError", "Node", "OpaqueType",
+    "OptionalType", "SequenceType", "Shape", "SparseTensorType", "Tensor", "TensorType", "Type",
+    "UndefinedValueError", "UnknownDTypeError", "UnsupportedError", "Value", "VerificationError",
+    "from_onnx", "load", "print_graph", "print_model", "save", "structurally_equal", "to_onnx",
+    "verify",
+]
+
+
+def structurally_equal(a: Model | Graph, b: Model | Graph) -> bool:
+    """True when two models (or graphs) have the same text form: same structure, names and data."""
+    if isinstance(a, Model) and isinstance(b, Model):
+        return print_model(a) == print_model(b)
+    if isinstance(a, Graph) and isinstance(b, Graph):
+        return print_graph(a) == print_graph(b)
+    return False

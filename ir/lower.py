@@ -1,0 +1,349 @@
+"""Lowering: ONNX protobuf → IR. One of the two modules allowed to import ``onnx``.
+
+Lowering keeps everything the emitter needs to give the model back unchanged: value, node and
+initializer names, opsets, custom domains, subgraphs reading outer-scope values, local functions,
+metadata and doc strings. Initializer data is not copied into numpy: tensors keep their raw bytes,
+and tensors in external data files stay on disk until a pass reads them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ._core import Attr, AttrType, Function, Graph, Model, Node, Value
+from ._dtypes import DataType
+from ._errors import DuplicateNameError, IRError, ModelLoadError, UndefinedValueError
+from ._tensor import ExternalLocation, Tensor
+from ._types import (
+    MapType, OpaqueType, OptionalType, SequenceType, SparseTensorType, TensorType, Type,
+)
+
+__all__ = ["load", "from_onnx"]
+
+
+def load(path: str | os.PathLike[str]) -> Model:
+    """Read an ONNX file into the IR; external data stays on disk until used.
+
+    Raises:
+        ModelLoadError: the file is missing, truncated or not an ONNX model.
+        IRError: the model is malformed (names the node or value).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"{path}: no such file")
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError and others
+        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    if not proto.HasField("graph"):
+        raise ModelLoadError(f"{path}: not an ONNX model (no graph; is the file truncated or of another format?)")
+    return from_onnx(proto, base_dir=os.path.dirname(os.path.abspath(path)))
+
+
+def from_onnx(proto: onnx.ModelProto, *, base_dir: str = "") -> Model:
+    """Lower a ``ModelProto``. ``base_dir`` resolves relative external data locations."""
+    if not isinstance(proto, onnx.ModelProto):
+        raise ModelLoadError(f"expected an onnx.ModelProto, got {type(proto).__name__}")
+    lw = _Lowerer(base_dir)
+    opsets: dict[str, int] = {}
+    for op in proto.opset_import:
+        opsets[op.domain] = op.version
+    functions = [lw.function(f) for f in proto.functions]
+    graph = lw.graph(proto.graph, ())
+    m = Model(
+        graph,
+        ir_version=proto.ir_version,
+        opset_imports=opsets,
+        producer_name=proto.producer_name,
+        producer_version=proto.producer_version,
+        domain=proto.domain,
+        model_version=proto.model_version,
+        doc_string=proto.doc_string,
+        functions=functions,
+    )
+    m.metadata_props = {p.key: p.value for p in proto.metadata_props}
+    if len(proto.training_info):
+        m.extra["training_info"] = [t.SerializeToString() for t in proto.training_info]
+    if len(getattr(proto, "configuration", ())):
+        m.extra["configuration"] = [c.SerializeToString() for c in proto.configuration]
+    return m
+
+
+def _decode(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
+
+
+class _Lowerer:
+    def __init__(self, base_dir: str) -> None:
+        self.base_dir = base_dir
+
+    # -- tensors and types ----------------------------------------------------------------
+    def tensor(self, tp: onnx.TensorProto, where: str) -> Tensor:
+        dtype = DataType.from_int(tp.data_type, where=where)
+        shape = tuple(int(d) for d in tp.dims)
+        if any(d < 0 for d in shape):
+            raise IRError(f"{where}: tensor has a negative dimension {list(shape)}")
+        if tp.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in tp.external_data}
+            if "location" not in info:
+                raise IRError(f"{where}: external tensor has no location")
+            loc = ExternalLocation(
+                os.path.join(self.base_dir, info["location"]),
+                int(info.get("offset", 0)),
+                int(info.get("length", -1)),
+            )
+            t = Tensor.from_external(loc, dtype, shape, name=tp.name)
+        elif tp.HasField("raw_data") and dtype != DataType.STRING:
+            t = Tensor.from_raw(tp.raw_data, dtype, shape, name=tp.name)
+        elif dtype == DataType.STRING:
+            arr = np.array(list(tp.string_data), dtype=object).reshape(shape)
+            t = Tensor(arr, dtype=dtype, name=tp.name)
+        else:
+            try:
+                arr = numpy_helper.to_array(tp)
+            except Exception as e:
+                raise IRError(f"{where}: cannot decode tensor data ({e})") from None
+            t = Tensor(arr, dtype=dtype, name=tp.name)
+        t.doc_string = tp.doc_string
+        t.metadata_props = {p.key: p.value for p in tp.metadata_props}
+        return t
+
+    def type(self, tp: onnx.TypeProto, where: str) -> Type | None:
+        which = tp.WhichOneof("value")
+        den = tp.denotation
+        if which == "tensor_type":
+            tt = tp.tensor_type
+            return TensorType(DataType.from_int(tt.elem_type, where=where), self.shape(tt), den)
+        if which == "sparse_tensor_type":
+            st = tp.sparse_tensor_type
+            return SparseTensorType(DataType.from_int(st.elem_type, where=where), self.shape(st), den)
+        if which == "sequence_type":
+            e = tp.sequence_type.elem_type
+            return SequenceType(self.type(e, where) if e.ByteSize() else None, den)
+        if which == "optional_type":
+            e = tp.optional_type.elem_type
+            return OptionalType(self.type(e, where) if e.ByteSize() else None, den)
+        if which == "map_type":
+            mt = tp.map_type
+            return MapType(DataType.from_int(mt.key_type, where=where), self.type(mt.value_type, where), den)
+        if which == "opaque_type":
+            return OpaqueType(tp.opaque_type.domain, tp.opaque_type.name, den)
+        return None
+
+    @staticmethod
+    def shape(tt: Any) -> tuple | None:
+        if not tt.HasField("shape"):
+            return None
+        dims: list[int | str | None] = []
+        for d in tt.shape.dim:
+            kind = d.WhichOneof("value")
+            dims.append(d.dim_value if kind == "dim_value" else d.dim_param if kind == "dim_param" else None)
+        return tuple(dims)
+
+    # -- attributes -----------------------------------------------------------------------
+    def attr(self, ap: onnx.AttributeProto, scopes: tuple[dict[str, Value], ...], where: str) -> Attr:
+        kind = AttrType(ap.type) if ap.type in AttrType._value2member_map_ else AttrType.UNDEFINED
+        at = f"{where}, attribute {ap.name!r}"
+        if ap.ref_attr_name:
+            return Attr(ap.name, kind, None, ref_attr_name=ap.ref_attr_name, doc_string=ap.doc_string)
+        if kind == AttrType.UNDEFINED:
+            kind = _guess_kind(ap)
+        if kind == AttrType.FLOAT:
+            v: Any = ap.f
+        elif kind == AttrType.INT:
+            v = ap.i
+        elif kind == AttrType.STRING:
+            v = _decode(ap.s)
+        elif kind == AttrType.TENSOR:
+            v = self.tensor(ap.t, at)
+        elif kind == AttrType.GRAPH:
+            v = self.graph(ap.g, scopes)
+        elif kind == AttrType.FLOATS:
+            v = list(ap.floats)
+        elif kind == AttrType.INTS:
+            v = list(ap.ints)
+        elif kind == AttrType.STRINGS:
+            v = [_decode(s) for s in ap.strings]
+        elif kind == AttrType.TENSORS:
+            v = [self.tensor(t, at) for t in ap.tensors]
+        elif kind == AttrType.GRAPHS:
+            v = [self.graph(g, scopes) for g in ap.graphs]
+        elif kind == AttrType.SPARSE_TENSOR:
+            v = self.sparse(ap.sparse_tensor, at)
+        elif kind == AttrType.SPARSE_TENSORS:
+            v = [self.sparse(s, at) for s in ap.sparse_tensors]
+        elif kind == AttrType.TYPE_PROTO:
+            v = self.type(ap.tp, at)
+        elif kind == AttrType.TYPE_PROTOS:
+            v = [self.type(t, at) for t in ap.type_protos]
+        else:
+            raise IRError(f"{at}: attribute has no value")
+        return Attr(ap.name, kind, v, doc_string=ap.doc_string)
+
+    def sparse(self, sp: onnx.SparseTensorProto, where: str) -> tuple[Tensor, Tensor, list[int]]:
+        return (self.tensor(sp.values, where), self.tensor(sp.indices, where), list(sp.dims))
+
+    # -- graphs ---------------------------------------------------------------------------
+    def graph(self, gp: onnx.GraphProto, outer: tuple[dict[str, Value], ...]) -> Graph:
+        g = Graph(name=gp.name, doc_string=gp.doc_string)
+        g.metadata_props = {p.key: p.value for p in gp.metadata_props}
+        scope: dict[str, Value] = {}
+        scopes = (scope, *outer)
+        gname = gp.name or "main"
+
+        def define(name: str, value: Value, by: str) -> None:
+            if name in scope:
+                raise DuplicateNameError(f"value name %{name} is defined twice in graph {gname!r} (again by {by})")
+            scope[name] = value
+
+        for vi in gp.input:
+            v = Value(vi.name, self.type(vi.type, f"input %{vi.name}"), doc_string=vi.doc_string)
+            v.metadata_props = {p.key: p.value for p in vi.metadata_props}
+            define(vi.name, v, "a graph input")
+            g.add_input(v)
+        for tp in gp.initializer:
+            t = self.tensor(tp, f"initializer %{tp.name}")
+            if tp.name in scope and scope[tp.name].is_graph_input():
+                v = scope[tp.name]  # an input with a default value (IR version < 4 style)
+                v.const_value = t
+                g.initializers[tp.name] = v
+                continue
+            v = Value(tp.name, TensorType(t.dtype, t.shape), const_value=t)
+            define(tp.name, v, "an initializer")
+            g.add_initializer(v)
+        if len(gp.sparse_initializer):
+            sparse: dict[str, Any] = {}
+            for sp in gp.sparse_initializer:
+                name = sp.values.name
+                v = Value(name)
+                v._graph = g
+                define(name, v, "a sparse initializer")
+                sparse[name] = (v, sp.SerializeToString())
+            g.extra["sparse_initializers"] = sparse
+        if len(gp.quantization_annotation):
+            g.extra["quantization_annotation"] = [q.SerializeToString() for q in gp.quantization_annotation]
+
+        pending: list[tuple[onnx.NodeProto, list[Value | None], str]] = []
+        for i, np_ in enumerate(gp.node):
+            label = _label(np_, i)
+            outs: list[Value | None] = []
+            for name in np_.output:
+                if not name:
+                    outs.append(None)
+                    continue
+                v = Value(name)
+                define(name, v, f"node {label}")
+                outs.append(v)
+            pending.append((np_, outs, label))
+
+        for np_, outs, label in pending:
+            ins: list[Value | None] = []
+            for k, name in enumerate(np_.input):
+                ins.append(None if not name else _lookup(scopes, name, f"node {label}: input {k} reads %{name}"))
+            attrs = [self.attr(a, scopes, f"node {label}") for a in np_.attribute]
+            node = Node(
+                np_.op_type, ins, attrs, domain=np_.domain, name=np_.name, outputs=outs,
+                overload=getattr(np_, "overload", ""), doc_string=np_.doc_string,
+            )
+            node.metadata_props = {p.key: p.value for p in np_.metadata_props}
+            g.append(node)
+
+        for vi in gp.value_info:
+            v = scope.get(vi.name)
+            if v is not None:
+                t = self.type(vi.type, f"value %{vi.name}")
+                if t is not None:
+                    v.type = t
+                if vi.doc_string:
+                    v.doc_string = vi.doc_string
+        for vi in gp.output:
+            v = _lookup(scopes, vi.name, f"graph {gname!r}: output reads %{vi.name}") if vi.name else None
+            if v is None:
+                raise IRError(f"graph {gname!r}: an output has an empty name")
+            t = self.type(vi.type, f"output %{vi.name}")
+            if t is not None and (v.name in scope or v.type is None):
+                v.type = t
+            if vi.doc_string:
+                v.doc_string = vi.doc_string
+            g.outputs.append(v)
+
+        if not _in_order(g):
+            g.sort()
+        return g
+
+    def function(self, fp: onnx.FunctionProto) -> Function:
+        gp = onnx.GraphProto(name=fp.name)
+        gp.input.extend(onnx.ValueInfoProto(name=n) for n in fp.input)
+        gp.output.extend(onnx.ValueInfoProto(name=n) for n in fp.output)
+        gp.node.extend(fp.node)
+        gp.value_info.extend(getattr(fp, "value_info", ()))
+        graph = self.graph(gp, ())
+        where = f"function {fp.domain}::{fp.name}"
+        f = Function(
+            fp.domain, fp.name, graph,
+            attributes=list(fp.attribute),
+            attribute_defaults=[self.attr(a, (), where) for a in fp.attribute_proto],
+            opset_imports={o.domain: o.version for o in fp.opset_import},
+            overload=getattr(fp, "overload", ""),
+            doc_string=fp.doc_string,
+        )
+        f.metadata_props = {p.key: p.value for p in getattr(fp, "metadata_props", ())}
+        return f
+
+
+def _label(np_: onnx.NodeProto, i: int) -> str:
+    op = f"{np_.domain}::{np_.op_type}" if np_.domain not in ("", "ai.onnx") else np_.op_type
+    if np_.name:
+        return f"{op} {np_.name!r}"
+    return f"{op} #{i}" + (f" -> %{np_.output[0]}" if len(np_.output) and np_.output[0] else "")
+
+
+def _lookup(scopes: tuple[dict[str, Value], ...], name: str, what: str) -> Value:
+    for s in scopes:
+        v = s.get(name)
+        if v is not None:
+            return v
+    raise UndefinedValueError(f"{what}, which nothing defines")
+
+
+def _in_order(g: Graph) -> bool:
+    seen: set[int] = set()
+    for n in g:
+        for v in n.inputs:
+            if v is not None and v.producer() is not None and v.producer().graph is g and id(v.producer()) not in seen:
+                return False
+        for sub in n.subgraphs():
+            for v in sub.captured_values():
+                p = v.producer()
+                if p is not None and p.graph is g and id(p) not in seen:
+                    return False
+        seen.add(id(n))
+    return True
+
+
+def _guess_kind(ap: onnx.AttributeProto) -> AttrType:
+    for field, kind in [
+        ("floats", AttrType.FLOATS), ("ints", AttrType.INTS), ("strings", AttrType.STRINGS),
+        ("tensors", AttrType.TENSORS), ("graphs", AttrType.GRAPHS),
+    ]:
+        if len(getattr(ap, field)):
+            return kind
+    for field, kind in [
+        ("t", AttrType.TENSOR), ("g", AttrType.GRAPH), ("sparse_tensor", AttrType.SPARSE_TENSOR),
+        ("tp", AttrType.TYPE_PROTO),
+    ]:
+        if ap.HasField(field):
+            return kind
+    if ap.HasField("s"):
+        return AttrType.STRING
+    if ap.HasField("f"):
+        return AttrType.FLOAT
+    if ap.HasField("i"):
+        return AttrType.INT
+    raise IRError(f"attribute {ap.name!r} has no value")
+
