@@ -29,6 +29,7 @@ from ._errors import (
     UnsupportedError,
     VerificationError,
 )
+from ._parser import ParseError, parse_graph, parse_model
 from ._printer import print_graph, print_model
 from ._tensor import ExternalLocation, Tensor
 from ._types import (
@@ -36,14 +37,14 @@ from ._types import (
 )
 from ._verify import verify
 from .emit import save, to_onnx
-from .lower import from_onnx, load
+from .lower import check_opsets, from_onnx, infer_shapes, load
 
 __all__ = [
     "Attr", "AttrType", "CycleError", "DataType", "Dim", "DuplicateNameError", "ExternalLocation",
     "Function", "Graph", "IRError", "MapType", "Model", "ModelLoadError", "Node", "OpaqueType",
-    "OptionalType", "SequenceType", "Shape", "SparseTensorType", "Tensor", "TensorType", "Type",
+    "OptionalType", "ParseError", "SequenceType", "Shape", "SparseTensorType", "Tensor", "TensorType", "Type",
     "UndefinedValueError", "UnknownDTypeError", "UnsupportedError", "Value", "VerificationError",
-    "from_onnx", "load", "print_graph", "print_model", "save", "structurally_equal", "to_onnx",
+    "check_opsets", "from_onnx", "infer_shapes", "load", "parse_graph", "parse_model", "print_graph", "print_model", "save", "structurally_equal", "to_onnx",
     "verify",
 ]
 

@@ -23,7 +23,7 @@ from ._types import (
     MapType, OpaqueType, OptionalType, SequenceType, SparseTensorType, TensorType, Type,
 )
 
-__all__ = ["load", "from_onnx"]
+__all__ = ["load", "from_onnx", "infer_shapes", "check_opsets"]
 
 
 def load(path: str | os.PathLike[str]) -> Model:
@@ -347,3 +347,97 @@ def _guess_kind(ap: onnx.AttributeProto) -> AttrType:
         return AttrType.INT
     raise IRError(f"attribute {ap.name!r} has no value")
 
+
+
+def infer_shapes(model: Model, *, data_prop: bool = True) -> int:
+    """Fill in value types with ONNX's shape inference; returns how many values got a new type.
+
+    Tensors of 1 KiB or more are emitted as unread external references, so inference sees their
+    types but the data is never copied. Existing types are replaced only by more precise ones.
+    """
+    from .emit import _Emitter
+
+    def fake_external(t: Tensor) -> tuple[str, int, int] | None:
+        return None if t.nbytes < 1024 or t.dtype == DataType.STRING else ("__not_loaded__", 0, t.nbytes)
+
+    proto = _Emitter(fake_external).model(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=data_prop)
+    except Exception:  # inference is best effort: a model it cannot handle keeps its types
+        return 0
+    lw = _Lowerer("")
+    changed = 0
+
+    def apply(g: Graph, gp: onnx.GraphProto) -> int:
+        n = 0
+        by_name: dict[str, Value] = {}
+        for node in g:
+            for o in node.outputs:
+                if o is not None:
+                    by_name[o.name] = o
+        for vi in list(gp.value_info) + list(gp.output):
+            v = by_name.get(vi.name)
+            if v is None:
+                continue
+            t = lw.type(vi.type, vi.name)
+            if t is not None and _more_precise(t, v.type):
+                v.type = t
+                n += 1
+        for node, np_ in zip(g, gp.node):
+            subs = node.subgraphs()
+            sub_protos = [a.g for a in np_.attribute if a.type == onnx.AttributeProto.GRAPH]
+            sub_protos += [x for a in np_.attribute if a.type == onnx.AttributeProto.GRAPHS for x in a.graphs]
+            for sg, sgp in zip(subs, sub_protos):
+                n += apply(sg, sgp)
+        return n
+
+    changed += apply(model.graph, inferred.graph)
+    return changed
+
+
+def _more_precise(new: Type, old: Type | None) -> bool:
+    if old is None:
+        return True
+    if not isinstance(new, TensorType) or not isinstance(old, TensorType):
+        return False
+    if new.dtype != old.dtype and old.dtype != DataType.UNDEFINED:
+        return False
+    if old.shape is None:
+        return new.shape is not None
+    if new.shape is None or len(new.shape) != len(old.shape):
+        return False
+    better = False
+    for a, b in zip(new.shape, old.shape):
+        if isinstance(b, int):
+            if a != b:
+                return False
+        elif isinstance(a, int) or (a is not None and b is None):
+            better = True
+    return better
+
+
+def check_opsets(model: Model) -> None:
+    """Check that every standard-domain op exists in the model's imported opset.
+
+    Ops of other domains (``com.microsoft``, custom ones) and calls of local functions pass.
+
+    Raises:
+        UnsupportedError: naming the node, the op and the opset.
+    """
+    from ._errors import UnsupportedError
+
+    local = {(f.domain, f.name) for f in model.functions}
+    version = model.opset("")
+    for g in model.graph.all_graphs():
+        for n in g:
+            domain = "" if n.domain == "ai.onnx" else n.domain
+            if domain != "" or (domain, n.op_type) in local:
+                continue
+            if version is None:
+                raise UnsupportedError(f"node {n.label()}: the model imports no ONNX opset")
+            try:
+                onnx.defs.get_schema(n.op_type, version, "")
+            except Exception:
+                raise UnsupportedError(
+                    f"node {n.label()}: op {n.op_type!r} is not defined in ONNX opset {version}"
+                ) from None

@@ -1,0 +1,127 @@
+"""What a pass is: a frozen dataclass with a kebab-case ``name`` and ``run(model, ctx)``."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import ir
+
+if TYPE_CHECKING:
+    from targets import Target
+
+__all__ = ["Pass", "PassResult", "PassContext", "PassError", "Diagnostic"]
+
+
+class PassError(Exception):
+    """An error a user can act on: a bad pipeline, an unknown pass or option, a pass that failed."""
+
+
+@dataclass
+class PassResult:
+    """What one run of a pass did.
+
+    Attributes:
+        modified: whether the model changed (recorded by the :class:`~passes.Rewriter`, not claimed).
+        stats: counters for the report, e.g. ``{"fused Attention": 6}``.
+    """
+
+    modified: bool
+    stats: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """A note for the user, e.g. why a fusion did not fire at a node."""
+
+    pass_name: str
+    node: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.pass_name}: at {self.node}: {self.message}"
+
+
+@dataclass
+class PassContext:
+    """What passes may read besides the model: the target, user options, and a place for notes.
+
+    Attributes:
+        target: the hardware target profile (passes read its capabilities, never its name).
+        static_shapes: symbolic dimension bindings, e.g. ``{"batch": 1, "seq": 128}``.
+        explain: collect near-miss diagnostics (why a fusion did not fire).
+        diagnostics: notes collected by passes.
+        options: free-form options for passes (calibration data, budgets...).
+        progress: optional callback ``progress(message)`` for long work.
+    """
+
+    target: Target | None = None
+    static_shapes: dict[str, int] = field(default_factory=dict)
+    explain: bool = False
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    progress: Any = None
+
+    def note(self, pass_name: str, node: ir.Node | str, message: str) -> None:
+        """Record a diagnostic about ``node``."""
+        label = node.label() if isinstance(node, ir.Node) else node
+        self.diagnostics.append(Diagnostic(pass_name, label, message))
+
+    def report_progress(self, message: str) -> None:
+        """Tell the user about long work, when a progress callback is set."""
+        if self.progress is not None:
+            self.progress(message)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Base class of passes: subclass as a frozen dataclass, set ``name``, implement :meth:`run`.
+
+    Options are the dataclass fields; pipeline strings set them by name
+    (``quantize{per_channel=true}``). A pass keeps no state between runs.
+
+    Example::
+
+        @register_pass
+        @dataclass(frozen=True)
+        class DropIdentityPass(Pass):
+            name: ClassVar[str] = "drop-identity"
+
+            def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+                rw = Rewriter()
+                for node in model.graph:
+                    if node.op_type == "Identity" and not node.outputs[0].is_graph_output():
+                        rw.replace_all_uses_with(node.outputs[0], node.inputs[0])
+                        rw.erase(node)
+                return rw.result()
+    """
+
+    name: ClassVar[str] = ""
+    #: One line shown by ``--list-passes``.
+    summary: ClassVar[str] = ""
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:  # pragma: no cover - abstract
+        """Rewrite ``model`` in place and say whether it changed."""
+        raise NotImplementedError
+
+    def spec(self) -> str:
+        """This pass as a pipeline element, with the options that differ from the defaults."""
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                default = f.default_factory()  # type: ignore[misc]
+            if value != default:
+                parts.append(f"{f.name}={_format_option(value)}")
+        return self.name + ("{" + ",".join(parts) + "}" if parts else "")
+
+
+def _format_option(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return ":".join(str(v) for v in value)
+    return str(value)

@@ -1,0 +1,148 @@
+"""The pass manager: runs a pipeline with verification, timing, IR printing and crash reproducers."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import TextIO
+
+import ir
+
+from ._base import Pass, PassContext, PassError, PassResult
+from ._pipeline import Fixpoint, Pipeline, PipelineItem, format_pipeline, parse_pipeline
+
+__all__ = ["PassManager", "PassRecord"]
+
+#: Models larger than this (bytes of tensors) are not snapshotted for reproducers.
+_SNAPSHOT_LIMIT = 1 << 30
+
+
+@dataclass
+class PassRecord:
+    """One run of one pass: its pipeline spec, time, and what it did."""
+
+    spec: str
+    seconds: float
+    modified: bool
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+class PassManager:
+    """Runs a pipeline over a model.
+
+    Args:
+        pipeline: a pipeline string or parsed pipeline.
+        verify: run :func:`ir.verify` after every pass.
+        check_modified: compare the printed IR before and after each pass with the pass's
+            ``modified`` flag and fail on a mismatch (on in tests).
+        print_ir_after_change: print the IR after each pass that changed it.
+        reproducer_dir: where to write a reproducer when a pass crashes (default: a temp dir).
+        out: stream for printed IR.
+    """
+
+    def __init__(
+        self,
+        pipeline: str | Pipeline,
+        *,
+        verify: bool = True,
+        check_modified: bool = False,
+        print_ir_after_change: bool = False,
+        reproducer_dir: str | None = None,
+        out: TextIO | None = None,
+    ) -> None:
+        self.pipeline: Pipeline = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
+        self.verify = verify
+        self.check_modified = check_modified
+        self.print_ir_after_change = print_ir_after_change
+        self.reproducer_dir = reproducer_dir
+        self.out = out or sys.stderr
+        self.records: list[PassRecord] = []
+
+    @property
+    def spec(self) -> str:
+        """The pipeline as a string."""
+        return format_pipeline(self.pipeline)
+
+    def run(self, model: ir.Model, ctx: PassContext | None = None) -> list[PassRecord]:
+        """Run the pipeline over ``model`` in place and return one record per pass run.
+
+        Raises:
+            PassError: a pass failed, or left the IR invalid; the message names the pass, the
+                passes that already ran, and the reproducer file.
+        """
+        ctx = ctx or PassContext()
+        self.records = []
+        self._run_items(self.pipeline, model, ctx)
+        return self.records
+
+    def _run_items(self, items: Pipeline | tuple[PipelineItem, ...], model: ir.Model, ctx: PassContext) -> bool:
+        modified = False
+        for item in items:
+            if isinstance(item, Fixpoint):
+                for i in range(item.max_iterations):
+                    if not self._run_items(item.items, model, ctx):
+                        break
+                    modified = True
+                else:
+                    ctx.note("pass-manager", "fixpoint", f"still changing after {item.max_iterations} iterations")
+            else:
+                modified |= self._run_pass(item, model, ctx)
+        return modified
+
+    def _run_pass(self, p: Pass, model: ir.Model, ctx: PassContext) -> bool:
+        snapshot = self._snapshot(model)
+        before = ir.print_model(model) if self.check_modified else None
+        ctx.report_progress(f"running {p.spec()}")
+        start = time.perf_counter()
+        try:
+            result = p.run(model, ctx)
+            if not isinstance(result, PassResult):
+                raise PassError(f"pass {p.name!r} returned {type(result).__name__}, not a PassResult")
+            if self.verify:
+                ir.verify(model)
+        except Exception as e:  # a crash, or an invalid IR left behind
+            raise self._failure(p, e, snapshot) from e
+        seconds = time.perf_counter() - start
+        if before is not None:
+            changed = ir.print_model(model) != before
+            if changed != result.modified:
+                raise PassError(
+                    f"pass {p.name!r} reported modified={result.modified} but the IR "
+                    f"{'changed' if changed else 'did not change'}"
+                )
+        self.records.append(PassRecord(p.spec(), seconds, result.modified, dict(result.stats)))
+        if self.print_ir_after_change and result.modified:
+            print(f"// ----- IR after {p.spec()} -----", file=self.out)
+            print(ir.print_model(model), file=self.out)
+        return result.modified
+
+    def _snapshot(self, model: ir.Model) -> bytes | None:
+        from ir.emit import _tensor_bytes
+
+        if _tensor_bytes(model) > _SNAPSHOT_LIMIT:
+            return None
+        try:
+            return ir.to_onnx(model).SerializeToString()
+        except Exception:  # an unemittable model is reported by the pass that made it so
+            return None
+
+    def _failure(self, p: Pass, e: Exception, snapshot: bytes | None) -> PassError:
+        ran = ", ".join(r.spec for r in self.records) or "none"
+        where = ""
+        if snapshot is not None:
+            folder = self.reproducer_dir or tempfile.mkdtemp(prefix="passes-repro-")
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, f"reproducer-{p.name}.onnx")
+            with open(path, "wb") as f:
+                f.write(snapshot)
+            with open(path + ".pipeline", "w") as f:
+                f.write(format_pipeline([p]) + "\n")
+            with open(path + ".traceback", "w") as f:
+                f.write("".join(traceback.format_exception(e)))
+            where = f"; reproducer: {path} (run: python -m passes.compile {path} --pipeline '{p.spec()}')"
+        kind = "left an invalid IR" if isinstance(e, ir.VerificationError) else "failed"
+        return PassError(f"pass {p.name!r} {kind}: {e}; passes already run: {ran}{where}")

@@ -1,0 +1,167 @@
+"""Numerical verification in onnxruntime: generated inputs, running, comparing.
+
+Inputs are generated to look like real ones: token ids inside the vocabulary (read off the
+embedding table the ids index), attention masks of ones with the second row half padded,
+token types of zeros, position ids counting up.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+import ir
+
+__all__ = ["Comparison", "make_feeds", "run_onnxruntime", "compare_outputs", "model_bytes_or_path"]
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+@dataclass
+class Comparison:
+    """How close two sets of outputs are (worst over outputs)."""
+
+    max_abs: float
+    cosine: float
+    ref_absmax: float
+    details: list[tuple[str, float, float]]
+
+    def ok(self, *, atol: float = 1e-4, rtol: float = 1e-4, min_cosine: float = 0.9999) -> bool:
+        """Within tolerance: ``max_abs <= atol + rtol * max|ref|`` and cosine at least ``min_cosine``."""
+        return self.max_abs <= atol + rtol * self.ref_absmax and self.cosine >= min_cosine
+
+    def __str__(self) -> str:
+        return f"max abs {self.max_abs:.3g}, cosine {self.cosine:.6f}"
+
+
+def _embedding_rows(model: ir.Model, input_name: str) -> int | None:
+    for v in model.graph.inputs:
+        if v.name != input_name:
+            continue
+        stack = [v]
+        seen = 0
+        while stack and seen < 8:
+            x = stack.pop()
+            seen += 1
+            for node, idx in x.uses():
+                if node.op_type == "Gather" and idx == 1 and node.inputs[0] is not None:
+                    shape = node.inputs[0].shape
+                    if shape and isinstance(shape[0], int):
+                        return shape[0]
+                if node.op_type in ("Cast", "Reshape", "Unsqueeze", "Flatten", "Identity"):
+                    stack.extend(o for o in node.outputs if o is not None)
+    return None
+
+
+def _dim(d: Any, axis: int, name: str, batch: int, seq: int, past: int, bindings: dict[str, int]) -> int:
+    if isinstance(d, int) and d > 0:
+        return d
+    if isinstance(d, str) and d in bindings:
+        return bindings[d]
+    label = (d if isinstance(d, str) else "").lower() + " " + name.lower()
+    if "past" in label or "cache" in label:
+        return past
+    if "batch" in label:
+        return batch
+    if any(k in label for k in ("seq", "len", "token")):
+        return seq if "past" not in label else past
+    return batch if axis == 0 else seq
+
+
+def make_feeds(
+    model: ir.Model,
+    input_meta: list[Any],
+    *,
+    batch: int = 2,
+    seq: int = 16,
+    past: int = 8,
+    seed: int = 0,
+    bindings: dict[str, int] | None = None,
+) -> dict[str, np.ndarray]:
+    """Generate inputs for a model from onnxruntime's input metadata.
+
+    ``bindings`` fixes named symbolic dims (``{"batch": 1}``); other dims are guessed from their
+    names and positions (batch first, then sequence; ``past`` for cache lengths).
+    """
+    bindings = bindings or {}
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for meta in input_meta:
+        name, lname = meta.name, meta.name.lower()
+        dtype = _ORT_TYPES.get(meta.type, np.float32)
+        shape = [_dim(d, i, name, batch, seq, past, bindings) for i, d in enumerate(meta.shape or [])]
+        if np.issubdtype(dtype, np.integer):
+            if "mask" in lname:
+                arr = np.ones(shape, dtype)
+                if len(shape) == 2 and shape[0] > 1 and shape[1] > 1:
+                    arr[1, shape[1] // 2 :] = 0
+            elif "position" in lname:
+                arr = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy() if shape else np.zeros(shape, dtype)
+            elif "type" in lname or "segment" in lname:
+                arr = np.zeros(shape, dtype)
+            else:
+                high = _embedding_rows(model, name) or 100
+                arr = rng.integers(0, high, size=shape).astype(dtype)
+        elif dtype == np.bool_:
+            arr = np.ones(shape, np.bool_)
+        else:
+            arr = rng.standard_normal(shape).astype(dtype)
+        feeds[name] = arr
+    return feeds
+
+
+def model_bytes_or_path(model: ir.Model, folder: str | None = None) -> tuple[bytes | str, str | None]:
+    """An onnxruntime-loadable form of the model: bytes, or a saved file when over 2 GB."""
+    from ir.emit import TWO_GB, _tensor_bytes
+
+    if _tensor_bytes(model) < TWO_GB - (256 << 20):
+        return ir.to_onnx(model).SerializeToString(), None
+    folder = folder or tempfile.mkdtemp(prefix="passes-verify-")
+    path = os.path.join(folder, "model.onnx")
+    ir.save(model, path, external_data=True)
+    return path, folder
+
+
+def session(source: bytes | str, threads: int = 1) -> Any:
+    """An onnxruntime CPU session on ``source`` (bytes or a path)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+
+
+def run_onnxruntime(source: bytes | str, feeds: dict[str, np.ndarray], threads: int = 1) -> list[np.ndarray]:
+    """Run a model once in onnxruntime and return its outputs."""
+    return session(source, threads).run(None, feeds)
+
+
+def compare_outputs(names: list[str], ref: list[np.ndarray], got: list[np.ndarray]) -> Comparison:
+    """Worst max-abs error and worst cosine over all outputs."""
+    worst_abs, worst_cos, absmax = 0.0, 1.0, 0.0
+    details = []
+    for name, a, b in zip(names, ref, got):
+        a64 = np.asarray(a, dtype=np.float64).reshape(-1)
+        b64 = np.asarray(b, dtype=np.float64).reshape(-1)
+        if a64.shape != b64.shape:
+            details.append((name, float("inf"), 0.0))
+            worst_abs, worst_cos = float("inf"), 0.0
+            continue
+        err = float(np.max(np.abs(a64 - b64))) if a64.size else 0.0
+        na, nb = float(np.linalg.norm(a64)), float(np.linalg.norm(b64))
+        cos = 1.0 if na == 0 and nb == 0 else float(a64 @ b64 / (na * nb)) if na and nb else 0.0
+        details.append((name, err, cos))
+        worst_abs = max(worst_abs, err)
+        worst_cos = min(worst_cos, cos)
+        absmax = max(absmax, float(np.max(np.abs(a64))) if a64.size else 0.0)
+    return Comparison(worst_abs, worst_cos, absmax, details)

@@ -1,0 +1,167 @@
+"""The rewriter: every mutation a pass makes goes through it, so "modified" is recorded, not claimed."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+import ir
+
+from ._base import PassResult
+
+__all__ = ["Rewriter"]
+
+
+class Rewriter:
+    """Applies IR mutations and counts them.
+
+    ``result()`` turns the count into a :class:`PassResult`; ``count(stat)`` adds report counters
+    such as ``"fused Attention"``.
+    """
+
+    def __init__(self) -> None:
+        self.changes = 0
+        self.stats: Counter[str] = Counter()
+
+    # -- bookkeeping ----------------------------------------------------------------------
+    def count(self, stat: str, n: int = 1) -> None:
+        """Add ``n`` to the report counter ``stat`` (does not by itself mark the model modified)."""
+        self.stats[stat] += n
+
+    def result(self) -> PassResult:
+        """The pass result: modified when any mutation was made."""
+        return PassResult(modified=self.changes > 0, stats=self.stats)
+
+    # -- rewiring -------------------------------------------------------------------------
+    def replace_all_uses_with(self, old: ir.Value, new: ir.Value) -> None:
+        """Make every reader of ``old`` (graph outputs included, which keep their names) read ``new``."""
+        if old is new or not (old.has_uses() or old.is_graph_output()):
+            return
+        old.replace_all_uses_with(new)
+        self.changes += 1
+
+    def replace_input(self, node: ir.Node, index: int, value: ir.Value | None) -> None:
+        """Make input ``index`` of ``node`` read ``value``."""
+        if node.inputs[index] is value:
+            return
+        node.replace_input(index, value)
+        self.changes += 1
+
+    # -- nodes ----------------------------------------------------------------------------
+    def make(
+        self,
+        op_type: str,
+        inputs: Sequence[ir.Value | None],
+        attributes: dict[str, Any] | None = None,
+        *,
+        before: ir.Node | None = None,
+        after: ir.Node | None = None,
+        graph: ir.Graph | None = None,
+        domain: str = "",
+        num_outputs: int = 1,
+        name: str = "",
+        output_names: Sequence[str] | None = None,
+        types: Sequence[ir.Type | None] | None = None,
+    ) -> ir.Node:
+        """Create a node and insert it before ``before``, after ``after``, or at the end of ``graph``.
+
+        Outputs get unique names (``output_names`` are used as prefixes).
+        """
+        g = graph or (before.graph if before is not None else after.graph if after is not None else None)
+        if g is None:
+            raise ir.IRError(f"rewriter: nowhere to insert the new {op_type} node")
+        names = output_names or [name or op_type] * num_outputs
+        outs = [ir.Value(g.unique_name(n)) for n in names]
+        if types is not None:
+            for v, t in zip(outs, types):
+                v.type = t
+        node = ir.Node(
+            op_type, inputs, attributes, domain=domain, outputs=outs,
+            name=g.unique_name(name or op_type),
+        )
+        if before is not None:
+            g.insert_before(before, node)
+        elif after is not None:
+            g.insert_after(after, node)
+        else:
+            g.append(node)
+        self.changes += 1
+        return node
+
+    def erase(self, nodes: ir.Node | Iterable[ir.Node]) -> None:
+        """Erase nodes (refused while an output is still read outside the group)."""
+        group = [nodes] if isinstance(nodes, ir.Node) else [n for n in nodes if n.graph is not None]
+        if not group:
+            return
+        by_graph: dict[int, tuple[ir.Graph, list[ir.Node]]] = {}
+        for n in group:
+            assert n.graph is not None
+            by_graph.setdefault(id(n.graph), (n.graph, []))[1].append(n)
+        for g, ns in by_graph.values():
+            g.erase(ns)
+        self.changes += 1
+
+    def erase_unused(self, nodes: Iterable[ir.Node]) -> int:
+        """Erase those of ``nodes`` whose outputs nobody reads, repeatedly; returns how many went."""
+        pending = [n for n in nodes if n.graph is not None]
+        erased = 0
+        progress = True
+        while progress:
+            progress = False
+            for n in list(pending):
+                if n.graph is None:
+                    pending.remove(n)
+                    continue
+                if all(o is None or (not o.has_uses() and not o.is_graph_output()) for o in n.outputs):
+                    n.graph.erase(n)
+                    pending.remove(n)
+                    erased += 1
+                    progress = True
+        if erased:
+            self.changes += 1
+        return erased
+
+    def move_before(self, ref: ir.Node, node: ir.Node) -> None:
+        """Move ``node`` just before ``ref`` in the same graph."""
+        assert ref.graph is not None
+        ref.graph.move_before(ref, node)
+        self.changes += 1
+
+    # -- attributes, constants, types ------------------------------------------------------
+    def set_attr(self, node: ir.Node, name: str, value: Any) -> None:
+        """Set an attribute from a Python value."""
+        node.set_attr(name, value)
+        self.changes += 1
+
+    def remove_attr(self, node: ir.Node, name: str) -> None:
+        """Remove an attribute when present."""
+        if name in node.attributes:
+            del node.attributes[name]
+            self.changes += 1
+
+    def constant(self, graph: ir.Graph, array: Any, *, name: str = "const", dtype: ir.DataType | None = None) -> ir.Value:
+        """Add an initializer holding ``array`` (a numpy array or :class:`ir.Tensor`)."""
+        if not isinstance(array, (np.ndarray, ir.Tensor)):
+            array = np.asarray(array)
+        self.changes += 1
+        return graph.constant(array, name=name, dtype=dtype)
+
+    def remove_initializer(self, graph: ir.Graph, name: str) -> None:
+        """Drop an initializer nobody reads."""
+        graph.remove_initializer(name)
+        self.changes += 1
+
+    def set_const_value(self, value: ir.Value, tensor: ir.Tensor) -> None:
+        """Replace the data of an initializer (its type follows)."""
+        value.const_value = tensor
+        value.type = ir.TensorType(tensor.dtype, tensor.shape)
+        self.changes += 1
+
+    def set_type(self, value: ir.Value, type: ir.Type | None) -> None:
+        """Change a value's type annotation."""
+        if value.type != type:
+            value.type = type
+            self.changes += 1

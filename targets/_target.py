@@ -1,0 +1,98 @@
+"""The :class:`Target` data class and its loader. Targets are data: one TOML file each."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Target", "QuantPolicy", "TargetError", "load_target_file"]
+
+
+class TargetError(Exception):
+    """An unknown target name or a malformed target file."""
+
+
+@dataclass(frozen=True)
+class QuantPolicy:
+    """How a target wants int8 done.
+
+    Attributes:
+        ops: op types that may be quantized.
+        weight_signed: int8 (True) or uint8 (False) weights.
+        activation_signed: int8 (True) or uint8 (False) activations.
+        per_channel: per-output-channel weight scales.
+        reduce_range: quantize weights to 7 bits (CPUs whose int8 dot product can saturate).
+        activations: ``"dynamic"`` (scales computed at run time) or ``"static"`` (calibrated).
+        format: ``"integer-ops"`` (MatMulIntegerToFloat and friends) or ``"qdq"`` (standard Q/DQ pairs).
+    """
+
+    ops: tuple[str, ...] = ("MatMul",)
+    weight_signed: bool = True
+    activation_signed: bool = False
+    per_channel: bool = True
+    reduce_range: bool = False
+    activations: str = "dynamic"
+    format: str = "integer-ops"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A hardware target profile: what its runtime provides and how to compile for it.
+
+    Passes read capabilities (:meth:`supports`, :attr:`quantization`, :attr:`max_opset`); they
+    never branch on :attr:`name`.
+    """
+
+    name: str
+    description: str
+    runtime: str = "onnxruntime"
+    aliases: tuple[str, ...] = ()
+    cpu_flags: tuple[str, ...] = ()
+    machine: tuple[str, ...] = ()
+    dtypes: tuple[str, ...] = ("float32",)
+    max_opset: int = 23
+    contrib_ops: frozenset[str] = field(default_factory=frozenset)
+    pipeline: str = "dead-flow"
+    quantize_pipeline: str = "quantize,dead-flow"
+    quantization: QuantPolicy = field(default_factory=QuantPolicy)
+
+    def supports(self, op_type: str, domain: str = "") -> bool:
+        """True when the target's runtime provides ``domain::op_type``.
+
+        Standard ONNX ops are always provided (check the model's opset for new ones); contrib
+        ops of ``com.microsoft`` only when listed.
+        """
+        if domain in ("", "ai.onnx"):
+            return True
+        if domain == "com.microsoft":
+            return op_type in self.contrib_ops
+        return False
+
+    @property
+    def has_contrib_ops(self) -> bool:
+        """True when the runtime provides onnxruntime's ``com.microsoft`` ops."""
+        return bool(self.contrib_ops)
+
+
+def load_target_file(path: Path) -> Target:
+    """Read one target TOML file.
+
+    Raises:
+        TargetError: naming the file and the problem.
+    """
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise TargetError(f"target file {path}: {e}") from None
+    try:
+        q = data.pop("quantization", {})
+        q["ops"] = tuple(q.get("ops", ("MatMul",)))
+        policy = QuantPolicy(**q)
+        for key in ("aliases", "cpu_flags", "machine", "dtypes"):
+            if key in data:
+                data[key] = tuple(data[key])
+        data["contrib_ops"] = frozenset(data.get("contrib_ops", ()))
+        return Target(quantization=policy, **data)
+    except TypeError as e:
+        raise TargetError(f"target file {path}: {e}") from None
