@@ -210,7 +210,24 @@ def tiny_model(arch: str, **overrides: Any) -> nn.Module:
     if attn is not None:
         kwargs["attn_implementation"] = attn
     model = _model_class(config).from_config(config, **kwargs)
+    _perturb_constant_params(model)
     return model.eval()
+
+
+def _perturb_constant_params(model: nn.Module, scale: float = 0.02) -> None:
+    """Add deterministic noise to parameters that are initialised constant.
+
+    Random init leaves biases at 0 and norm weights at 1; exporters then
+    deduplicate them (TorchScript adds Identity nodes) or drop zero biases
+    (the dynamo optimizer emits ``Gemm`` without C), which makes tiny-model
+    graphs differ from real checkpoints. Perturbing keeps the patterns real.
+    """
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            flat = param.detach().reshape(-1)
+            if flat.numel() and bool((flat == flat[0]).all()):
+                param.add_(torch.randn(param.shape, generator=gen) * scale)
 
 
 def load_model(name: str, *, attn_implementation: str | None = None) -> nn.Module:
@@ -239,6 +256,8 @@ def load_model(name: str, *, attn_implementation: str | None = None) -> nn.Modul
         raise ExportError(f"{name!r} is not a known model name nor a directory with config.json")
     import transformers
 
+    with contextlib.suppress(Exception):
+        transformers.utils.logging.disable_progress_bar()
     config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if attn_implementation:
@@ -454,7 +473,11 @@ def export(
         batch: Batch size of the example inputs.
         with_past: For decoders, export with explicit KV-cache inputs/outputs.
         external_data: Store weights in ``<file>.data`` next to the model. Forced
-            on when the weights exceed 1.8 GB.
+            on when the weights exceed 1.8 GB. Note: the TorchScript exporter of
+            torch 2.x ignores this flag below its own 2 GB protobuf limit (it
+            then writes one self-contained file); above it, it writes one file
+            per tensor next to the model. The dynamo exporter always honours it
+            with a single ``<file>.data``.
 
     Returns:
         The path of the written ``.onnx`` file.
