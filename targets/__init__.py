@@ -35,20 +35,21 @@ def all_targets() -> dict[str, Target]:
 
 
 def native_name(cpu_flags: set[str] | None = None, machine: str | None = None) -> str:
-    """The name of the target that fits this host (or the given flags and machine)."""
+    """The name of the target that fits this host (or the given flags and machine).
+
+    A target fits when the machine is one of its ``machine`` names (or it names none) and the
+    host has one of its ``cpu_flags`` (or it needs none); the highest ``native_priority`` wins.
+    """
     machine = (machine or platform.machine()).lower()
     if cpu_flags is None:
         cpu_flags = _host_flags()
-    candidates = sorted(all_targets().values(), key=lambda t: -len(t.cpu_flags))
-    for t in candidates:
-        if t.machine and machine not in t.machine:
-            continue
-        if not t.machine and machine in ("aarch64", "arm64"):
-            continue
-        if t.cpu_flags and any(f in cpu_flags for f in t.cpu_flags):
-            if t.machine or machine in ("x86_64", "amd64"):
-                return t.name
-    return "onnx"
+    fits = [
+        t for t in all_targets().values()
+        if (not t.machine or machine in t.machine) and (not t.cpu_flags or any(f in cpu_flags for f in t.cpu_flags))
+    ]
+    if not fits:
+        raise TargetError(f"no target fits this host ({machine}); pass --target explicitly")
+    return max(fits, key=lambda t: (t.native_priority, t.name)).name
 
 
 def _host_flags() -> set[str]:

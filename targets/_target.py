@@ -50,6 +50,8 @@ class Target:
     aliases: tuple[str, ...] = ()
     cpu_flags: tuple[str, ...] = ()
     machine: tuple[str, ...] = ()
+    #: When several targets fit the host, ``native`` picks the highest; 0 with no CPU flags = fallback.
+    native_priority: int = 0
     dtypes: tuple[str, ...] = ("float32",)
     max_opset: int = 23
     contrib_ops: frozenset[str] = field(default_factory=frozenset)

@@ -1,0 +1,214 @@
+"""``python -m passes.compile``: bad input gets one line and exit 2; good input a report and a model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, parser
+
+import ir
+import passes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, code: str | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "passes.compile", *args] if code is None else [sys.executable, "-c", code, *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+SMALL = """
+<ir_version: 8, opset_import: ["" : 17]>
+small (float[N, 4] x) => (float[N, 4] y) {
+  w = Constant <value = float[4] {1.0, 2.0, 3.0, 4.0}> ()
+  i = Identity(x)
+  s = Add(i, w)
+  dead = Neg(s)
+  y = Relu(s)
+}
+"""
+
+
+def _write(tmp_path: Path, name: str, model: onnx.ModelProto) -> Path:
+    p = tmp_path / name
+    p.write_bytes(model.SerializeToString())
+    return p
+
+
+def _assert_bad(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if not ln.startswith("compile: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+def _cyclic() -> onnx.ModelProto:
+    g = helper.make_graph(
+        [helper.make_node("Add", ["x", "b"], ["a"], name="first"), helper.make_node("Relu", ["a"], ["b"], name="second")],
+        "cyc", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [2])],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _undefined() -> onnx.ModelProto:
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["ghost"], ["y"], name="reader")], "undef",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _unknown_op(domain: str) -> onnx.ModelProto:
+    g = helper.make_graph(
+        [helper.make_node("FrobnicateX", ["x"], ["y"], name="frob", domain=domain)], "unk",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+    )
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    return helper.make_model(g, opset_imports=opsets)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    _assert_bad(_cli(str(tmp_path / "nope.onnx")), "no such file")
+
+
+def test_truncated_and_foreign_files(tmp_path: Path) -> None:
+    good = parser.parse_model(SMALL).SerializeToString()
+    (tmp_path / "trunc.onnx").write_bytes(good[: len(good) // 2])
+    _assert_bad(_cli(str(tmp_path / "trunc.onnx"), "-o", str(tmp_path / "o.onnx")), "trunc.onnx")
+    (tmp_path / "text.onnx").write_text("this is not a model\n" * 10)
+    _assert_bad(_cli(str(tmp_path / "text.onnx"), "-o", str(tmp_path / "o.onnx")), "text.onnx")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_cyclic_model_names_a_node(tmp_path: Path) -> None:
+    p = _write(tmp_path, "cyc.onnx", _cyclic())
+    _assert_bad(_cli(str(p)), "cycle", "'first'")
+    assert not (tmp_path / "cyc.x86.onnx").exists()
+
+
+def test_undefined_value_names_node_and_value(tmp_path: Path) -> None:
+    _assert_bad(_cli(str(_write(tmp_path, "u.onnx", _undefined()))), "'reader'", "%ghost")
+
+
+def test_op_missing_from_opset_is_refused_but_custom_domains_pass(tmp_path: Path) -> None:
+    _assert_bad(_cli(str(_write(tmp_path, "std.onnx", _unknown_op("")))), "'frob'", "FrobnicateX", "opset 17")
+    p = _write(tmp_path, "custom.onnx", _unknown_op("com.example"))
+    out = tmp_path / "custom.out.onnx"
+    proc = _cli(str(p), "--pipeline", "dead-flow,simplify", "--no-verify", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    m = onnx.load(out)
+    assert [(n.domain, n.op_type) for n in m.graph.node] == [("com.example", "FrobnicateX")]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--target", "tpu"], "unknown target 'tpu'"),
+        (["--pipeline", "dead-flow,,"], "bad pipeline"),
+        (["--pipeline", "no-such-pass"], "unknown pass 'no-such-pass'"),
+        (["--static-shapes", "batch=one"], "must be an integer"),
+    ],
+)
+def test_bad_options(tmp_path: Path, args: list[str], needle: str) -> None:
+    p = _write(tmp_path, "small.onnx", parser.parse_model(SMALL))
+    _assert_bad(_cli(str(p), *args), needle)
+    assert not (tmp_path / "small.x86.onnx").exists()
+
+
+def test_compiles_small_model_with_report(tmp_path: Path) -> None:
+    p = _write(tmp_path, "small.onnx", parser.parse_model(SMALL))
+    report = tmp_path / "r.json"
+    proc = _cli(str(p), "--pipeline", "dead-flow,fold-constants,simplify,dead-flow", "--report", str(report), "--timing")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "small.x86.onnx"  # the default output path
+    assert out.is_file() and f"wrote {out}" in proc.stdout
+    assert "verify (onnxruntime" in proc.stdout and "-> OK" in proc.stdout
+    data = json.loads(report.read_text())
+    assert data["nodes_before"] == 5 and data["nodes_after"] < 5
+    assert data["ops_after"].get("Neg", 0) == 0 and data["verification"]["ok"] is True
+    assert [p["pass"] for p in data["passes"]] == ["dead-flow", "fold-constants", "simplify", "dead-flow"]
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, np.maximum(x + np.array([1, 2, 3, 4], np.float32), 0), rtol=1e-6)
+
+
+def test_print_ir_after_change(tmp_path: Path) -> None:
+    p = _write(tmp_path, "small.onnx", parser.parse_model(SMALL))
+    proc = _cli(str(p), "--pipeline", "dead-flow,dead-flow", "--print-ir-after-change", "--quiet")
+    assert proc.returncode == 0
+    assert proc.stderr.count("IR after dead-flow") == 1
+
+
+WRONG_PASS = """
+import sys
+from dataclasses import dataclass
+from typing import ClassVar
+import numpy as np
+import ir
+from passes import Pass, Rewriter, register_pass
+from passes.compile import main
+
+@register_pass
+@dataclass(frozen=True)
+class Wrong(Pass):
+    name: ClassVar[str] = "make-it-wrong"
+    def run(self, model, ctx):
+        rw = Rewriter()
+        relu = next(n for n in model.graph if n.op_type == "Relu")
+        rw.replace_input(relu, 0, rw.constant(model.graph, np.zeros(4, np.float32), name="zeros"))
+        return rw.result()
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_out_of_tolerance_is_not_written_unless_forced(tmp_path: Path) -> None:
+    p = _write(tmp_path, "small.onnx", parser.parse_model(SMALL))
+    out = tmp_path / "wrong.onnx"
+    proc = _cli(str(p), "--pipeline", "make-it-wrong", "-o", str(out), code=WRONG_PASS)
+    assert proc.returncode == 1 and "outside tolerance" in proc.stderr
+    assert not out.exists()
+    proc = _cli(str(p), "--pipeline", "make-it-wrong", "-o", str(out), "--force", code=WRONG_PASS)
+    assert proc.returncode == 0 and out.is_file()
+
+
+def test_list_targets_and_passes() -> None:
+    proc = _cli("--list-targets")
+    assert proc.returncode == 0 and "x86-avx512vnni" in proc.stdout and "pipeline:" in proc.stdout
+    proc = _cli("--list-passes")
+    assert proc.returncode == 0 and "dead-flow" in proc.stdout
+
+
+def test_compile_model_api_on_ir_model() -> None:
+    m = ir.from_onnx(parser.parse_model(SMALL))
+    res = passes.compile_model(m, "onnx", pipeline="dead-flow")
+    assert res.model is m and res.report.verified_ok
+    assert res.report.ops_before["Neg"] == 1 and res.report.ops_after["Neg"] == 0
+    assert "nodes" in res.report.format()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_minilm_end_to_end(exported, tmp_path: Path, dynamo: bool) -> None:
+    src = exported("minilm", dynamo=dynamo)
+    out = tmp_path / "minilm.x86.onnx"
+    report = tmp_path / "r.json"
+    proc = _cli(str(src), "--target", "x86", "-o", str(out), "--report", str(report))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(report.read_text())
+    assert data["verification"]["ok"] and data["verification"]["max_abs"] <= 1e-4
+    assert data["nodes_after"] < data["nodes_before"] / 2
+    assert out.is_file()
