@@ -63,20 +63,23 @@ class Rewriter:
         domain: str = "",
         num_outputs: int = 1,
         name: str = "",
-        output_names: Sequence[str] | None = None,
+        output_names: Sequence[str | None] | None = None,
         types: Sequence[ir.Type | None] | None = None,
     ) -> ir.Node:
         """Create a node and insert it before ``before``, after ``after``, or at the end of ``graph``.
 
-        Outputs get unique names (``output_names`` are used as prefixes).
+        Outputs get unique names (``output_names`` are used as prefixes; a ``None`` name omits
+        that optional output, e.g. the unused middle outputs of ``SkipLayerNormalization``).
         """
         g = graph or (before.graph if before is not None else after.graph if after is not None else None)
         if g is None:
             raise ir.IRError(f"rewriter: nowhere to insert the new {op_type} node")
         names = output_names or [name or op_type] * num_outputs
-        outs = [ir.Value(g.unique_name(n)) for n in names]
+        outs = [None if n is None else ir.Value(g.unique_name(n)) for n in names]
         if types is not None:
             for v, t in zip(outs, types):
+                if v is None:
+                    continue
                 v.type = t
         node = ir.Node(
             op_type, inputs, attributes, domain=domain, outputs=outs,

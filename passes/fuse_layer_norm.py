@@ -1,0 +1,534 @@
+"""LayerNorm and RMSNorm fusion, then the residual Add folded in (SkipLayerNormalization).
+
+Decomposed norms (``x`` normalized over its last axis; ``γ``/``β`` 1-D and optional)::
+
+    LayerNorm:  d = x - ReduceMean(x);  y = d / Sqrt(ReduceMean(d²) + ε) * γ + β
+    RMSNorm:    y = x / Sqrt(ReduceMean(x²) + ε) * γ
+
+with ``d²`` as ``Pow(d, 2)`` or ``Mul(d, d)``, the division as ``Div`` or a multiplication by
+``Reciprocal(..)`` / ``Div(1, ..)``, ReduceMean's axes as an attribute or (opset 18) an input, and
+a no-op ``Cast`` between the normalization and ``γ`` (Llama's TorchScript export).
+
+Output:
+
+* LayerNorm → standard ``LayerNormalization`` (opset 17+);
+* RMSNorm → ``SimplifiedLayerNormalization`` when the target provides onnxruntime's contrib norms
+  (onnxruntime registers that op in the default ONNX domain), else standard ``RMSNormalization``
+  when the model imports opset 23+, else the pattern stays;
+* a norm (fused here, or already in the model, as the dynamo exporter emits ``LayerNormalization``)
+  reading a residual ``Add(a, b)`` of two activations → ``com.microsoft`` ``SkipLayerNormalization``
+  / ``SkipSimplifiedLayerNormalization`` (inputs ``input, skip, gamma[, beta][, bias]``), folding
+  a bias ``Add(Add(MatMul, bias), residual)`` too. When the sum is read elsewhere (pre-LN models
+  such as GPT-2 and Llama carry the residual stream on), those reads use the op's 4th output
+  ``input_skip_bias_sum``.
+
+The skip fusion needs the two Add operands' shapes: onnxruntime requires ``input`` to have the full
+``[B, S, H]`` (or ``[T, H]``) shape and ``skip`` the same, ``[1, S, H]`` or ``[S, H]``. Models
+without value types (TorchScript exports) get ONNX shape inference run once first. Sums with a
+position-embedding lookup (a Gather into a constant table at computed indices, which may broadcast
+over the batch) are left alone, as onnxruntime's own fusion does: the embedding LayerNorm stays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+import ir
+
+from ._base import Pass, PassContext, PassResult
+from ._match import const_array, is_scalar, only_users, operands, producer, scalar, single_use
+from ._pattern import NoMatch, Rule, apply_rules
+from ._registry import register_pass
+from ._rewriter import Rewriter
+
+__all__ = ["LayerNormFusionPass", "NormFusion", "SkipNormFusion"]
+
+_MS = "com.microsoft"
+_NORMS = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
+
+
+# ----------------------------------------------------------------------------------------- #
+# Matching helpers
+# ----------------------------------------------------------------------------------------- #
+
+
+def _is_last_axis_mean(node: ir.Node, rank: int | None) -> bool:
+    """``ReduceMean`` over the last axis, keeping dims (axes as attribute or opset-18 input)."""
+    if node.op_type != "ReduceMean" or node.attr("keepdims", 1) != 1:
+        return False
+    axes = node.attr("axes")
+    if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
+        arr = const_array(node.inputs[1])
+        axes = None if arr is None else [int(a) for a in arr.reshape(-1)]
+    if axes is None or len(axes) != 1:
+        return False
+    return axes[0] == -1 or (rank is not None and axes[0] == rank - 1)
+
+
+def _rank(v: ir.Value | None) -> int | None:
+    s = v.shape if v is not None else None
+    return None if s is None else len(s)
+
+
+def _param(v: ir.Value | None) -> bool:
+    """A per-channel parameter: a 1-D value with no producer or a constant (γ, β, bias)."""
+    if v is None:
+        return False
+    arr = const_array(v)
+    if arr is not None:
+        return arr.ndim == 1
+    return v.producer() is None and v.shape is not None and len(v.shape) == 1
+
+
+def _param_len(v: ir.Value | None) -> int | None:
+    if v is None:
+        return None
+    arr = const_array(v)
+    if arr is not None:
+        return int(arr.size)
+    s = v.shape
+    return s[0] if s is not None and len(s) == 1 and isinstance(s[0], int) else None
+
+
+def _noop_cast(v: ir.Value | None) -> ir.Node | None:
+    """The producer of ``v`` when it is a Cast to the dtype its input already has."""
+    c = producer(v, "Cast")
+    if c is None or c.inputs[0] is None or c.inputs[0].dtype is None:
+        return None
+    return c if int(c.attr("to", -1)) == int(c.inputs[0].dtype) else None
+
+
+@dataclass
+class _Core:
+    """The normalization ``x / Sqrt(ReduceMean(x²) + ε)`` (centred first for LayerNorm)."""
+
+    x: ir.Value
+    eps: float
+    rms: bool
+    nodes: list[ir.Node]
+
+
+def _denominator(s: ir.Value) -> tuple[ir.Value, float, list[ir.Node]] | None:
+    """``s = Sqrt(ReduceMean(sq) + ε)``: the squared value, ε and the nodes."""
+    sq_node = producer(s, "Sqrt")
+    if sq_node is None or not single_use(s):
+        return None
+    add = producer(sq_node.inputs[0], "Add")
+    if add is None or not single_use(sq_node.inputs[0]):
+        return None
+    for var, e in operands(add):
+        eps = scalar(e)
+        mean = producer(var, "ReduceMean")
+        if eps is None or mean is None or not single_use(var) or mean.inputs[0] is None:
+            continue
+        return mean.inputs[0], eps, [sq_node, add, mean]
+    return None
+
+
+def _square_of(sq: ir.Value) -> tuple[ir.Value, ir.Node] | None:
+    """``sq = Pow(d, 2)`` or ``Mul(d, d)``: ``d`` and the node."""
+    p = producer(sq)
+    if p is None or not single_use(sq):
+        return None
+    if p.op_type == "Pow" and is_scalar(p.inputs[1], 2.0) and p.inputs[0] is not None:
+        return p.inputs[0], p
+    if p.op_type == "Mul" and p.inputs[0] is p.inputs[1] and p.inputs[0] is not None:
+        return p.inputs[0], p
+    return None
+
+
+def _core(node: ir.Node | None) -> _Core | NoMatch:
+    """Match the normalization ending at ``node`` (Div, or Mul by a reciprocal)."""
+    if node is None:
+        return NoMatch("no normalization")
+    pairs: list[tuple[ir.Value | None, ir.Value | None, list[ir.Node]]] = []
+    if node.op_type == "Div":
+        pairs.append((node.inputs[0], node.inputs[1], []))
+    elif node.op_type == "Mul":
+        for d, r in operands(node):
+            rec = producer(r)
+            if rec is None or not single_use(r):
+                continue
+            if rec.op_type == "Reciprocal":
+                pairs.append((d, rec.inputs[0], [rec]))
+            elif rec.op_type == "Div" and is_scalar(rec.inputs[0], 1.0):
+                pairs.append((d, rec.inputs[1], [rec]))
+    else:
+        return NoMatch("no normalization")
+    for d, s, extra in pairs:
+        if d is None or s is None or const_array(d) is not None:
+            continue
+        den = _denominator(s)
+        if den is None:
+            continue
+        sq, eps, den_nodes = den
+        squared = _square_of(sq)
+        if squared is None or squared[0] is not d:
+            return NoMatch("the mean is not of the squared normalized input", near=True)
+        sq_node = squared[1]
+        mean2 = den_nodes[2]
+        nodes = [node, *extra, *den_nodes, sq_node]
+        sub = producer(d, "Sub")
+        centred = sub is not None and (m := producer(sub.inputs[1], "ReduceMean")) is not None and m.inputs[0] is sub.inputs[0]
+        if centred:
+            assert sub is not None
+            x = sub.inputs[0]
+            mean1 = producer(sub.inputs[1], "ReduceMean")
+            assert x is not None and mean1 is not None
+            if not only_users(d, {node, sq_node}) or not single_use(sub.inputs[1]):
+                return NoMatch("an intermediate of the LayerNorm is read elsewhere", near=True)
+            if not (_is_last_axis_mean(mean1, _rank(x)) and _is_last_axis_mean(mean2, _rank(x))):
+                return NoMatch("ReduceMean is not over the last axis with keepdims", near=True)
+            return _Core(x, eps, False, [*nodes, sub, mean1])
+        if not _is_last_axis_mean(mean2, _rank(d)):
+            return NoMatch("ReduceMean is not over the last axis with keepdims", near=True)
+        return _Core(d, eps, True, nodes)
+    return NoMatch("the divisor is not Sqrt(ReduceMean(..) + eps)")
+
+
+def _param_consumer(node: ir.Node) -> str | None:
+    """``"Mul"``/``"Add"`` when the node's output is read only by a Mul/Add with a parameter."""
+    out = node.outputs[0]
+    if out is None or not single_use(out):
+        return None
+    user, _ = out.uses()[0]
+    if user.op_type == "Cast" and _noop_cast(user.outputs[0]) is not None and user.outputs[0] is not None:
+        out = user.outputs[0]
+        if not single_use(out):
+            return None
+        user, _ = out.uses()[0]
+    if user.op_type in ("Mul", "Add") and any(v is out and _param(w) for v, w in operands(user)):
+        return user.op_type
+    return None
+
+
+@dataclass
+class _Norm:
+    root: ir.Node
+    core: _Core
+    gamma: ir.Value | None
+    beta: ir.Value | None
+    nodes: list[ir.Node] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------- #
+# Rules
+# ----------------------------------------------------------------------------------------- #
+
+
+def _simplified_ok(ctx: PassContext) -> bool:
+    # onnxruntime's SimplifiedLayerNormalization lives in the default domain but is a contrib op;
+    # targets list it among their contrib ops.
+    return ctx.target is not None and ctx.target.supports("SimplifiedLayerNormalization", _MS)
+
+
+@dataclass(frozen=True)
+class NormFusion(Rule):
+    """Decomposed LayerNorm → LayerNormalization; decomposed RMSNorm → SimplifiedLayerNormalization
+    (contrib targets) or RMSNormalization (opset 23)."""
+
+    opset: int = 0
+
+    name: ClassVar[str] = "layer-norm"
+    roots: ClassVar[tuple[str, ...]] = ("Add", "Mul", "Div")
+    stat: ClassVar[str] = "fused LayerNorm"
+
+    def check(self, node: ir.Node, ctx: PassContext) -> _Norm | NoMatch:
+        beta: ir.Value | None = None
+        cur: ir.Node | None = node
+        outer: list[ir.Node] = []
+        if node.op_type == "Add":
+            for y, b in operands(node):
+                inner = producer(y, "Mul", "Div")
+                if inner is not None and _param(b) and single_use(y):
+                    beta, cur, outer = b, inner, [node]
+                    break
+            else:
+                return NoMatch("not a norm")
+        assert cur is not None
+        core = _core(cur)
+        gamma: ir.Value | None = None
+        if isinstance(core, NoMatch) and cur.op_type == "Mul":
+            for n, g in operands(cur):
+                if not _param(g) or not single_use(n):
+                    continue
+                inner = producer(n)
+                cast = _noop_cast(n)
+                if cast is not None and single_use(cast.inputs[0]):
+                    inner = producer(cast.inputs[0])
+                c = _core(inner)
+                if not isinstance(c, NoMatch):
+                    core, gamma = c, g
+                    outer = [*outer, cur, *([cast] if cast is not None else [])]
+                    break
+                core = c if c.near else core
+        if isinstance(core, NoMatch):
+            return core
+        # Leave a partial match to the larger one rooted at the γ Mul or β Add that follows.
+        follower = _param_consumer(node)
+        if node.op_type != "Add" and (
+            (follower == "Mul" and gamma is None) or (follower == "Add" and not core.rms)
+        ):
+            return NoMatch("part of a larger norm")
+        if core.rms and beta is not None:
+            return NoMatch("RMSNorm followed by a bias is not a fusable form", near=True)
+        hidden = _param_len(gamma) or _param_len(beta)
+        shape = core.x.shape
+        if hidden is None and shape is not None and isinstance(shape[-1], int):
+            hidden = shape[-1]
+        if gamma is None and hidden is None:
+            return NoMatch("no γ and the hidden size is unknown", near=True)
+        if core.rms:
+            if not _simplified_ok(ctx) and self.opset < 23:
+                return NoMatch(f"RMSNormalization needs opset 23, the model imports {self.opset}", near=True)
+        elif self.opset < 17:
+            return NoMatch(f"LayerNormalization needs opset 17, the model imports {self.opset}", near=True)
+        return _Norm(node, core, gamma, beta, [*outer, *core.nodes])
+
+    def rewrite(self, match: _Norm, rw: Rewriter, ctx: PassContext) -> None:
+        root = match.root
+        out = root.outputs[0]
+        assert out is not None and root.graph is not None
+        x = match.core.x
+        gamma = match.gamma
+        if gamma is None:
+            hidden = _param_len(match.beta) or x.shape[-1]  # type: ignore[index]
+            dtype = x.dtype.numpy() if x.dtype is not None else np.float32  # type: ignore[union-attr]
+            gamma = rw.constant(root.graph, np.ones([hidden], dtype=dtype), name="norm_gamma")
+        attrs = {"axis": -1, "epsilon": float(match.core.eps)}
+        if not match.core.rms:
+            inputs = [x, gamma] + ([match.beta] if match.beta is not None else [])
+            new = rw.make("LayerNormalization", inputs, attrs, before=root, types=[out.type])
+        elif _simplified_ok(ctx):
+            new = rw.make("SimplifiedLayerNormalization", [x, gamma], {**attrs, "stash_type": 1},
+                          before=root, types=[out.type])
+        else:
+            new = rw.make("RMSNormalization", [x, gamma], attrs, before=root, types=[out.type])
+        rw.replace_all_uses_with(out, new.outputs[0])
+        rw.erase(match.nodes)
+
+
+@dataclass
+class _Skip:
+    norm: ir.Node
+    add: ir.Node
+    input: ir.Value
+    skip: ir.Value
+    bias: ir.Value | None
+    erase: list[ir.Node]
+    sum_used: bool
+    after_add: bool
+    cast: ir.Node | None = None
+
+
+def _position_lookup(v: ir.Value | None) -> bool:
+    """A lookup into a constant table at computed indices (position embeddings), through Casts."""
+    while (c := producer(v, "Cast")) is not None:
+        v = c.inputs[0]
+    g = producer(v, "Gather")
+    if g is None or const_array(g.inputs[0]) is None or g.inputs[1] is None:
+        return False
+    return not g.inputs[1].is_graph_input()
+
+
+def _same_dim(a: object, b: object) -> bool:
+    # Two symbolic (or unknown) dims are taken to be equal: ONNX shape inference names the batch of
+    # different branches differently. Operands that may broadcast (position lookups) are excluded
+    # before this is asked.
+    return a == b or (not isinstance(a, int) and not isinstance(b, int))
+
+
+def _layout(a: ir.Value, b: ir.Value, hidden: int | None) -> tuple[ir.Value, ir.Value] | NoMatch:
+    """Which operand is SkipLayerNormalization's ``input`` (full shape) and which its ``skip``."""
+    sa, sb = a.shape, b.shape
+    if sa is None or sb is None:
+        return NoMatch("the residual Add's operand shapes are unknown", near=True)
+    if a.dtype is not None and b.dtype is not None and a.dtype != b.dtype:
+        return NoMatch("the residual Add mixes dtypes", near=True)
+    for full, other in ((a, b), (b, a)):
+        sf, so = full.shape, other.shape
+        assert sf is not None and so is not None
+        if len(sf) not in (2, 3) or not isinstance(sf[-1], int) or (hidden is not None and sf[-1] != hidden):
+            continue
+        if len(so) == len(sf) and all(_same_dim(x, y) for x, y in zip(sf, so)):
+            if len(sf) == 3 and so[0] == 1 and sf[0] != 1 and not isinstance(sf[0], int):
+                return full, other  # [1,S,H] skip broadcast over a symbolic batch
+            if len(sf) == 3 and sf[0] == 1 and isinstance(so[0], int) and so[0] != 1:
+                continue
+            return full, other
+        if len(sf) == 3 and len(so) == 3 and so[0] == 1 and all(_same_dim(x, y) for x, y in zip(sf[1:], so[1:])):
+            return full, other
+        if len(sf) == 3 and len(so) == 2 and all(_same_dim(x, y) for x, y in zip(sf[1:], so)):
+            return full, other
+    return NoMatch(f"residual Add shapes {sa} and {sb} do not fit SkipLayerNormalization", near=True)
+
+
+@dataclass(frozen=True)
+class SkipNormFusion(Rule):
+    """A norm over a residual ``Add`` (optionally ``Add(Add(MatMul, bias), residual)``) → Skip(Simplified)LayerNormalization."""
+
+    name: ClassVar[str] = "skip-layer-norm"
+    roots: ClassVar[tuple[str, ...]] = _NORMS
+    stat: ClassVar[str] = "fused SkipLayerNorm"
+
+    def check(self, node: ir.Node, ctx: PassContext) -> _Skip | NoMatch:
+        simplified = node.op_type != "LayerNormalization"
+        op = "SkipSimplifiedLayerNormalization" if simplified else "SkipLayerNormalization"
+        if ctx.target is None or not ctx.target.supports(op, _MS):
+            return NoMatch(f"the target does not provide {op}")
+        x = node.inputs[0]
+        # A no-op Cast between the sum and the norm (Llama's TorchScript export) is looked through.
+        cast = _noop_cast(x)
+        add = producer(cast.inputs[0] if cast is not None else x, "Add")
+        if x is None or add is None:
+            return NoMatch("no residual Add")
+        if any(o is not None and (o.has_uses() or o.is_graph_output()) for o in node.outputs[1:]):
+            return NoMatch("the norm's mean/inv-std outputs are read", near=True)
+        rank = _rank(x)
+        axis = node.attr("axis", -1)
+        if axis != -1 and not (rank is not None and axis == rank - 1):
+            return NoMatch(f"norm over axis {axis}, not the last one", near=True)
+        if node.attr("stash_type", 1) != 1:
+            return NoMatch("stash_type is not float32", near=True)
+        gamma = node.inputs[1] if len(node.inputs) > 1 else None
+        beta = node.inputs[2] if len(node.inputs) > 2 and not simplified else None
+        if not _param(gamma) or (beta is not None and not _param(beta)):
+            return NoMatch("γ/β are not 1-D parameters", near=True)
+        a, b = add.inputs[0], add.inputs[1]
+        if a is None or b is None or const_array(a) is not None or const_array(b) is not None:
+            return NoMatch("the Add before the norm adds a constant, not a residual", near=True)
+        if _position_lookup(a) or _position_lookup(b):
+            return NoMatch("embedding sum with a position lookup (may broadcast); left as LayerNorm", near=True)
+        hidden = _param_len(gamma)
+        total = add.outputs[0]
+        assert total is not None
+        sum_used = not only_users(x, {node}) or (cast is not None and not only_users(total, {cast}))
+        # Constants and graph inputs (γ, β, bias) are defined before any node: then the fused op
+        # can take the Add's place, where every other reader of the sum is sure to follow it.
+        after_add = all(v is None or v.producer() is None for v in (gamma, beta))
+        if sum_used and not after_add:
+            return NoMatch("γ/β are computed and the residual sum is read elsewhere", near=True)
+        failure: NoMatch | None = None
+        for p, q in operands(add):
+            inner = producer(p, "Add")
+            if inner is None or not single_use(p):
+                continue
+            for m, bias in operands(inner):
+                if m is None or not _param(bias) or const_array(m) is not None or _param_len(bias) != hidden:
+                    continue
+                if _position_lookup(m) or bias.producer() is not None:
+                    continue
+                lay = _layout(m, q, hidden)
+                if isinstance(lay, NoMatch):
+                    failure = lay
+                    continue
+                if lay[0] is not m:
+                    continue  # the bias must go with the full-shape input
+                return _Skip(node, add, m, q, bias, [node, add, inner], sum_used, after_add, cast)
+        lay = _layout(a, b, hidden)
+        if isinstance(lay, NoMatch):
+            return failure or lay
+        return _Skip(node, add, lay[0], lay[1], None, [node, add], sum_used, after_add, cast)
+
+    def rewrite(self, match: _Skip, rw: Rewriter, ctx: PassContext) -> None:
+        norm = match.norm
+        simplified = norm.op_type != "LayerNormalization"
+        gamma = norm.inputs[1]
+        eps = float(norm.attr("epsilon", 1e-5))
+        if simplified:
+            op = "SkipSimplifiedLayerNormalization"
+            inputs: list[ir.Value | None] = [match.input, match.skip, gamma, match.bias]
+        else:
+            op = "SkipLayerNormalization"
+            beta = norm.inputs[2] if len(norm.inputs) > 2 else None
+            inputs = [match.input, match.skip, gamma, beta, match.bias]
+        while inputs[-1] is None:
+            inputs.pop()
+        out = norm.outputs[0]
+        total = match.add.outputs[0]
+        assert out is not None and total is not None
+        names: list[str | None] = ["skip_norm"]
+        types = [out.type]
+        if match.sum_used:
+            names += [None, None, "residual_sum"]
+            types += [None, None, total.type]
+        where = {"after": match.add} if match.after_add else {"before": norm}
+        new = rw.make(op, inputs, {"epsilon": eps}, domain=_MS, output_names=names, types=types, **where)
+        rw.replace_all_uses_with(out, new.outputs[0])
+        rw.erase(norm)
+        if match.cast is not None:
+            cast_out = match.cast.outputs[0]
+            assert cast_out is not None
+            if match.sum_used:
+                rw.replace_all_uses_with(cast_out, new.outputs[3])  # type: ignore[arg-type]
+            rw.erase(match.cast)
+        if match.sum_used:
+            rw.replace_all_uses_with(total, new.outputs[3])  # type: ignore[arg-type]
+        rw.erase([n for n in match.erase if n is not norm])
+
+
+# ----------------------------------------------------------------------------------------- #
+# The pass
+# ----------------------------------------------------------------------------------------- #
+
+
+def _needs_types(model: ir.Model, skip: bool) -> bool:
+    """True when a candidate lacks the value types the rules need (TorchScript exports carry none)."""
+    has_mean = False
+    for g in model.graph.all_graphs():
+        for n in g:
+            if n.op_type == "ReduceMean":
+                has_mean = True
+                # The norm's input x: ReduceMean(x) (LayerNorm) or ReduceMean(x²) (RMSNorm).
+                x = n.inputs[0]
+                sq = producer(x, "Pow", "Mul")
+                if sq is not None:
+                    x = sq.inputs[0]
+                while (c := producer(x, "Cast")) is not None:
+                    x = c.inputs[0]
+                a = producer(x, "Add")
+                if skip and a is not None and any(v is not None and v.shape is None for v in a.inputs):
+                    return True
+            if skip and n.op_type in _NORMS and (a := producer(n.inputs[0], "Add")) is not None:
+                if any(v is not None and v.shape is None for v in a.inputs):
+                    return True
+    if not has_mean:
+        return False
+    return any(n.op_type == "Cast" and n.inputs[0] is not None and n.inputs[0].dtype is None
+               for g in model.graph.all_graphs() for n in g)
+
+
+def _infer_types(model: ir.Model, rw: Rewriter) -> None:
+    """Run ONNX shape inference, recording each new type through the rewriter."""
+    values = [o for g in model.graph.all_graphs() for n in g for o in n.outputs if o is not None]
+    before = [v.type for v in values]
+    ir.infer_shapes(model)
+    for v, old in zip(values, before):
+        new = v.type
+        if new != old:
+            v.type = old
+            rw.set_type(v, new)
+
+
+@register_pass
+@dataclass(frozen=True)
+class LayerNormFusionPass(Pass):
+    """Fuse decomposed LayerNorm/RMSNorm, then fold residual Adds into Skip(Simplified)LayerNormalization."""
+
+    name: ClassVar[str] = "fuse-layer-norm"
+    summary: ClassVar[str] = "fuse LayerNorm/RMSNorm patterns and residual Adds into (Skip)LayerNormalization"
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        """Norm rules first (so skip fusion sees every norm), then the skip rule, each to a fixed point."""
+        rw = Rewriter()
+        skip = ctx.target is not None and ctx.target.has_contrib_ops
+        if _needs_types(model, skip):
+            _infer_types(model, rw)
+        apply_rules(model, [NormFusion(opset=model.opset("") or 0)], ctx, rw, pass_name=self.name)
+        if skip and apply_rules(model, [SkipNormFusion()], ctx, rw, pass_name=self.name):
+            if _MS not in model.opset_imports:
+                model.opset_imports[_MS] = 1
+        return rw.result()
