@@ -1,0 +1,175 @@
+"""Semantic classification of attention masks.
+
+An exporter can build the same key-padding or causal mask in dozens of ways (vmap-style index
+chains, ``finfo.min`` additive masks, boolean ``Where`` masks, ``-inf`` with a NaN guard...).
+Instead of matching them, the attention fusion *evaluates* the piece of graph between the raw
+scores ``Q·Kᵀ`` and the Softmax input on probe inputs (see :mod:`passes._attention_probe`), with
+the raw scores replaced by random numbers ``R``, and reads off what it does:
+
+* where the result is ``c·R`` (one constant ``c`` for all positions), the key is *allowed* and
+  ``c`` is a post-MatMul scale;
+* where it is ``-1e4`` or lower (``-inf``, ``finfo.min``), the key is *blocked*;
+* anything else (a bias such as ALiBi, a value depending on the scores) is *unknown*.
+
+The allowed pattern is then compared, run by run, with the patterns the fused operator can
+express from the raw 2-D ``attention_mask``: key padding ``allowed[b,i,j] = mask[b,j]``, causal
+``j <= i``, both, or none. Query rows with no allowed key at all (left padding under a causal
+mask) are ignored: their outputs are meaningless and exporters differ there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+import ir
+
+__all__ = ["MaskVerdict", "MaskRun", "padding_patterns", "allowed_keys", "expected_allowed", "classify_mask", "KINDS"]
+
+#: Mask kinds the fused Attention expresses (``unidirectional`` and/or a raw ``mask_index``).
+KINDS = ("none", "causal", "padding", "causal+padding")
+
+#: An additive value at or below this blocks a key.
+BLOCKED = -1e4 * 0.999
+
+
+@dataclass(frozen=True)
+class MaskVerdict:
+    """What a mask does.
+
+    Attributes:
+        kind: one of :data:`KINDS`.
+        mask_input: the graph input holding the 2-D ``[batch, keys]`` 0/1 mask (padding kinds).
+        post_scale: the constant the raw scores are multiplied by before the Softmax.
+    """
+
+    kind: str
+    mask_input: ir.Value | None
+    post_scale: float
+
+    @property
+    def causal(self) -> bool:
+        """True when each query only sees keys at or before its position."""
+        return self.kind.startswith("causal")
+
+
+@dataclass
+class MaskRun:
+    """One probe evaluation: the graph-input feeds (by ``id``), the raw scores fed, the Softmax input."""
+
+    feeds: dict[int, np.ndarray]
+    scores: np.ndarray
+    logits: np.ndarray
+
+
+def padding_patterns(batch: int, seq: int, rng: np.random.Generator) -> np.ndarray:
+    """A ``[batch, seq]`` 0/1 mask with right, left and random padding, a one in every row and a zero somewhere."""
+    m = np.ones((batch, seq), np.int64)
+    for b in range(batch):
+        kind = b % 3
+        keep = int(rng.integers(1, seq + 1)) if seq > 1 else 1
+        if kind == 0:  # right padding
+            m[b, keep:] = 0
+        elif kind == 1:  # left padding
+            m[b, : seq - keep] = 0
+        else:  # holes anywhere
+            m[b] = rng.integers(0, 2, size=seq)
+            m[b, int(rng.integers(0, seq))] = 1
+    if seq > 1 and m.all():
+        m[0, -1] = 0
+    return m
+
+
+def allowed_keys(logits: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray | None, float, str]:
+    """Read a mask off ``logits = f(scores)``.
+
+    Returns:
+        ``(allowed, c, "")`` with ``allowed`` a boolean array broadcast to the scores' shape and
+        ``c`` the scale applied to the allowed scores, or ``(None, 0, reason)``.
+    """
+    try:
+        t = np.broadcast_to(logits.astype(np.float64), scores.shape)
+    except ValueError:
+        return None, 0.0, f"its shape {list(logits.shape)} does not broadcast to the scores' {list(scores.shape)}"
+    r = scores.astype(np.float64)
+    if np.isnan(t).any():
+        return None, 0.0, "it produces NaN"
+    live = np.isfinite(t) & (t > -1e3)
+    if not live.any():
+        return None, 0.0, "it blocks every key"
+    c = float((t[live] * r[live]).sum() / max((r[live] ** 2).sum(), 1e-30))
+    dev = t - c * r
+    allowed = np.abs(dev) <= 1e-4 * (1.0 + np.abs(c * r))
+    blocked = dev <= BLOCKED
+    unknown = ~(allowed | blocked)
+    if unknown.any():
+        idx = tuple(int(i) for i in np.argwhere(unknown)[0])
+        return None, 0.0, (
+            f"at index {list(idx)} it adds {float(dev[idx]):.4g} to the scaled scores "
+            "(neither 0 nor a blocking value <= -1e4)"
+        )
+    return allowed, c, ""
+
+
+def expected_allowed(kind: str, mask: np.ndarray | None, batch: int, q: int, k: int) -> np.ndarray:
+    """The ``[batch, 1, q, k]`` allowed pattern of a mask ``kind`` for a 2-D 0/1 ``mask``."""
+    e = np.ones((batch, 1, q, k), bool)
+    if kind in ("padding", "causal+padding"):
+        assert mask is not None
+        e &= (mask != 0)[:, None, None, :]
+    if kind in ("causal", "causal+padding"):
+        e &= np.tril(np.ones((q, k), bool), k - q)[None, None]
+    return e
+
+
+def _agrees(allowed: np.ndarray, expected: np.ndarray) -> tuple[bool, str]:
+    rows = expected.any(axis=-1, keepdims=True)  # query rows with at least one allowed key
+    diff = (allowed != expected) & rows
+    if not diff.any():
+        return True, ""
+    b, h, i, j = (int(x) for x in np.argwhere(diff)[0])
+    return False, f"batch {b} head {h} query {i} key {j} is {'allowed' if allowed[b, h, i, j] else 'blocked'}"
+
+
+def classify_mask(runs: list[MaskRun], candidates: list[ir.Value]) -> MaskVerdict | str:
+    """Find the mask kind (and 2-D mask input) that explains every run, or say why none does.
+
+    Args:
+        runs: probe evaluations; for each candidate input, the runs feed 0/1 patterns to it.
+        candidates: graph inputs that may hold the 2-D attention mask.
+    """
+    readings = []
+    scale = None
+    for run in runs:
+        allowed, c, why = allowed_keys(run.logits, run.scores)
+        if allowed is None:
+            return f"the mask is not a padding or causal mask: {why}"
+        if scale is not None and abs(c - scale) > 1e-4 * max(abs(scale), 1e-12):
+            return f"the score scale differs between probe inputs ({scale:.6g} vs {c:.6g})"
+        scale = c
+        readings.append(allowed)
+    assert scale is not None
+    hypotheses: list[tuple[str, ir.Value | None]] = [("none", None), ("causal", None)]
+    hypotheses += [(kind, m) for m in candidates for kind in ("padding", "causal+padding")]
+    first_miss = ""
+    for kind, m in hypotheses:
+        ok = True
+        for run, allowed in zip(runs, readings):
+            b, _, q, k = allowed.shape
+            mask = None
+            if m is not None:
+                mask = run.feeds.get(id(m))
+                if mask is None or mask.shape != (b, k):
+                    ok = False
+                    break
+            good, why = _agrees(allowed, expected_allowed(kind, mask, b, q, k))
+            if not good:
+                ok = False
+                if not first_miss and kind in ("padding", "causal+padding"):
+                    first_miss = f"as a {kind} mask of %{m.name if m is not None else '?'}: {why}"
+                break
+        if ok:
+            return MaskVerdict(kind, m, scale)
+    detail = f" ({first_miss})" if first_miss else ""
+    return f"the mask is not a padding or causal mask of a 2-D mask input{detail}"
