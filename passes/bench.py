@@ -151,6 +151,9 @@ def run_bench(
     from .compile import compile_model
     from ._flops import matmul_flops, measure_gemm_peak
 
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)  # peers' internal sessions warn about hardware-specific output
     say = progress or (lambda msg: None)
     folder = tempfile.mkdtemp(prefix="passes-bench-")
     model = ir.load(model_path)
