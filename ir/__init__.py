@@ -56,3 +56,15 @@ def structurally_equal(a: Model | Graph, b: Model | Graph) -> bool:
     if isinstance(a, Graph) and isinstance(b, Graph):
         return print_graph(a) == print_graph(b)
     return False
+
+
+def __getattr__(name: str) -> object:
+    # Optional extras load on first use: importing ir needs neither networkx nor graphsurgeon.
+    if name == "to_networkx":
+        from .interop import to_networkx
+
+        return to_networkx
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ += ["to_networkx"]

@@ -161,7 +161,13 @@ class Tensor:
         loc = self._external
         if loc.length == 0:
             return b""
-        return _mapped(loc.path)[loc.offset : loc.offset + loc.length]
+        view = _mapped(loc.path)[loc.offset : loc.offset + loc.length]
+        if len(view) != loc.length:  # the file shrank since the model was loaded
+            raise IRError(
+                f"tensor {self.name!r}: external data file {loc.path} is now too short "
+                f"for offset {loc.offset} + length {loc.length}"
+            )
+        return view
 
     def _decode(self, raw: bytes | memoryview) -> np.ndarray:
         if self.dtype == DataType.STRING:

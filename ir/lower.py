@@ -49,6 +49,9 @@ def from_onnx(proto: onnx.ModelProto, *, base_dir: str = "") -> Model:
     """Lower a ``ModelProto``. ``base_dir`` resolves relative external data locations."""
     if not isinstance(proto, onnx.ModelProto):
         raise ModelLoadError(f"expected an onnx.ModelProto, got {type(proto).__name__}")
+    bad = _invalid_utf8(proto, "model")
+    if bad is not None:
+        raise ModelLoadError(f"{bad} is not valid UTF-8 (is the file corrupted?)")
     lw = _Lowerer(base_dir)
     opsets: dict[str, int] = {}
     for op in proto.opset_import:
@@ -74,6 +77,42 @@ def from_onnx(proto: onnx.ModelProto, *, base_dir: str = "") -> Model:
     return m
 
 
+def _invalid_utf8(msg: Any, path: str) -> str | None:
+    """Where ``msg`` holds a string field that is not UTF-8 (protobuf then hands out bytes), or None."""
+    # Only string and message fields are read, so tensor data (bytes, numbers) is never copied.
+    fields = _TEXT_FIELDS.get(msg.DESCRIPTOR)
+    if fields is None:
+        fields = _TEXT_FIELDS[msg.DESCRIPTOR] = [
+            fd for fd in msg.DESCRIPTOR.fields if fd.type in (_STRING, _MESSAGE)
+        ]
+    for fd in fields:
+        if fd.is_repeated:
+            val = getattr(msg, fd.name)
+            if not len(val):
+                continue
+        elif msg.HasField(fd.name):
+            val = getattr(msg, fd.name)
+        else:
+            continue
+        if fd.type == _STRING:
+            for i, s in enumerate(val if fd.is_repeated else (val,)):
+                if type(s) is bytes:
+                    return f"{path}.{fd.name}{f'[{i}]' if fd.is_repeated else ''} ({s[:40]!r})"
+        else:
+            for i, m in enumerate(val if fd.is_repeated else (val,)):
+                found = _invalid_utf8(m, "")  # the path is only spelled out on failure
+                if found is not None:
+                    name = getattr(m, "name", "") if fd.is_repeated else ""
+                    label = f"[{i}]" + (f"{{{name}}}" if isinstance(name, str) and name else "")
+                    return f"{path}.{fd.name}{label if fd.is_repeated else ''}{found}"
+    return None
+
+
+_TEXT_FIELDS: dict[Any, list[Any]] = {}
+_STRING = 9  # FieldDescriptor.TYPE_STRING
+_MESSAGE = 11  # FieldDescriptor.TYPE_MESSAGE
+
+
 def _decode(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
 
@@ -92,11 +131,15 @@ class _Lowerer:
             info = {e.key: e.value for e in tp.external_data}
             if "location" not in info:
                 raise IRError(f"{where}: external tensor has no location")
-            loc = ExternalLocation(
-                os.path.join(self.base_dir, info["location"]),
-                int(info.get("offset", 0)),
-                int(info.get("length", -1)),
-            )
+            rel = info["location"]
+            norm = os.path.normpath(rel)
+            if os.path.isabs(rel) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+                raise IRError(f"{where}: external data location {rel!r} is outside the model's folder")
+            try:
+                offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
+            except ValueError:
+                raise IRError(f"{where}: external data offset/length are not integers ({info})") from None
+            loc = ExternalLocation(os.path.join(self.base_dir, rel), offset, length)
             t = Tensor.from_external(loc, dtype, shape, name=tp.name)
         elif tp.HasField("raw_data") and dtype != DataType.STRING:
             t = Tensor.from_raw(tp.raw_data, dtype, shape, name=tp.name)
@@ -261,6 +304,8 @@ class _Lowerer:
                     v.type = t
                 if vi.doc_string:
                     v.doc_string = vi.doc_string
+                if len(vi.metadata_props):
+                    v.metadata_props.update((p.key, p.value) for p in vi.metadata_props)
         for vi in gp.output:
             v = _lookup(scopes, vi.name, f"graph {gname!r}: output reads %{vi.name}") if vi.name else None
             if v is None:
@@ -270,6 +315,8 @@ class _Lowerer:
                 v.type = t
             if vi.doc_string:
                 v.doc_string = vi.doc_string
+            if len(vi.metadata_props):
+                v.metadata_props.update((p.key, p.value) for p in vi.metadata_props)
             g.outputs.append(v)
 
         if not _in_order(g):
