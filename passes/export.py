@@ -552,6 +552,13 @@ def export(
         raise ExportError(f"{'dynamo' if dynamo else 'TorchScript'} export failed: {type(exc).__name__}: {first}") from exc
     if not path.is_file():
         raise ExportError(f"exporter did not write {path}")
+    if external_data and not dynamo and not path.with_name(path.name + ".data").exists():
+        # The TorchScript exporter only goes external above 2 GB (one file per tensor): re-save
+        # through the IR into one data file beside the model, as asked.
+        import ir
+
+        model_ir = ir.load(path)
+        ir.save(model_ir, path, external_data=True)
     return path
 
 

@@ -241,8 +241,6 @@ def test_dynamo_exporter_writes_external_data(exported: Callable[..., pathlib.Pa
     assert (path.parent / "model.onnx.data").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="passes/export.py: TorchScript export ignores external_data=True "
-                   "(torch.onnx.export's external_data is a dynamo-only option); remove this mark once fixed")
 def test_torchscript_exporter_writes_external_data(exported: Callable[..., pathlib.Path]) -> None:
     """``export(..., dynamo=False, external_data=True)`` should store the weights in ``model.onnx.data``."""
     path = exported("bert", dynamo=False, external_data=True)
