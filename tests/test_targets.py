@@ -74,8 +74,12 @@ def test_passes_never_branch_on_a_target_name() -> None:
             if isinstance(node, ast.Attribute) and node.attr == "name" and isinstance(node.value, ast.Attribute) \
                     and node.value.attr == "target":
                 offenders.append(f"{path.name}:{node.lineno} reads target.name")
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names:
-                offenders.append(f"{path.name}:{node.lineno} mentions target {node.value!r}")
+            if isinstance(node, ast.Compare):
+                for part in (node.left, *node.comparators):
+                    consts = part.elts if isinstance(part, (ast.Tuple, ast.List, ast.Set)) else [part]
+                    for c in consts:
+                        if isinstance(c, ast.Constant) and isinstance(c.value, str) and c.value in names:
+                            offenders.append(f"{path.name}:{node.lineno} compares with target name {c.value!r}")
     assert not offenders, offenders
 
 
