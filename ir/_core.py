@@ -312,6 +312,10 @@ class Node:
 
     def replace_input(self, index: int, value: Value | None) -> None:
         """Make input ``index`` read ``value``; use lists of the old and new value are updated."""
+        n = len(self._inputs)
+        if not -n <= index < n:
+            raise IRError(f"node {self.label()} has {n} inputs; cannot replace input {index}")
+        index %= n  # uses are keyed by the non-negative index
         old = self._inputs[index]
         if old is value:
             return
@@ -325,11 +329,27 @@ class Node:
         for i, v in enumerate(self._inputs):
             if v is not None:
                 v._uses.pop((self, i), None)
+        # Nodes inside this node's subgraphs read outer values too; once this node is erased those
+        # reads are gone, or the outer values would look used forever. Reads of values defined
+        # inside the subgraphs stay, so an erased node's body keeps exact use lists of its own.
+        for sub in self.subgraphs():
+            captured = {id(v) for v in sub.captured_values()}
+            for g in sub.all_graphs():
+                for n in g:
+                    for i, v in enumerate(n._inputs):
+                        if v is not None and id(v) in captured:
+                            v._uses.pop((n, i), None)
 
     def _attach_inputs(self) -> None:
         for i, v in enumerate(self._inputs):
             if v is not None:
                 v._uses[(self, i)] = None
+        for sub in self.subgraphs():
+            for g in sub.all_graphs():
+                for n in g:
+                    for i, v in enumerate(n._inputs):
+                        if v is not None:
+                            v._uses[(n, i)] = None
 
     def attr(self, name: str, default: Any = None) -> Any:
         """The value of attribute ``name``, or ``default`` when absent."""
@@ -417,7 +437,14 @@ class Graph:
         """Append a graph input."""
         value._graph = self
         self.inputs.append(value)
+        self._note_name(value.name)
         return value
+
+    def _note_name(self, name: str) -> None:
+        # Keep unique_name's cache (built lazily on the root graph) in step with new values.
+        names = self.root()._names
+        if names is not None:
+            names.add(name)
 
     def add_initializer(self, value: Value) -> Value:
         """Register ``value`` (whose ``const_value`` is set) as an initializer."""
@@ -434,6 +461,7 @@ class Graph:
         if value.type is None:
             value.type = TensorType(value.const_value.dtype, value.const_value.shape)
         self.initializers[value.name] = value
+        self._note_name(value.name)
         return value
 
     def constant(self, array: Any, *, name: str = "", dtype: DataType | None = None) -> Value:
@@ -570,6 +598,9 @@ class Graph:
 
     def move_before(self, ref: Node, node: Node) -> None:
         """Move ``node`` (already in this graph) to just before ``ref``, keeping its uses."""
+        for n in (ref, node):
+            if n._graph is not self:
+                raise IRError(f"node {n.label()} is not in graph {self.name!r}")
         if node is ref:
             return
         node._prev._next = node._next

@@ -31,7 +31,10 @@ from ._types import (
 
 __all__ = ["print_graph", "print_model", "format_type", "format_name"]
 
-_BARE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/:]*$")
+# Value and attribute names may hold ":" (torch's "onnx::MatMul_12") but not end with one, so
+# "%x: float32" stays unambiguous. Ops, domains and dims never hold ":" ("::" separates domain and op).
+_BARE = re.compile(r"^[A-Za-z_](?:[A-Za-z0-9_.\-/:]*[A-Za-z0-9_.\-/])?$")
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/]*$")
 INLINE_LIMIT = 16
 
 
@@ -73,11 +76,20 @@ def _shape(shape: tuple | None) -> str:
         elif isinstance(d, int):
             dims.append(str(d))
         else:
-            dims.append(d if _BARE.match(d) and not d[0].isdigit() else _q(d))
+            dims.append(d if _IDENT.match(d) else _q(d))
     return "[" + ",".join(dims) + "]"
 
 
-def _float(x: float) -> str:
+def _float(x: float, width: type | None = None) -> str:
+    """Shortest text that reads back as the same number; ``width`` (e.g. ``np.float32``) rounds
+    first, so a float32 prints as ``0.1``, the value ONNX stores, not ``0.10000000149011612``."""
+    if width is not None:
+        with np.errstate(over="ignore"):
+            y = width(x)
+        if not (np.isnan(y) or np.isinf(y)):
+            r = str(y)
+            return r if any(c in r for c in ".e") else r + ".0"
+        x = float(y)
     if math.isnan(x):
         return "nan"
     if math.isinf(x):
@@ -88,10 +100,12 @@ def _float(x: float) -> str:
 
 def _scalar(x: object, dtype: DataType) -> str:
     if dtype == DataType.STRING:
-        b = x if isinstance(x, bytes) else str(x).encode()
+        b = x if isinstance(x, bytes) else str(x).encode("utf-8", "surrogateescape")
         return _q(b.decode("utf-8", "surrogateescape"))
     if dtype == DataType.BOOL:
         return "true" if x else "false"
+    if dtype in (DataType.FLOAT, DataType.FLOAT16):
+        return _float(float(x), dtype.numpy().type)
     if dtype.is_float and dtype not in (DataType.COMPLEX64, DataType.COMPLEX128):
         return _float(float(x))
     if dtype in (DataType.COMPLEX64, DataType.COMPLEX128):
@@ -123,18 +137,19 @@ class _Printer:
 
     def attr(self, a: Attr, indent: str) -> str:
         if a.ref_attr_name:
-            return f"{format_name(a.name)}=@{format_name(a.ref_attr_name)}"
+            kind = f"({a.type.name.lower()})" if a.type != AttrType.UNDEFINED else ""
+            return f"{format_name(a.name)}=@{format_name(a.ref_attr_name)}{kind}"
         v, k = a.value, a.type
         if k == AttrType.INT:
             s = str(int(v))
         elif k == AttrType.FLOAT:
-            s = _float(v)
+            s = _float(v, np.float32)  # ONNX stores float attributes as float32
         elif k == AttrType.STRING:
             s = _q(v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v)
         elif k == AttrType.INTS:
             s = "ints[" + ", ".join(str(int(x)) for x in v) + "]"
         elif k == AttrType.FLOATS:
-            s = "floats[" + ", ".join(_float(x) for x in v) + "]"
+            s = "floats[" + ", ".join(_float(x, np.float32) for x in v) + "]"
         elif k == AttrType.STRINGS:
             s = "strings[" + ", ".join(
                 _q(x.decode("utf-8", "surrogateescape") if isinstance(x, bytes) else x) for x in v
@@ -196,9 +211,9 @@ class _Printer:
                 outs.append(self.value_decl(o))
             else:
                 outs.append(f"%{format_name(o.name)}")
-        op = n.op_type if _BARE.match(n.op_type) else _q(n.op_type)
+        op = n.op_type if _IDENT.match(n.op_type) else _q(n.op_type)
         if n.domain:
-            op = f"{_q(n.domain) if not _BARE.match(n.domain) else n.domain}::{op}"
+            op = f"{_q(n.domain) if not _IDENT.match(n.domain) else n.domain}::{op}"
         if n.overload:
             op += f":{_q(n.overload)}"
         attrs = ""

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from ._core import Graph, Model, Node, Value
 from ._errors import VerificationError
 
@@ -17,9 +19,9 @@ QUANTIZED_OP_PARAMS: dict[tuple[str, str], dict[int, str]] = {
     ("", "DequantizeLinear"): {1: "x_scale"},
     ("", "QLinearMatMul"): {1: "a_scale", 2: "a_zero_point", 4: "b_scale", 5: "b_zero_point", 6: "y_scale", 7: "y_zero_point"},
     ("", "QLinearConv"): {1: "x_scale", 2: "x_zero_point", 4: "w_scale", 5: "w_zero_point", 6: "y_scale", 7: "y_zero_point"},
-    ("com.microsoft", "MatMulIntegerToFloat"): {2: "a_scale", 3: "b_scale", 5: "b_zero_point"},
+    ("com.microsoft", "MatMulIntegerToFloat"): {2: "a_scale", 3: "b_scale", 4: "a_zero_point", 5: "b_zero_point"},
     ("com.microsoft", "DynamicQuantizeMatMul"): {2: "b_scale", 3: "b_zero_point"},
-    ("com.microsoft", "QAttention"): {3: "input_scale", 4: "weight_scale", 7: "weight_zero_point"},
+    ("com.microsoft", "QAttention"): {3: "input_scale", 4: "weight_scale", 6: "input_zero_point", 7: "weight_zero_point"},
     ("com.microsoft", "QGemm"): {1: "a_scale", 2: "a_zero_point", 4: "b_scale", 5: "b_zero_point"},
 }
 
@@ -72,7 +74,8 @@ class _Verifier:
         for v, _ in g.extra.get("sparse_initializers", {}).values():
             defined.add(id(v))
         count = 0
-        for n in g:
+        # Walk the raw linked list, not ``iter(g)``: iteration skips nodes whose ``_graph`` is wrong.
+        for n in _linked(g):
             count += 1
             self.node(n, g, scopes)
             for o in n.outputs:
@@ -80,9 +83,18 @@ class _Verifier:
                     defined.add(id(o))
         if count != len(g):
             raise VerificationError(f"graph {gname!r} counts {len(g)} nodes but holds {count}")
+        for v in [*g.inputs, *g.initializers.values()]:
+            self.uses(v)
         for v in g.outputs:
             if not any(id(v) in s for s in scopes):
                 raise VerificationError(f"graph {gname!r}: output %{v.name} is not defined")
+
+    def uses(self, v: Value) -> None:
+        for user, i in v._uses:
+            if user.graph is None:
+                raise VerificationError(f"value %{v.name} lists erased node {user.label()} among its uses")
+            if not 0 <= i < len(user.inputs) or user.inputs[i] is not v:
+                raise VerificationError(f"value %{v.name} lists use ({user.label()}, {i}) that reads another value")
 
     def node(self, n: Node, g: Graph, scopes: tuple[set[int], ...]) -> None:
         if n.graph is not g:
@@ -105,11 +117,7 @@ class _Verifier:
             if o.producer() is not n or o.index() != k:
                 raise VerificationError(f"node {n.label()}: output {k} (%{o.name}) names another producer")
             self.name(o, f"output of node {n.label()}")
-            for user, i in o._uses:
-                if user.graph is None:
-                    raise VerificationError(f"value %{o.name} lists erased node {user.label()} among its uses")
-                if i >= len(user.inputs) or user.inputs[i] is not o:
-                    raise VerificationError(f"value %{o.name} lists use ({user.label()}, {i}) that reads another value")
+            self.uses(o)
         params = QUANTIZED_OP_PARAMS.get((n.domain if n.domain != "ai.onnx" else "", n.op_type))
         if params:
             for i, what in params.items():
@@ -119,3 +127,14 @@ class _Verifier:
             if sub.parent is not n:
                 raise VerificationError(f"subgraph {sub.name!r} of node {n.label()} names another parent")
             self.graph(sub, scopes)
+
+
+def _linked(g: Graph) -> Iterator[Node]:
+    """Every node in ``g``'s linked list, whether or not it claims to belong to ``g``."""
+    anchor = g._anchor
+    node = anchor._next
+    while node is not anchor:
+        if node._next._prev is not node:
+            raise VerificationError(f"graph {g.name or 'main'!r}: node list is broken after node {node.label()}")
+        yield node
+        node = node._next

@@ -1,0 +1,71 @@
+"""Dead-flow elimination: drop nodes and initializers that no graph output depends on.
+
+One reverse sweep per graph over use lists: walking nodes from last to first, a node is dead when
+none of its outputs is read or is a graph output. Erasing it drops its reads (including the reads
+made by nodes inside its subgraphs), so its producers are seen as dead when the sweep reaches them.
+A live node's subgraphs are swept when the node is reached, before the producers of the outer
+values they capture, so an outer value read only by dead subgraph nodes dies in the same sweep.
+
+Graph inputs and outputs are never removed. Model-local function bodies are left alone: what a
+caller reads of them is decided at each call site, so treating their outputs as roots is the only
+safe choice, and doing nothing inside them is the conservative version of that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import ir
+
+from ._base import Pass, PassContext, PassResult
+from ._registry import register_pass
+from ._rewriter import Rewriter
+
+__all__ = ["DeadFlowPass"]
+
+
+@register_pass
+@dataclass(frozen=True)
+class DeadFlowPass(Pass):
+    """Remove nodes, subgraph nodes and initializers that no graph output depends on.
+
+    Attributes:
+        remove_initializers: also drop initializers nobody reads (in subgraphs too). Initializers
+            that double as graph inputs (overridable defaults) are kept: they are interface.
+    """
+
+    name: ClassVar[str] = "dead-flow"
+    summary: ClassVar[str] = "remove nodes and initializers no graph output depends on"
+
+    remove_initializers: bool = True
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        """Sweep the main graph (and, through live nodes, every subgraph) once."""
+        rw = Rewriter()
+        self._sweep(model.graph, rw, set())
+        return rw.result()
+
+    def _sweep(self, graph: ir.Graph, rw: Rewriter, returned: set[int]) -> None:
+        # A subgraph may return an outer value directly; that is not a use in the IR, so the
+        # outputs of every live graph are collected here, before the sweep reaches their producers.
+        returned.update(id(v) for v in graph.outputs)
+        # Reverse iteration tolerates erasing the node just yielded: its back link stays valid.
+        for node in reversed(graph):
+            if _is_dead(node, returned):
+                rw.erase(node)
+                rw.count("removed nodes")
+                continue
+            for sub in node.subgraphs():
+                self._sweep(sub, rw, returned)
+        if self.remove_initializers:
+            for name, value in list(graph.initializers.items()):
+                if value.has_uses() or id(value) in returned or value.is_graph_input():
+                    continue
+                rw.remove_initializer(graph, name)
+                rw.count("removed initializers")
+
+
+def _is_dead(node: ir.Node, returned: set[int]) -> bool:
+    """True when no output of ``node`` is read or returned by a live graph."""
+    return all(o is None or (not o.has_uses() and id(o) not in returned) for o in node.outputs)

@@ -1,0 +1,457 @@
+"""Algebraic simplification: drop no-op nodes, merge Transpose and Reshape chains, share duplicates.
+
+Node-local simplifications are :class:`~passes.Rule`\\ s run by :func:`~passes.apply_rules`, so
+``--explain`` reports why one did not fire (``no-op-reshape at Reshape 'r': input dim 0 is
+symbolic``). Each is exact: a node is removed only when it provably returns its input unchanged
+(same shape and dtype; for ``x + 0`` the sign of a zero may change, as in every compiler).
+
+Then duplicates are shared: initializers with the same dtype, shape and bytes (up to 1 MB), and
+nodes with the same op, domain, attributes and inputs (common subexpressions; never for
+nondeterministic ops or nodes with subgraphs).
+
+Graph outputs keep their names: removing the node that produces one hands the name to the value
+that replaces it, and when that value cannot take the name (a graph input, an initializer, another
+output, or a value of an enclosing graph) the node stays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+import ir
+
+from ._base import Pass, PassContext, PassResult
+from ._evaluator import NONDETERMINISTIC_OPS, attribute_key
+from ._match import const_array, producer
+from ._pattern import NoMatch, Rule, apply_rules
+from ._registry import register_pass
+from ._rewriter import Rewriter
+
+__all__ = [
+    "SimplifyPass", "IdentityRemoval", "DropoutRemoval", "NoOpCast", "NoOpReshape", "NoOpTranspose",
+    "NoOpExpand", "NeutralElement", "TransposeMerge", "ReshapeMerge",
+]
+
+#: Rounds of rules then deduplication before giving up on a fixed point.
+_MAX_ROUNDS = 8
+#: Initializers larger than this are not hashed for deduplication.
+_DEDUP_LIMIT = 1 << 20
+#: Domains whose ops are pure functions of their inputs, so equal nodes compute equal values.
+_PURE_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+
+
+@dataclass(frozen=True)
+class _Forward:
+    """Match of a no-op: ``node``'s first output is ``src``'s value."""
+
+    node: ir.Node
+    src: ir.Value
+
+
+def _returned_by_subgraphs(model: ir.Model) -> set[int]:
+    """Ids of outer values some subgraph returns directly: rewiring cannot reach them (not uses)."""
+    return {id(v) for g in model.graph.all_graphs() for v in g.outputs if v.graph is not g}
+
+
+def _forward_check(node: ir.Node, src: ir.Value | None, returned: set[int]) -> _Forward | NoMatch:
+    """Can ``node``'s first output be replaced by ``src``, keeping graph output names?
+
+    ``returned`` holds the ids of values subgraphs return directly (see :func:`_returned_by_subgraphs`).
+    """
+    out = node.outputs[0]
+    if src is None or out is None:
+        return NoMatch("missing input or output")
+    if id(out) in returned:
+        return NoMatch(f"%{out.name} is returned directly by a subgraph", near=True)
+    if out.is_graph_output() and (src.producer() is None or src.graph is not out.graph or src.is_graph_output()):
+        # The output's name would be lost: src cannot be renamed (interface or outer value).
+        return NoMatch(f"%{out.name} is a graph output and %{src.name} cannot take its name", near=True)
+    return _Forward(node, src)
+
+
+class _SimplifyRule(Rule):
+    """A rule that knows which values subgraphs return directly (those must stay).
+
+    Args:
+        returned: ids of values returned directly by subgraphs, kept current by the pass.
+    """
+
+    def __init__(self, returned: set[int]) -> None:
+        self.returned = returned
+
+    def _erase_if_unread(self, node: ir.Node, rw: Rewriter) -> None:
+        if not any(o is not None and id(o) in self.returned for o in node.outputs):
+            rw.erase_unused([node])
+
+
+class _ForwardRule(_SimplifyRule):
+    """Shared rewrite of the no-op rules: read the input instead, drop the node."""
+
+    def rewrite(self, match: _Forward, rw: Rewriter, ctx: PassContext) -> None:
+        rw.replace_all_uses_with(match.node.outputs[0], match.src)
+        rw.erase(match.node)
+
+
+def _ints_attr(node: ir.Node, name: str) -> list[int] | None | NoMatch:
+    a = node.attributes.get(name)
+    if a is None:
+        return None
+    if a.ref_attr_name:
+        return NoMatch(f"attribute {name} refers to a function attribute")
+    return [int(x) for x in a.value]
+
+
+def _rank(v: ir.Value | None) -> int | None:
+    shape = v.shape if v is not None else None
+    return None if shape is None else len(shape)
+
+
+class IdentityRemoval(_ForwardRule):
+    """``Identity(x)`` → ``x``."""
+
+    name = "identity"
+    roots = ("Identity",)
+    stat = "removed Identity"
+
+    def check(self, node: ir.Node, ctx: PassContext) -> Any:
+        return _forward_check(node, node.inputs[0] if node.inputs else None, self.returned)
+
+
+class DropoutRemoval(_ForwardRule):
+    """``Dropout(x)`` in inference mode, its mask unread → ``x``."""
+
+    name = "dropout"
+    roots = ("Dropout",)
+    stat = "removed Dropout"
+
+    def __init__(self, returned: set[int], opset: int) -> None:
+        super().__init__(returned)
+        self.opset = opset
+
+    def check(self, node: ir.Node, ctx: PassContext) -> Any:
+        if self.opset < 7 and node.attr("is_test", 0) == 0:
+            return NoMatch("opset < 7 Dropout without is_test=1 is in training mode", near=True)
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            mode = const_array(node.inputs[2])
+            if mode is None or mode.size != 1 or bool(mode.reshape(-1)[0]):
+                return NoMatch("training_mode is not a constant false", near=True)
+        if len(node.outputs) > 1 and node.outputs[1] is not None:
+            mask = node.outputs[1]
+            if mask.has_uses() or mask.is_graph_output():
+                return NoMatch("the mask output is read", near=True)
+        return _forward_check(node, node.inputs[0], self.returned)
+
+
+class NoOpCast(_ForwardRule):
+    """``Cast(x, to=dtype(x))`` and ``CastLike(x, y)`` with equal dtypes → ``x``."""
+
+    name = "no-op-cast"
+    roots = ("Cast", "CastLike")
+    stat = "removed no-op Cast"
+
+    def check(self, node: ir.Node, ctx: PassContext) -> Any:
+        x = node.inputs[0]
+        if x is None or x.dtype is None:
+            return NoMatch("input dtype unknown")
+        if node.op_type == "Cast":
+            a = node.attributes.get("to")
+            if a is None or a.ref_attr_name:
+                return NoMatch("no literal 'to' attribute")
+            target = a.value
+        else:
+            like = node.inputs[1] if len(node.inputs) > 1 else None
+            if like is None or like.dtype is None:
+                return NoMatch("target dtype unknown")
+            target = like.dtype
+        if int(target) != int(x.dtype):
+            return NoMatch("changes the dtype")
+        return _forward_check(node, x, self.returned)
+
+
+class NoOpReshape(_ForwardRule):
+    """``Reshape(x, s)`` where ``s`` resolves to the known shape of ``x`` → ``x``."""
+
+    name = "no-op-reshape"
+    roots = ("Reshape",)
+    stat = "removed no-op Reshape"
+
+    def check(self, node: ir.Node, ctx: PassContext) -> Any:
+        x = node.inputs[0]
+        s = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        if x is None or s is None or x.shape is None:
+            return NoMatch("shape operand not constant or input rank unknown")
+        target = [int(d) for d in s.reshape(-1)]
+        if len(target) != len(x.shape) or target.count(-1) > 1:
+            return NoMatch("changes the rank")
+        a = node.attributes.get("allowzero")
+        if a is not None and a.ref_attr_name:
+            return NoMatch("allowzero refers to a function attribute")
+        allowzero = node.attr("allowzero", 0)
+        for i, (want, have) in enumerate(zip(target, x.shape)):
+            if want == -1 or (want == 0 and not allowzero):
+                continue  # -1 takes what is left (all other dims match), 0 copies the dim
+            if not isinstance(have, int):
+                return NoMatch(f"input dim {i} is symbolic; cannot prove it is {want}", near=True)
+            if have != want:
+                return NoMatch(f"dim {i}: {have} → {want}")
+        return _forward_check(node, x, self.returned)
+
+
+class NoOpTranspose(_ForwardRule):
+    """``Transpose(x, perm=identity)`` → ``x``."""
+
+    name = "no-op-transpose"
+    roots = ("Transpose",)
+    stat = "removed no-op Transpose"
+
+    def check(self, node: ir.Node, ctx: PassContext) -> Any:
+        perm = _ints_attr(node, "perm")
+        if isinstance(perm, NoMatch):
+            return perm
+        if perm is None:
+            rank = _rank(node.inputs[0])
+            if rank is None or rank > 1:
+                return NoMatch("default perm reverses the dims")
+        elif perm != list(range(len(perm))):
+            return NoMatch("perm is not the identity")
+        return _forward_check(node, node.inputs[0], self.returned)
+
+
+class NoOpExpand(_ForwardRule):
+    """``Expand(x, s)`` when broadcasting ``x`` to ``s`` provably keeps the shape of ``x`` → ``x``."""
+
+    name = "no-op-expand"
+    roots = ("Expand",)
+    stat = "removed no-op Expand"
+
+    def check(self, node: ir.Node, ctx: PassContext) -> Any:
+        x = node.inputs[0]
+        s = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        if x is None or s is None or x.shape is None:
+            return NoMatch("shape operand not constant or input rank unknown")
+        if not _broadcast_keeps(x.shape, tuple(int(d) for d in s.reshape(-1))):
+            return NoMatch("may broadcast to a larger shape", near=True)
+        return _forward_check(node, x, self.returned)
+
+
+def _broadcast_keeps(shape: tuple[ir.Dim, ...], other: tuple[int, ...]) -> bool:
+    """True when broadcasting ``shape`` with the static ``other`` gives ``shape`` back."""
+    if len(other) > len(shape):
+        return False
+    for want, have in zip(reversed(other), reversed(shape)):
+        if want != 1 and want != have:
+            return False
+    return True
+
+
+class NeutralElement(_ForwardRule):
+    """``x + 0``, ``0 + x``, ``x - 0``, ``x * 1``, ``1 * x``, ``x / 1`` → ``x`` when shape and dtype stay."""
+
+    name = "neutral-element"
+    roots = ("Add", "Sub", "Mul", "Div")
+    stat = "removed neutral arithmetic"
+
+    _NEUTRAL: ClassVar[dict[str, float]] = {"Add": 0.0, "Sub": 0.0, "Mul": 1.0, "Div": 1.0}
+
+    def check(self, node: ir.Node, ctx: PassContext) -> Any:
+        if len(node.inputs) != 2:
+            return NoMatch("not binary")
+        a, b = node.inputs
+        pairs = [(a, b), (b, a)] if node.op_type in ("Add", "Mul") else [(a, b)]
+        why: NoMatch = NoMatch("no neutral constant operand")
+        for x, c in pairs:
+            arr = const_array(c)
+            if x is None or arr is None or arr.dtype == object or arr.dtype == np.bool_:
+                continue
+            if not np.all(arr == self._NEUTRAL[node.op_type]):
+                continue
+            if x.shape is None or x.dtype is None or ir.DataType.from_numpy(arr.dtype) != x.dtype:
+                why = NoMatch("the other operand's shape or dtype is unknown", near=True)
+                continue
+            if not _broadcast_keeps(x.shape, tuple(arr.shape)):
+                why = NoMatch("the constant broadcasts the result to a larger shape", near=True)
+                continue
+            return _forward_check(node, x, self.returned)
+        return why
+
+
+@dataclass(frozen=True)
+class _Merge:
+    node: ir.Node
+    inner: ir.Node
+    perm: list[int] | None = None
+
+
+class TransposeMerge(_SimplifyRule):
+    """``Transpose(Transpose(x, p1), p2)`` → ``Transpose(x, p1∘p2)``, or ``x`` when that is the identity."""
+
+    name = "transpose-merge"
+    roots = ("Transpose",)
+    stat = "merged Transposes"
+
+    def check(self, node: ir.Node, ctx: PassContext) -> Any:
+        inner = producer(node.inputs[0], "Transpose")
+        if inner is None:
+            return NoMatch("input is not a Transpose")
+        x = inner.inputs[0]
+        p1, p2 = _ints_attr(inner, "perm"), _ints_attr(node, "perm")
+        for p in (p1, p2):
+            if isinstance(p, NoMatch):
+                return p
+        rank = _rank(x)
+        if p1 is None or p2 is None:
+            if rank is None:
+                return NoMatch("default perm and unknown rank", near=True)
+        p1 = p1 if p1 is not None else list(reversed(range(rank)))  # type: ignore[arg-type]
+        p2 = p2 if p2 is not None else list(reversed(range(rank)))  # type: ignore[arg-type]
+        if len(p1) != len(p2):
+            return NoMatch("perms of different ranks")
+        composed = [p1[i] for i in p2]
+        if composed == list(range(len(composed))):
+            fwd = _forward_check(node, x, self.returned)
+            return fwd if isinstance(fwd, NoMatch) else _Merge(node, inner, None)
+        return _Merge(node, inner, composed)
+
+    def rewrite(self, match: _Merge, rw: Rewriter, ctx: PassContext) -> None:
+        node, inner = match.node, match.inner
+        if match.perm is None:
+            rw.replace_all_uses_with(node.outputs[0], inner.inputs[0])
+            rw.erase(node)
+        else:
+            rw.replace_input(node, 0, inner.inputs[0])
+            rw.set_attr(node, "perm", match.perm)
+        self._erase_if_unread(inner, rw)
+
+
+class ReshapeMerge(_SimplifyRule):
+    """``Reshape(Reshape(x, s1), s2)`` → ``Reshape(x, s2)`` when ``s2`` does not copy dims (no 0)."""
+
+    name = "reshape-merge"
+    roots = ("Reshape",)
+    stat = "merged Reshapes"
+
+    def check(self, node: ir.Node, ctx: PassContext) -> Any:
+        inner = producer(node.inputs[0], "Reshape")
+        if inner is None:
+            return NoMatch("input is not a Reshape")
+        s2 = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        if s2 is None:
+            return NoMatch("outer shape is not constant", near=True)
+        if not node.attr("allowzero", 0) and np.any(s2 == 0):  # a function's ref reads as 0: safe side
+            # A 0 copies a dim of the inner result, which x does not have in the same place.
+            return NoMatch("outer shape copies dims (0) of the inner result", near=True)
+        return _Merge(node, inner)
+
+    def rewrite(self, match: _Merge, rw: Rewriter, ctx: PassContext) -> None:
+        rw.replace_input(match.node, 0, match.inner.inputs[0])
+        self._erase_if_unread(match.inner, rw)
+
+
+@register_pass
+@dataclass(frozen=True)
+class SimplifyPass(Pass):
+    """Remove no-op nodes, merge Transpose/Reshape chains, and share duplicate constants and nodes.
+
+    Attributes:
+        dedup_constants: share initializers with equal dtype, shape and bytes.
+        cse: share nodes with equal op, attributes and inputs.
+    """
+
+    name: ClassVar[str] = "simplify"
+    summary: ClassVar[str] = "remove no-ops, merge Transpose/Reshape chains, deduplicate constants and nodes"
+
+    dedup_constants: bool = True
+    cse: bool = True
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        """Apply the rules and the deduplications until none changes the model."""
+        rw = Rewriter()
+        returned: set[int] = set()
+        rules: list[Rule] = [
+            IdentityRemoval(returned), DropoutRemoval(returned, model.opset("") or 1), NoOpCast(returned),
+            NoOpReshape(returned), NoOpTranspose(returned), NoOpExpand(returned), NeutralElement(returned),
+            TransposeMerge(returned), ReshapeMerge(returned),
+        ]
+        for _ in range(_MAX_ROUNDS):
+            # No rewrite touches a returned value (they all refuse to), so the set stays valid all round.
+            returned.clear()
+            returned.update(_returned_by_subgraphs(model))
+            # The rules run to their own fixed point; sharing duplicates can enable them again.
+            apply_rules(model, rules, ctx, rw, pass_name=self.name)
+            shared = 0
+            for graph in list(model.graph.all_graphs()):
+                if self.dedup_constants:
+                    shared += _dedup_initializers(graph, rw, returned)
+                if self.cse:
+                    shared += _eliminate_common_subexpressions(graph, rw, returned)
+            if not shared:
+                break
+        return rw.result()
+
+
+def _dedup_initializers(graph: ir.Graph, rw: Rewriter, returned: set[int]) -> int:
+    """Point readers of duplicate initializers at the first equal one and drop the duplicates."""
+    seen: dict[tuple[Any, ...], ir.Value] = {}
+    shared = 0
+    for name, v in list(graph.initializers.items()):
+        t = v.const_value
+        if t is None or v.is_graph_input() or t.dtype == ir.DataType.STRING or t.nbytes > _DEDUP_LIMIT:
+            continue
+        raw = bytes(t.raw_bytes())
+        key = (int(t.dtype), t.shape, hashlib.sha256(raw).digest())
+        first = seen.get(key)
+        if first is None:
+            seen[key] = v
+            continue
+        if not v.has_uses() or v.is_graph_output() or id(v) in returned or bytes(first.const_value.raw_bytes()) != raw:
+            continue  # unread ones are dead-flow's; a graph output keeps its name
+        rw.replace_all_uses_with(v, first)
+        rw.remove_initializer(graph, name)
+        rw.count("shared initializers")
+        shared += 1
+    return shared
+
+
+def _cse_key(node: ir.Node) -> tuple[Any, ...] | None:
+    domain = node.domain if node.domain != "ai.onnx" else ""
+    if domain not in _PURE_DOMAINS or node.op_type in NONDETERMINISTIC_OPS or node.subgraphs():
+        return None
+    if not any(o is not None for o in node.outputs):
+        return None
+    attrs = tuple(sorted(attribute_key(a) for a in node.attributes.values()))
+    ins = tuple(None if v is None else id(v) for v in node.inputs)
+    outs = tuple(o is not None for o in node.outputs)
+    return (domain, node.op_type, node.overload, attrs, ins, outs)
+
+
+def _eliminate_common_subexpressions(graph: ir.Graph, rw: Rewriter, returned: set[int]) -> int:
+    """Replace each node equal to an earlier one by that one's outputs, in one forward sweep.
+
+    Forward order makes chains collapse in the same sweep: once a node's outputs are replaced,
+    the readers downstream read the earlier outputs and match their own twins.
+    """
+    table: dict[tuple[Any, ...], ir.Node] = {}
+    shared = 0
+    for node in graph:
+        key = _cse_key(node)
+        if key is None:
+            continue
+        first = table.get(key)
+        if first is None or first.graph is not graph:
+            table[key] = node
+            continue
+        pairs = [(o, f) for o, f in zip(node.outputs, first.outputs) if o is not None and f is not None]
+        if any(o.is_graph_output() and f.is_graph_output() for o, f in pairs):
+            continue  # both names are interface; sharing would lose one
+        if any(id(o) in returned for o, _ in pairs):
+            continue  # a subgraph returns it directly, which rewiring cannot reach
+        for o, f in pairs:
+            rw.replace_all_uses_with(o, f)
+        rw.erase(node)
+        rw.count("shared nodes")
+        shared += 1
+    return shared
