@@ -205,8 +205,11 @@ class Value:
             return
         for node, i in list(self._uses):
             node.replace_input(i, other)
+        g = self.graph
+        if g is not None:
+            for sub in g.subgraphs_returning(self):
+                sub.outputs[:] = [other if v is self else v for v in sub.outputs]
         if include_graph_outputs:
-            g = self.graph
             if g is not None and any(v is self for v in g.outputs):
                 interface = other.is_graph_input() or other.is_initializer() or other.is_graph_output()
                 g.outputs[:] = [other if v is self else v for v in g.outputs]
@@ -362,6 +365,8 @@ class Node:
         for g in a.graphs():
             g.parent = self
         self.attributes[name] = a
+        if self._graph is not None and a.graphs():
+            self._graph._register_holders(self)
 
     def subgraphs(self) -> list[Graph]:
         """Graphs held by this node's attributes (If branches, Loop and Scan bodies)."""
@@ -398,7 +403,7 @@ class Graph:
 
     __slots__ = (
         "name", "inputs", "outputs", "initializers", "doc_string", "metadata_props",
-        "parent", "extra", "_anchor", "_len", "_names", "_counter", "__weakref__",
+        "parent", "extra", "_anchor", "_len", "_names", "_counter", "_holders", "__weakref__",
     )
 
     def __init__(
@@ -425,6 +430,9 @@ class Graph:
         self._len = 0
         self._names: set[str] | None = None
         self._counter = itertools.count()
+        # On the root graph: every node (at any depth) that holds subgraphs, so that subgraph
+        # outputs naming outer values are found without scanning the whole model.
+        self._holders: set[Node] = set()
         for v in inputs:
             self.add_input(v)
         for v in initializers:
@@ -548,6 +556,35 @@ class Graph:
             names.add(node.name)
             names.update(o.name for o in node.outputs if o is not None)
         node._attach_inputs()  # idempotent; re-attaches the uses of a node that was erased
+        self._register_holders(node)
+
+    def _register_holders(self, node: Node) -> None:
+        root = self.root()
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            subs = n.subgraphs()
+            if subs:
+                root._holders.add(n)
+                for sub in subs:
+                    stack.extend(sub)
+
+    def subgraphs_returning(self, value: Value) -> list[Graph]:
+        """Subgraphs (at any depth below this graph's root) that list ``value`` among their outputs.
+
+        A subgraph may return an outer value directly (an If branch yielding ``%x``); that is a
+        use of ``value`` that no node input records, so erasure and rewiring consult this.
+        """
+        root = self.root()
+        found = []
+        for holder in list(root._holders):
+            g = holder._graph
+            if g is None or g.root() is not root:
+                continue
+            for sub in holder.subgraphs():
+                if any(o is value for o in sub.outputs):
+                    found.append(sub)
+        return found
 
     def append(self, node: Node) -> Node:
         """Add ``node`` at the end."""
@@ -589,6 +626,12 @@ class Graph:
                         )
                 if o.is_graph_output():
                     raise IRError(f"cannot erase node {n.label()}: its output %{o.name} is a graph output")
+                for sub in self.subgraphs_returning(o):
+                    if sub.parent not in members:
+                        raise IRError(
+                            f"cannot erase node {n.label()}: its output %{o.name} is returned by subgraph "
+                            f"{sub.name!r} of {sub.parent.label() if sub.parent else 'a node'}"
+                        )
         for n in group:
             n._detach_inputs()
             n._prev._next = n._next

@@ -608,11 +608,6 @@ def test_attr_infer_kinds() -> None:
         ir.Attr.infer("a", object())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: a subgraph output that returns an outer value directly is not a use, so erase "
-    "lets its producer go (needs a design decision: count it as a use of the parent node, or scan subgraphs)",
-)
 def test_erase_refuses_value_returned_directly_by_a_subgraph() -> None:
     f = TensorType(DataType.FLOAT, (2,))
     x, c = Value("x", f), Value("c", TensorType(DataType.BOOL, ()))
@@ -621,8 +616,15 @@ def test_erase_refuses_value_returned_directly_by_a_subgraph() -> None:
     iff = Node("If", [c], {"then_branch": then_g, "else_branch": Graph([], [x], name="else")}, outputs=["y"])
     g = Graph([x, c], [iff.outputs[0]], [p, iff])
     ir.verify(g)
-    with pytest.raises(ir.IRError):
+    with pytest.raises(ir.IRError, match="returned by subgraph 'then'"):
         g.erase(p)
+    # Rewiring reaches the subgraph output too, after which the producer can go.
+    q = Node("Neg", [x], outputs=[Value("q", f)])
+    g.insert_before(p, q)
+    p.outputs[0].replace_all_uses_with(q.outputs[0])
+    assert then_g.outputs == [q.outputs[0]]
+    g.erase(p)
+    ir.verify(g)
 
 
 def test_only_lower_and_emit_import_onnx() -> None:
