@@ -66,7 +66,16 @@ def _dim(d: Any, axis: int, name: str, batch: int, seq: int, past: int, bindings
         return d
     if isinstance(d, str) and d in bindings:
         return bindings[d]
-    label = (d if isinstance(d, str) else "").lower() + " " + name.lower()
+    # A named dim speaks for itself (``past_key_values.0.key`` has a ``batch`` dim 0, and the
+    # attention mask of a decoder with past spans ``total_sequence`` = past + sequence).
+    own = d.lower() if isinstance(d, str) else ""
+    if "+" in own or "total" in own:
+        return past + seq
+    if "past" in own or "cache" in own:
+        return past
+    if "batch" in own:
+        return batch
+    label = own + " " + name.lower()
     if "past" in label or "cache" in label:
         return past
     if "batch" in label:
