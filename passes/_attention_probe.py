@@ -185,11 +185,15 @@ def input_feeds(
     rng: np.random.Generator,
     *,
     fixed: dict[int, np.ndarray] | None = None,
+    past: int | None = None,
 ) -> dict[int, np.ndarray]:
     """Random feeds for graph inputs at ``batch`` × ``seq``: valid token ids, normal floats.
 
     Integer inputs get ids inside the table they index (0/1 when they index none); ``fixed``
-    supplies some inputs as given (e.g. the attention mask under test).
+    supplies some inputs as given (e.g. the attention mask under test). With ``past`` (a model
+    with a KV cache), dims named like a past length get ``past``, dims named like a total length
+    (``total_sequence``, ``past_sequence + sequence``) get ``past + seq``, and the third dim of an
+    unnamed ``[batch, heads, ?, head_dim]`` float input is taken as a past length.
     """
     feeds: dict[int, np.ndarray] = dict(fixed or {})
     for v in inputs:
@@ -198,8 +202,20 @@ def input_feeds(
         dtype = _np_dtype(v)
         shape = v.shape
         dims = []
+        rank = len(shape) if shape is not None else 2
         for i, d in enumerate(shape or (batch, seq)):
-            dims.append(d if isinstance(d, int) and d > 0 else (batch if i == 0 else seq))
+            if isinstance(d, int) and d > 0:
+                dims.append(d)
+                continue
+            name = d.lower() if isinstance(d, str) and past is not None else ""
+            if "+" in name or "total" in name:
+                dims.append(past + seq)  # type: ignore[operator]
+            elif "past" in name or "cache" in name:
+                dims.append(past)  # type: ignore[arg-type]
+            elif past is not None and rank == 4 and i == 2 and not np.issubdtype(dtype, np.integer) and not name:
+                dims.append(past)
+            else:
+                dims.append(batch if i == 0 else seq)
         if np.issubdtype(dtype, np.integer):
             rows = _index_rows(v) or 2
             feeds[id(v)] = rng.integers(0, max(1, min(rows, 1000)), size=dims).astype(dtype)
