@@ -19,6 +19,7 @@ _BUILTIN_MODULES = (
     "passes.simplify",
     "passes.fuse_gelu",
     "passes.fuse_layer_norm",
+    "passes.fuse_embed_layer_norm",
     "passes.fuse_attention",
     "passes.fuse_rotary",
     "passes.quantize",
