@@ -44,6 +44,8 @@ class CompileReport:
     verified_ok: bool | None = None
     verify_setup: str = ""
     diagnostics: list[Diagnostic] = field(default_factory=list)
+    #: Per-op quantization decisions (``ctx.options["quantize_report"]`` of the quantize pass).
+    quantization: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
 
@@ -70,6 +72,7 @@ class CompileReport:
                 "outputs": [{"name": n, "max_abs": a, "cosine": c} for n, a, c in v.details],
             },
             "diagnostics": [str(d) for d in self.diagnostics],
+            "quantization": self.quantization,
         }
 
     def format(self, *, timing: bool = False) -> str:
@@ -98,6 +101,11 @@ class CompileReport:
             lines += ["", f"verify ({self.verify_setup}): {self.verification} -> {verdict}"]
         elif self.verify_setup:
             lines += ["", f"verify: {self.verify_setup}"]
+        if self.quantization:
+            lines += ["", f"{'quantize: op':<72} {'decision':<10} {'error alone':>11}"]
+            for q in self.quantization:
+                err = "-" if q.get("error") is None else f"{q['error']:.2e}"
+                lines.append(f"  {q['name'][:70]:<70} {q['decision']:<10} {err:>11}")
         if self.diagnostics:
             lines += ["", "notes:"] + [f"  {d}" for d in self.diagnostics]
         return "\n".join(lines)
@@ -204,6 +212,7 @@ def compile_model(
         report.stats.update(r.stats)
     report.ops_after = op_counts(model)
     report.diagnostics = list(ctx.diagnostics)
+    report.quantization = list(ctx.options.get("quantize_report") or [])
 
     if verify and ref_session is not None and feeds is not None:
         if progress:

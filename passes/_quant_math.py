@@ -1,0 +1,132 @@
+"""Quantization arithmetic for the ``quantize`` pass: weight scales and zero points, the
+run-time activation quantizer's reference, SmoothQuant factors and output metrics.
+
+Everything here is numpy on plain arrays, so tests can check it against an independent reference.
+
+Conventions (those of onnxruntime's integer kernels):
+
+* weights ``W`` are ``[K, N]`` (MatMul's B); per-channel means one scale per output column ``N``;
+* symmetric weights: ``W ≈ scale * (q - zero_point)``, zero point 0 for int8 and 128 (64 with
+  reduce-range) for uint8;
+* ``reduce_range`` keeps weights in 7 bits (``[-63, 63]``): on x86 without VNNI, onnxruntime's
+  u8s8 kernel multiplies with ``vpmaddubsw``, whose int16 pair sums saturate once
+  ``255 * 127 * 2 > 32767`` (measured on an AVX2 machine: 8-bit weights deviate from the exact
+  integer product, 7-bit ones match it to float rounding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "QuantizedWeight",
+    "quantize_weight",
+    "dynamic_quantize_linear",
+    "smooth_factors",
+    "cosine_rows",
+]
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A quantized constant weight.
+
+    Attributes:
+        q: the integer weight, same shape as the float one (int8 or uint8).
+        scale: float32, ``[N]`` per channel or a scalar (0-d) per tensor.
+        zero_point: same shape as ``scale``, same dtype as ``q``.
+        axis: the axis ``scale`` runs along (for DequantizeLinear), or ``None`` per tensor.
+    """
+
+    q: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int | None
+
+    def dequantize(self) -> np.ndarray:
+        """``scale * (q - zero_point)`` as float32, broadcast along :attr:`axis`."""
+        q = self.q.astype(np.float32)
+        s, z = self.scale.astype(np.float32), self.zero_point.astype(np.float32)
+        if self.axis is not None:
+            shape = [1] * q.ndim
+            shape[self.axis] = -1
+            s, z = s.reshape(shape), z.reshape(shape)
+        return (q - z) * s
+
+
+def quantize_weight(
+    w: np.ndarray, *, per_channel: bool, signed: bool = True, reduce_range: bool = False, axis: int = 1
+) -> QuantizedWeight:
+    """Symmetric linear quantization of a constant weight.
+
+    Args:
+        w: the float weight (any rank; ``axis`` is the output-channel axis).
+        per_channel: one scale per index of ``axis`` (else one for the whole tensor).
+        signed: int8 (zero point 0) or uint8 (zero point 128, or 64 with ``reduce_range``).
+        reduce_range: 7-bit levels ``[-63, 63]`` instead of ``[-127, 127]``.
+        axis: output-channel axis (1 for MatMul's ``[K, N]`` weight).
+
+    Returns:
+        The quantized weight; an all-zero channel gets scale 1 so nothing divides by zero.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    qmax = 63 if reduce_range else 127
+    if per_channel:
+        axes = tuple(i for i in range(w.ndim) if i != axis % w.ndim)
+        absmax = np.max(np.abs(w), axis=axes)
+    else:
+        absmax = np.asarray(np.max(np.abs(w)))
+    scale = (absmax / qmax).astype(np.float32)
+    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+    if per_channel:
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        q = np.rint(w / scale.reshape(shape))
+    else:
+        q = np.rint(w / scale)
+    q = np.clip(q, -qmax, qmax)
+    if signed:
+        zp = np.zeros(scale.shape, np.int8)
+        return QuantizedWeight(q.astype(np.int8), scale, zp, axis % w.ndim if per_channel else None)
+    offset = 64 if reduce_range else 128
+    zp = np.full(scale.shape, offset, np.uint8)
+    return QuantizedWeight((q + offset).astype(np.uint8), scale, zp, axis % w.ndim if per_channel else None)
+
+
+def dynamic_quantize_linear(x: np.ndarray) -> tuple[np.ndarray, np.float32, np.uint8]:
+    """Reference of ONNX ``DynamicQuantizeLinear``: uint8, range widened to include 0."""
+    x = np.asarray(x, dtype=np.float32)
+    lo, hi = min(0.0, float(x.min())), max(0.0, float(x.max()))
+    scale = np.float32((hi - lo) / 255.0) if hi > lo else np.float32(1.0)
+    zp = np.uint8(np.clip(np.rint(-lo / scale), 0, 255))
+    q = np.clip(np.rint(x / scale) + zp, 0, 255).astype(np.uint8)
+    return q, scale, zp
+
+
+def smooth_factors(act_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float) -> np.ndarray:
+    """SmoothQuant's per-input-channel factors ``s = max|x|^a / max|w|^(1-a)``.
+
+    The activation is divided by ``s`` and the weight rows multiplied by it, moving outliers from
+    the activation (quantized per tensor at run time) into the weight (quantized per channel).
+    Factors are clipped to ``[1e-2, 1e2]`` and normalized to geometric mean 1, so the weight's
+    overall magnitude stays put.
+    """
+    a = np.maximum(np.asarray(act_absmax, np.float64), 1e-5)
+    w = np.maximum(np.asarray(w_absmax, np.float64), 1e-5)
+    s = a**alpha / w ** (1.0 - alpha)
+    s = s / np.exp(np.mean(np.log(s)))
+    return np.clip(s, 1e-2, 1e2).astype(np.float32)
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of corresponding rows of two ``[n, d]`` arrays (1 when both are zero)."""
+    a = np.asarray(a, np.float64).reshape(len(a), -1)
+    b = np.asarray(b, np.float64).reshape(len(b), -1)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    dot = np.sum(a * b, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = dot / (na * nb)
+    cos = np.where((na == 0) & (nb == 0), 1.0, cos)
+    return np.nan_to_num(cos, nan=0.0)

@@ -1,0 +1,476 @@
+"""The ``quantize`` pass: weight math, emitted contrib-op semantics, budgets, reports, CLI, real MiniLM."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import ir
+import targets
+from conftest import ROOT, feeds_for, ort_session
+from passes import PassContext, PassManager, registered_passes
+from passes._numerics import model_bytes_or_path
+from passes._quant_math import cosine_rows, dynamic_quantize_linear, quantize_weight, smooth_factors
+from passes.quantize import QuantizePass, find_candidates
+
+SENTENCES = ROOT / "benchmarks" / "data" / "sentences.txt"
+
+
+# --------------------------------------------------------------------------------------------- #
+# Helpers
+# --------------------------------------------------------------------------------------------- #
+
+
+def _ops(model: ir.Model) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for n in model.graph:
+        out[n.op_type] = out.get(n.op_type, 0) + 1
+    return out
+
+
+def _npz(tmp_path: pathlib.Path, arch: str, n: int = 3) -> str:
+    """Calibration file: ``n`` batches of ``feeds_for(arch)`` stacked into one set of arrays."""
+    parts = [feeds_for(arch, batch=4, seq=16, seed=s) for s in range(n)]
+    arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    path = tmp_path / f"{arch}-calib.npz"
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def _quantize(path: str | pathlib.Path, target: str, pipeline: str = "quantize", **options: object
+              ) -> tuple[ir.Model, PassContext, object]:
+    model = ir.load(str(path))
+    ctx = PassContext(target=targets.get(target), options=dict(options))
+    records = PassManager(pipeline, check_modified=True).run(model, ctx)
+    return model, ctx, records[0]
+
+
+def _worst_cosine(reference: str | pathlib.Path, model: ir.Model, feeds: dict[str, np.ndarray]) -> float:
+    """Worst per-sample cosine of the first output (mask-aware mean pooling for encoders)."""
+    ref_sess = ort_session(reference)
+    names = {i.name for i in ref_sess.get_inputs()}
+    feeds = {k: v for k, v in feeds.items() if k in names}
+    ref = ref_sess.run(None, feeds)[0]
+    got = ort_session(model_bytes_or_path(model)[0]).run(None, feeds)[0]
+    if "attention_mask" in feeds and ref.ndim == 3 and ref.shape[-1] < 500:
+        m = feeds["attention_mask"][..., None].astype(np.float64)
+        ref, got = (ref * m).sum(1) / m.sum(1), (got * m).sum(1) / m.sum(1)
+    return float(cosine_rows(ref.reshape(len(ref), -1), got.reshape(len(got), -1)).min())
+
+
+@pytest.fixture(scope="session")
+def fused_bert(export_cache_dir: pathlib.Path) -> pathlib.Path:
+    """Tiny BERT (eager attention) fused by onnxruntime's transformers optimizer: Attention
+    (packed QKV), SkipLayerNormalization, BiasGelu, EmbedLayerNormalization."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from conftest import export_cached
+
+    src = export_cached(export_cache_dir, "bert", attn="eager")
+    out = export_cache_dir / "bert-eager-ort-fused.onnx"
+    if not out.exists():
+        opt = optimize_model(str(src), model_type="bert", num_heads=4, hidden_size=64, opt_level=0)
+        opt.save_model_to_file(str(out))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- #
+# Weight math against an independent numpy reference
+# --------------------------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_per_channel_scales_and_zero_points_match_reference(signed: bool, reduce_range: bool) -> None:
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((48, 20)) * rng.uniform(0.01, 3.0, size=20)).astype(np.float32)
+    w[:, 7] = 0.0  # an all-zero column must not divide by zero
+    qw = quantize_weight(w, per_channel=True, signed=signed, reduce_range=reduce_range)
+
+    levels = 63 if reduce_range else 127
+    ref_scale = np.array([np.abs(w[:, j]).max() / levels or 1.0 for j in range(w.shape[1])], np.float32)
+    ref_zp = 0 if signed else (64 if reduce_range else 128)
+    ref_q = np.clip(np.round(w / ref_scale), -levels, levels) + ref_zp
+
+    assert qw.scale.shape == (20,) and qw.zero_point.shape == (20,) and qw.axis == 1
+    assert qw.q.dtype == (np.int8 if signed else np.uint8) and qw.zero_point.dtype == qw.q.dtype
+    np.testing.assert_allclose(qw.scale, ref_scale, rtol=1e-6)
+    assert (qw.zero_point.astype(int) == ref_zp).all()
+    np.testing.assert_array_equal(qw.q.astype(int), ref_q.astype(int))
+    lo, hi = ref_zp - levels, ref_zp + levels
+    assert qw.q.astype(int).min() >= lo and qw.q.astype(int).max() <= hi
+    # every column uses its full range, and dequantizes within half a step
+    assert (np.abs(qw.q.astype(int) - ref_zp).max(axis=0)[[j for j in range(20) if j != 7]] == levels).all()
+    assert (np.abs(qw.dequantize() - w) <= ref_scale / 2 + 1e-7).all()
+
+
+def test_per_tensor_scale_matches_reference() -> None:
+    w = np.array([[0.5, -2.0], [1.0, 0.25]], np.float32)
+    qw = quantize_weight(w, per_channel=False, signed=True)
+    assert qw.axis is None and qw.scale.shape == ()
+    assert qw.scale == pytest.approx(2.0 / 127)
+    np.testing.assert_array_equal(qw.q, np.round(w / (2.0 / 127)).astype(np.int8))
+
+
+def test_dynamic_quantize_linear_reference_matches_onnxruntime() -> None:
+    x = np.random.default_rng(1).standard_normal((4, 9)).astype(np.float32) * 3 + 1
+    g = helper.make_graph([helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 9])],
+                          [helper.make_tensor_value_info(n, t, None) for n, t in
+                           (("q", TensorProto.UINT8), ("s", TensorProto.FLOAT), ("z", TensorProto.UINT8))])
+    q, s, z = ort_session(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])).run(None, {"x": x})
+    rq, rs, rz = dynamic_quantize_linear(x)
+    assert s == pytest.approx(rs) and z == rz
+    np.testing.assert_array_equal(q, rq)
+
+
+def test_smooth_factors_move_outliers_into_weights() -> None:
+    act = np.array([1.0, 50.0, 2.0, 0.5], np.float32)
+    wmax = np.array([0.5, 0.5, 1.0, 0.2], np.float32)
+    s = smooth_factors(act, wmax, 0.5)
+    expected = np.sqrt(act) / np.sqrt(wmax)
+    np.testing.assert_allclose(s, expected / np.exp(np.log(expected).mean()), rtol=1e-5)
+    assert (act / s).max() / (act / s).min() < act.max() / act.min()  # activation range evened out
+
+
+# --------------------------------------------------------------------------------------------- #
+# The emitted contrib ops compute what we think they compute
+# --------------------------------------------------------------------------------------------- #
+
+
+def _matmul_model(k: int = 32, n: int = 24, bias: bool = True, consumers: int = 1, seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    nodes, inits, outs = [], [], []
+    for i in range(consumers):
+        w = rng.standard_normal((k, n)).astype(np.float32) * 0.2
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        if bias:
+            inits.append(numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), f"b{i}"))
+            nodes += [helper.make_node("MatMul", ["x", f"w{i}"], [f"m{i}"], name=f"mm{i}"),
+                      helper.make_node("Add", [f"m{i}", f"b{i}"], [f"y{i}"], name=f"add{i}")]
+        else:
+            nodes.append(helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"mm{i}"))
+        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["b", "s", n]))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", k])], outs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _write(tmp_path: pathlib.Path, proto: onnx.ModelProto, name: str = "m.onnx") -> pathlib.Path:
+    p = tmp_path / name
+    onnx.save(proto, str(p))
+    return p
+
+
+def _x(seed: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((2, 5, 32)).astype(np.float32)
+
+
+def test_integer_ops_form_matches_exact_integer_reference(tmp_path: pathlib.Path) -> None:
+    """DynamicQuantizeMatMul(A, B_q, b_scale, b_zero_point, bias) with the bias Add folded in is
+    uint8(A) x int8(B) exactly (7-bit weights do not saturate on any x86 kernel)."""
+    path = _write(tmp_path, _matmul_model())
+    model, ctx, rec = _quantize(path, "x86-avx2", min_cosine=0.5)
+    assert _ops(model) == {"DynamicQuantizeMatMul": 1}, "bias Add folded into DynamicQuantizeMatMul"
+    node = next(iter(model.graph))
+    b_q, b_scale, b_zp, bias = (node.inputs[i].const_value.numpy() for i in (1, 2, 3, 4))
+    assert b_q.dtype == np.int8 and b_scale.shape == (24,) and (b_zp == 0).all()
+    assert np.abs(b_q).max() <= 63, "x86-avx2 policy: reduce_range"
+
+    x = _x()
+    xq, xs, xz = dynamic_quantize_linear(x)
+    exact = (xq.astype(np.float64) - xz) @ b_q.astype(np.float64) * xs * b_scale + bias
+    got = ort_session(model_bytes_or_path(model)[0]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-4)
+    ref = ort_session(str(path)).run(None, {"x": x})[0]
+    assert float(cosine_rows(ref.reshape(1, -1), got.reshape(1, -1))[0]) > 0.999
+
+
+def test_shared_activation_uses_one_quantizer_and_matmul_integer_to_float(tmp_path: pathlib.Path) -> None:
+    path = _write(tmp_path, _matmul_model(consumers=3))
+    model, _, rec = _quantize(path, "x86-avx2", min_cosine=0.5)
+    assert _ops(model) == {"DynamicQuantizeLinear": 1, "MatMulIntegerToFloat": 3}
+    assert rec.stats["quantized MatMul"] == 3
+    x = _x()
+    ref = ort_session(str(path)).run(None, {"x": x})
+    got = ort_session(model_bytes_or_path(model)[0]).run(None, {"x": x})
+    xq, xs, xz = dynamic_quantize_linear(x)
+    for node, g in zip([n for n in model.graph if n.op_type == "MatMulIntegerToFloat"], got):
+        wq, ws, wz, b = (node.inputs[i].const_value.numpy() for i in (1, 3, 5, 6))
+        exact = (xq.astype(np.float64) - xz) @ (wq.astype(np.float64) - wz) * xs * ws + b
+        np.testing.assert_allclose(g, exact, rtol=1e-5, atol=1e-4)
+    for r, g in zip(ref, got):
+        assert float(cosine_rows(r.reshape(1, -1), g.reshape(1, -1))[0]) > 0.999
+
+
+def test_qdq_form_is_standard_onnx(tmp_path: pathlib.Path) -> None:
+    path = _write(tmp_path, _matmul_model(consumers=2))
+    model, _, _ = _quantize(path, "onnx", min_cosine=0.5)
+    ops = _ops(model)
+    assert ops == {"DynamicQuantizeLinear": 1, "DequantizeLinear": 3, "MatMul": 2, "Add": 2}, ops
+    assert all(n.domain in ("", "ai.onnx") for n in model.graph)
+    dq_w = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None]
+    assert len(dq_w) == 2
+    for n in dq_w:
+        assert n.attributes["axis"].value == 1 and n.inputs[0].const_value.dtype == ir.DataType.INT8
+        assert n.inputs[2] is not None and n.inputs[1].const_value.shape == (24,)
+    x = _x()
+    ref = ort_session(str(path)).run(None, {"x": x})
+    got = ort_session(model_bytes_or_path(model)[0]).run(None, {"x": x})
+    for r, g in zip(ref, got):
+        assert float(cosine_rows(r.reshape(1, -1), g.reshape(1, -1))[0]) > 0.999
+
+
+def test_gemm_is_quantized_with_its_bias(tmp_path: pathlib.Path) -> None:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((24, 32)).astype(np.float32)  # transB: [N, K]
+    c = rng.standard_normal(24).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="gemm", transB=1, alpha=0.5, beta=2.0)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 24])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(c, "c")])
+    path = _write(tmp_path, helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    x = rng.standard_normal((6, 32)).astype(np.float32)
+    ref = ort_session(str(path)).run(None, {"x": x})[0]
+    for target, op in (("x86-avx2", "DynamicQuantizeMatMul"), ("onnx", "Gemm")):
+        model, _, rec = _quantize(path, target, min_cosine=0.5)
+        assert rec.stats["quantized Gemm"] == 1 and op in _ops(model)
+        got = ort_session(model_bytes_or_path(model)[0]).run(None, {"x": x})[0]
+        assert float(cosine_rows(ref.reshape(1, -1), got.reshape(1, -1))[0]) > 0.999, target
+
+
+# --------------------------------------------------------------------------------------------- #
+# The verifier knows the quantized ops' parameters
+# --------------------------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("op,index", [
+    ("DynamicQuantizeMatMul", 2), ("DynamicQuantizeMatMul", 3),
+    ("MatMulIntegerToFloat", 2), ("MatMulIntegerToFloat", 3), ("MatMulIntegerToFloat", 4), ("MatMulIntegerToFloat", 5),
+])
+def test_verifier_rejects_quantized_op_without_scale_or_zero_point(tmp_path: pathlib.Path, op: str, index: int) -> None:
+    path = _write(tmp_path, _matmul_model(consumers=1 if op == "DynamicQuantizeMatMul" else 2))
+    model, _, _ = _quantize(path, "x86-avx2", min_cosine=0.5)
+    ir.verify(model)
+    node = next(n for n in model.graph if n.op_type == op)
+    node.replace_input(index, None)
+    with pytest.raises(ir.VerificationError, match=op):
+        ir.verify(model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", [3, 4, 6, 7])
+def test_verifier_rejects_qattention_without_scale_or_zero_point(fused_bert: pathlib.Path, tmp_path: pathlib.Path,
+                                                                 index: int) -> None:
+    model, _, _ = _quantize(fused_bert, "x86-avx2", min_cosine=0.0, calibration=_npz(tmp_path, "bert", 1))
+    node = next(n for n in model.graph if n.op_type == "QAttention")
+    ir.verify(model)
+    node.replace_input(index, None)
+    with pytest.raises(ir.VerificationError, match="QAttention"):
+        ir.verify(model)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Budgets, decisions and the report
+# --------------------------------------------------------------------------------------------- #
+
+
+def test_impossible_budget_leaves_the_model_float_and_says_so(tmp_path: pathlib.Path) -> None:
+    path = _write(tmp_path, _matmul_model(consumers=2))
+    before = ir.load(str(path))
+    model, ctx, rec = _quantize(path, "x86-avx2", min_cosine=1.0)
+    assert ir.structurally_equal(model, before)
+    assert rec.modified is False and rec.stats == {"kept float": 2}
+    notes = [str(d) for d in ctx.diagnostics]
+    assert any("cannot be met" in n and "left in float" in n for n in notes), notes
+    assert [r["decision"] for r in ctx.options["quantize_report"]] == ["kept float", "kept float"]
+
+
+def test_budget_keeps_the_sensitive_op_float(tmp_path: pathlib.Path) -> None:
+    """Two MatMuls on one input: one benign, one with an activation outlier channel that dominates its
+    output. A budget between their errors quantizes exactly the benign one."""
+    rng = np.random.default_rng(0)
+    k, n = 32, 16
+    w_ok = rng.standard_normal((k, n)).astype(np.float32) * 0.2
+    w_bad = np.zeros((k, n), np.float32)
+    w_bad[1:, :] = rng.standard_normal((k - 1, n)) * 0.2  # ignores the outlier channel 0 ...
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w_ok"], ["y_ok"], name="benign"),
+         helper.make_node("MatMul", ["x", "w_bad"], ["y_bad"], name="sensitive")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])],
+        [helper.make_tensor_value_info("y_ok", TensorProto.FLOAT, ["b", n]),
+         helper.make_tensor_value_info("y_bad", TensorProto.FLOAT, ["b", n])],
+        [numpy_helper.from_array(w_ok, "w_ok"), numpy_helper.from_array(w_bad, "w_bad")])
+    path = _write(tmp_path, helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    x = rng.standard_normal((64, k)).astype(np.float32)
+    x[:, 0] = 300.0 * np.sign(x[:, 0])  # ... whose range the per-tensor activation scale must cover
+    np.savez(tmp_path / "c.npz", x=x)
+    model, ctx, rec = _quantize(path, "x86-avx2", min_cosine=0.995, calibration=str(tmp_path / "c.npz"),
+                                )
+    report = {r["name"].split("'")[1]: r for r in ctx.options["quantize_report"]}
+    assert report["benign"]["decision"] == "quantized" and report["sensitive"]["decision"] == "kept float"
+    assert report["sensitive"]["error"] > report["benign"]["error"]
+    assert rec.stats["quantized MatMul"] == 1 and rec.stats["kept float"] == 1
+    assert {n.name for n in model.graph if n.op_type == "MatMul"} == {"sensitive"}
+
+
+def test_exclude_by_name_and_op_type(tmp_path: pathlib.Path) -> None:
+    path = _write(tmp_path, _matmul_model(consumers=3))
+    model, ctx, rec = _quantize(path, "x86-avx2", min_cosine=0.5, exclude=["mm1"])
+    assert rec.stats["quantized MatMul"] == 2 and "mm1" in {n.name for n in model.graph}
+    model, ctx, rec = _quantize(path, "x86-avx2", min_cosine=0.5, exclude=["MatMul"])
+    assert rec.modified is False and ctx.options["quantize_report"] == []
+
+
+def test_pass_options_parse_from_a_pipeline_string() -> None:
+    from passes import parse_pipeline
+
+    (p,) = parse_pipeline("quantize{min_cosine=0.99,per_channel=false,smooth=off}")
+    assert isinstance(p, QuantizePass) and p.min_cosine == 0.99 and p.per_channel is False and p.smooth == "off"
+
+
+def test_pass_modules_do_not_import_onnx() -> None:
+    for path in (ROOT / "passes").glob("*quant*.py"):
+        text = path.read_text()
+        assert "import onnx\n" not in text and "from onnx " not in text and "from onnx." not in text, path
+
+
+# --------------------------------------------------------------------------------------------- #
+# Small transformers: fused and unfused, both formats
+# --------------------------------------------------------------------------------------------- #
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,target", [("bert", "x86-avx2"), ("bert", "onnx"), ("gpt2", "x86"), ("gpt2", "onnx")])
+def test_unfused_exports_within_budget(exported, tmp_path: pathlib.Path, arch: str, target: str) -> None:
+    path = exported(arch)
+    model, ctx, rec = _quantize(path, target, min_cosine=0.995, calibration=_npz(tmp_path, arch))
+    ir.verify(model)
+    assert sum(v for k, v in rec.stats.items() if k.startswith("quantized")) > 0, ctx.diagnostics
+    held_out = feeds_for(arch, batch=4, seq=16, seed=99)
+    assert _worst_cosine(path, model, held_out) >= 0.99
+    rows = ctx.options["quantize_report"]
+    assert len(rows) == len(find_candidates(ir.load(str(path)), targets.get(target).quantization.ops))
+    assert sum(r["decision"] == "quantized" for r in rows) == sum(
+        v for k, v in rec.stats.items() if k.startswith("quantized"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["x86-avx2", "x86"])
+def test_fused_bert_uses_qattention_within_budget(fused_bert: pathlib.Path, tmp_path: pathlib.Path, target: str) -> None:
+    before = _ops(ir.load(str(fused_bert)))
+    assert before.get("Attention") == 2 and before.get("SkipLayerNormalization")
+    model, ctx, rec = _quantize(fused_bert, target, min_cosine=0.995, calibration=_npz(tmp_path, "bert"))
+    assert rec.stats["quantized Attention"] >= 1 and _ops(model).get("QAttention", 0) >= 1
+    assert _worst_cosine(fused_bert, model, feeds_for("bert", batch=4, seq=16, seed=99)) >= 0.99
+
+
+@pytest.mark.slow
+def test_target_pipeline_fused_and_quantized(exported, tmp_path: pathlib.Path) -> None:
+    """The x86 target's own pipeline (fusions, then quantize) when the fusion passes are available."""
+    from passes import compile_model, parse_pipeline
+
+    spec = f"{targets.get('x86').pipeline},{targets.get('x86').quantize_pipeline}"
+    known = set(registered_passes())
+    if not {p.strip().split("{")[0] for p in spec.split(",")} <= known:
+        pytest.skip("the target pipeline needs fusion passes that are not registered yet")
+    parse_pipeline(spec)
+    path = exported("bert", attn="eager")
+    res = compile_model(str(path), "x86", quantize="int8",
+                        options={"min_cosine": 0.995, "calibration": _npz(tmp_path, "bert")})
+    assert res.report.verified_ok, res.report.format()
+    assert any(k.startswith("quantized") for k in res.report.stats)
+
+
+# --------------------------------------------------------------------------------------------- #
+# The command line
+# --------------------------------------------------------------------------------------------- #
+
+
+@pytest.mark.slow
+def test_cli_quantize(exported, tmp_path: pathlib.Path) -> None:
+    src = exported("bert")
+    out = tmp_path / "q.onnx"
+    cmd = [sys.executable, "-m", "passes.compile", str(src), "--target", "x86", "--quantize", "int8",
+           "--min-cosine", "0.99", "--calibration", _npz(tmp_path, "bert"), "-o", str(out), "--quiet"]
+    t = targets.get("x86")
+    needed = {p.split("{")[0].strip() for p in f"{t.pipeline},{t.quantize_pipeline}".split(",")}
+    if not needed <= set(registered_passes()):  # fusion passes not landed yet: quantize the export directly
+        cmd += ["--pipeline", "quantize,dead-flow"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "quantize" in proc.stdout and "DynamicQuantizeMatMul" in proc.stdout + str(_ops(ir.load(str(out))))
+    assert "com.microsoft::DynamicQuantizeMatMul" in proc.stdout or "MatMulIntegerToFloat" in proc.stdout
+    assert "quantize: op" in proc.stdout and "error alone" in proc.stdout, "the per-op table is printed"
+    q = ir.load(str(out))
+    assert _worst_cosine(src, q, feeds_for("bert", batch=4, seq=16, seed=7)) >= 0.98
+
+
+# --------------------------------------------------------------------------------------------- #
+# Real all-MiniLM-L6-v2 on real sentences
+# --------------------------------------------------------------------------------------------- #
+
+
+def _sentences() -> list[str]:
+    return [s.strip() for s in SENTENCES.read_text().splitlines() if s.strip()]
+
+
+def test_sentences_file_is_varied() -> None:
+    lines = _sentences()
+    assert len(lines) >= 200 and len(set(lines)) == len(lines)
+    lengths = [len(s.split()) for s in lines]
+    assert min(lengths) <= 2 and max(lengths) >= 40
+    assert any("?" in s for s in lines) and any("!" in s for s in lines) and any(";" in s for s in lines)
+
+
+def _embed(sess, tok, texts: list[str], batch: int = 16) -> np.ndarray:
+    names = {i.name for i in sess.get_inputs()}
+    out = []
+    for i in range(0, len(texts), batch):
+        enc = tok.encode_batch(texts[i : i + batch])
+        feeds = {"input_ids": np.array([e.ids for e in enc], np.int64),
+                 "attention_mask": np.array([e.attention_mask for e in enc], np.int64),
+                 "token_type_ids": np.array([e.type_ids for e in enc], np.int64)}
+        h = sess.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+        m = feeds["attention_mask"][..., None].astype(np.float64)
+        out.append((h * m).sum(1) / m.sum(1))
+    return np.concatenate(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "ort-fused"])
+def test_minilm_sentence_embeddings_within_budget(exported, export_cache_dir, tmp_path: pathlib.Path, fused: bool) -> None:
+    from tokenizers import Tokenizer
+
+    from passes.export import minilm_dir
+
+    path = exported("minilm", attn="eager")
+    if fused:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        fpath = export_cache_dir / "minilm-eager-ort-fused.onnx"
+        if not fpath.exists():
+            optimize_model(str(path), model_type="bert", num_heads=12, hidden_size=384,
+                           opt_level=0).save_model_to_file(str(fpath))
+        path = fpath
+    lines = _sentences()
+    calib, held_out = lines[1::2], lines[0::2]  # calibrate and evaluate on different sentences
+    (tmp_path / "calib.txt").write_text("\n".join(calib))
+    model, ctx, rec = _quantize(path, "x86-avx2", "quantize{max_calibration=128}", tokenizer=str(minilm_dir()),
+                                texts=str(tmp_path / "calib.txt"))
+    assert sum(v for k, v in rec.stats.items() if k.startswith("quantized")) >= 6, rec.stats
+
+    tok = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    tok.enable_padding()
+    tok.enable_truncation(max_length=128)
+    ref = _embed(ort_session(str(path)), tok, held_out)
+    got = _embed(ort_session(model_bytes_or_path(model)[0]), tok, held_out)
+    cos = cosine_rows(ref, got)
+    assert cos.mean() >= 0.999 and cos.min() >= 0.997, (cos.mean(), cos.min())
