@@ -53,6 +53,8 @@ __all__ = [
     "ort_run",
     "ort_session",
     "export_cached",
+    "lower_text",
+    "run_ir",
 ]
 
 #: Architectures exported as encoders (inputs ``input_ids``, ``attention_mask`` [, ``token_type_ids``]).
@@ -166,6 +168,24 @@ def feeds_for(arch: str, batch: int = 2, seq: int = 16, *, seed: int = 0) -> dic
 # --------------------------------------------------------------------------------------------- #
 # Export cache
 # --------------------------------------------------------------------------------------------- #
+
+
+def lower_text(text: str) -> Any:
+    """Lower a model written in ONNX's text syntax (``onnx.parser``) into the IR."""
+    import textwrap
+
+    import onnx.parser
+
+    import ir
+
+    return ir.from_onnx(onnx.parser.parse_model(textwrap.dedent(text)))
+
+
+def run_ir(model: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Run an :class:`ir.Model` in onnxruntime (emitted in memory) and return its outputs."""
+    import ir
+
+    return ort_session(ir.to_onnx(model).SerializeToString()).run(None, dict(feeds))
 
 
 @contextlib.contextmanager

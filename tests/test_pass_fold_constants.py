@@ -19,15 +19,7 @@ from passes._evaluator import evaluate, evaluate_with_onnxruntime, numpy_ops
 __all__: list[str] = []
 
 
-def lower(text: str) -> ir.Model:
-    return ir.from_onnx(onnx.parser.parse_model(textwrap.dedent(text)))
-
-
-def run_ort(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(ir.to_onnx(model).SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, feeds)
+from conftest import lower_text as lower, run_ir as run_ort  # noqa: E402
 
 
 def fold(model: ir.Model, pipeline: str = "fold-constants", **static: int) -> bool:

@@ -17,7 +17,7 @@ import targets
 from conftest import ROOT, feeds_for, ort_session
 from passes import PassContext, PassManager, registered_passes
 from passes._numerics import model_bytes_or_path
-from passes._quant_math import cosine_rows, dynamic_quantize_linear, quantize_weight, smooth_factors
+from passes._quant_math import cosine_rows, dynamic_quantize_linear, outlier_channels, quantize_weight, smooth_factors
 from passes.quantize import QuantizePass, find_candidates
 
 SENTENCES = ROOT / "benchmarks" / "data" / "sentences.txt"
@@ -319,6 +319,48 @@ def test_budget_keeps_the_sensitive_op_float(tmp_path: pathlib.Path) -> None:
     assert report["sensitive"]["error"] > report["benign"]["error"]
     assert rec.stats["quantized MatMul"] == 1 and rec.stats["kept float"] == 1
     assert {n.name for n in model.graph if n.op_type == "MatMul"} == {"sensitive"}
+
+
+def test_outlier_channels_pick_the_few_large_ones() -> None:
+    a = np.ones(200, np.float32)
+    a[[3, 77]] = [40.0, 9.0]
+    a[150] = 1.5  # above the rest, but not an outlier
+    np.testing.assert_array_equal(outlier_channels(a, 2.0, 0.02), [3, 77])
+    np.testing.assert_array_equal(outlier_channels(a, 2.0, 0.005), [3])  # at most 1 of 200 channels
+    assert len(outlier_channels(a, 0.0, 0.02)) == 0 and len(outlier_channels(np.ones(50), 2.0, 0.02)) == 0
+
+
+def test_outlier_channels_are_computed_in_float(tmp_path: pathlib.Path) -> None:
+    """LLM.int8()-style decomposition: an activation (from Relu, not a graph input) with one huge
+    channel is quantized without it, and that channel's product is added back in float."""
+    rng = np.random.default_rng(0)
+    k, n = 64, 16
+    w = rng.standard_normal((k, n)).astype(np.float32) * 0.2
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("MatMul", ["r", "w"], ["y"], name="mm")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", n])], [numpy_helper.from_array(w, "w")])
+    path = _write(tmp_path, helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    x = np.abs(rng.standard_normal((64, k))).astype(np.float32)
+    x[:, 5] *= 200.0
+    np.savez(tmp_path / "c.npz", x=x)
+    cos = {}
+    for mode in ("off", "on"):
+        model, ctx, rec = _quantize(path, "x86-avx2", f"quantize{{outliers={mode}}}", min_cosine=0.5,
+                                    calibration=str(tmp_path / "c.npz"))
+        assert rec.stats["quantized MatMul"] == 1
+        ops = _ops(model)
+        if mode == "on":
+            assert rec.stats["outlier channels"] == 1
+            assert ops == {"Relu": 1, "Gather": 1, "Mul": 1, "DynamicQuantizeMatMul": 1, "MatMul": 1, "Add": 1}, ops
+            gather = next(nd for nd in model.graph if nd.op_type == "Gather")
+            assert gather.inputs[1].const_value.numpy().tolist() == [5]
+        else:
+            assert "Gather" not in ops
+        ref = ort_session(str(path)).run(None, {"x": x})[0]
+        got = ort_session(model_bytes_or_path(model)[0]).run(None, {"x": x})[0]
+        cos[mode] = float(cosine_rows(ref, got).min())
+    assert cos["on"] > 0.9999 and 1 - cos["on"] < (1 - cos["off"]) / 10, cos
 
 
 def test_exclude_by_name_and_op_type(tmp_path: pathlib.Path) -> None:
