@@ -42,11 +42,15 @@ class MaskVerdict:
         kind: one of :data:`KINDS`.
         mask_input: the graph input holding the 2-D ``[batch, keys]`` 0/1 mask (padding kinds).
         post_scale: the constant the raw scores are multiplied by before the Softmax.
+        blocks_with_inf: every blocked logit seen was ``-inf`` (not a finite ``finfo.min`` or
+            ``-10000``). Only rows with no allowed key tell the two apart: ``-inf`` gives NaN
+            (or 0 behind a NaN guard), a finite value gives a mean.
     """
 
     kind: str
     mask_input: ir.Value | None
     post_scale: float
+    blocks_with_inf: bool = False
 
     @property
     def causal(self) -> bool:
@@ -141,10 +145,13 @@ def classify_mask(runs: list[MaskRun], candidates: list[ir.Value]) -> MaskVerdic
     """
     readings = []
     scale = None
+    blocked_inf = True
     for run in runs:
         allowed, c, why = allowed_keys(run.logits, run.scores)
         if allowed is None:
             return f"the mask is not a padding or causal mask: {why}"
+        blocked = np.broadcast_to(run.logits, run.scores.shape)[~allowed]
+        blocked_inf = blocked_inf and bool(np.all(np.isneginf(blocked)))
         if scale is not None and abs(c - scale) > 1e-4 * max(abs(scale), 1e-12):
             return f"the score scale differs between probe inputs ({scale:.6g} vs {c:.6g})"
         scale = c
@@ -170,6 +177,6 @@ def classify_mask(runs: list[MaskRun], candidates: list[ir.Value]) -> MaskVerdic
                     first_miss = f"as a {kind} mask of %{m.name if m is not None else '?'}: {why}"
                 break
         if ok:
-            return MaskVerdict(kind, m, scale)
+            return MaskVerdict(kind, m, scale, blocked_inf and kind != "none")
     detail = f" ({first_miss})" if first_miss else ""
     return f"the mask is not a padding or causal mask of a 2-D mask input{detail}"

@@ -44,8 +44,14 @@ by its contract it cannot express left padding or holes, and right-padded rows a
 Nor MultiHeadAttention's 4-D BNSH key form: its causal mask then ignores the past. Its present
 outputs are always requested: 1.32 CPU ignores ``past_key`` without them. Query rows that see no
 key at all (left padding under a causal mask) are not reproduced: the original yields 0 (sdpa's
-NaN guard) or a mean, the op a mean. On other targets nothing changes (the decomposed form is left
-for the runtime's own fusions).
+NaN guard) or a mean, the op a mean.
+
+On targets without contrib attention (the ``onnx`` target), a matched layer without a past,
+rotary or grouped heads is rewritten in the fewest standard ops instead
+(:mod:`passes._attention_standard`): one packed QKV MatMul with the scale folded into the Q
+columns, one Split, Reshape/Transpose per operand, ``Softmax(Q·Kᵀ + bias)·V``, Transpose and
+Reshape, with the additive ``bias`` built once per model from the 2-D mask. Other layers there
+are left as they are, with a note.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ import ir
 
 from ._attention_mask import MaskRun, MaskVerdict, classify_mask, padding_patterns
 from ._attention_probe import Probe, ProbeError, input_feeds
+from ._attention_standard import StandardMasks, rewrite_standard, standard_form_unsupported
 from ._base import Pass, PassContext, PassResult
 from ._match import const_array, producer, scalar
 from ._pattern import NoMatch, Rule, apply_rules
@@ -722,8 +729,11 @@ class AttentionFusion(Rule):
     roots: ClassVar[tuple[str, ...]] = ("Softmax",)
     stat: ClassVar[str] = "fused attention layers"
 
-    def __init__(self, analysis: _Analysis) -> None:
+    def __init__(self, analysis: _Analysis, *, standard: bool = False) -> None:
         self.analysis = analysis
+        #: The target has no contrib attention: write matched layers in standard ops instead.
+        self.standard = standard
+        self.masks = StandardMasks(analysis.model.graph, analysis.model.opset("") or 17)
 
     def check(self, node: ir.Node, ctx: PassContext) -> AttentionMatch | NoMatch:
         if node.graph is not self.analysis.model.graph:
@@ -737,10 +747,28 @@ class AttentionFusion(Rule):
                 return NoMatch("the layer changed after analysis")
             op = _fused_op(res)
             if ctx.target is not None and not ctx.target.supports(op, _MS):
+                if self.standard:
+                    why = standard_form_unsupported(res, self.masks.opset)
+                    if why is None:
+                        return res
+                    if why.startswith("already"):
+                        return NoMatch(why)
+                    return NoMatch(f"target has no com.microsoft {op} and {why}; attention left as it is",
+                                   near=True)
                 return NoMatch(f"this layer needs com.microsoft {op}, which the target does not provide", near=True)
         return res
 
     def rewrite(self, m: AttentionMatch, rw: Rewriter, ctx: PassContext) -> None:
+        if self.standard and ctx.target is not None and not ctx.target.supports(_fused_op(m), _MS):
+            self.analysis.results[id(m.cand.softmax)] = NoMatch("already rewritten")
+            graph = self.analysis.model.graph
+            size = len(graph)
+            out = rewrite_standard(m, rw, graph, self.masks)
+            rw.replace_all_uses_with(m.output, out)
+            self._finish(m, rw, [m.output], contrib=False)
+            rw.count("attention layers in standard ops")
+            rw.count("attention nodes removed (net)", size - len(graph))
+            return
         if _fused_op(m) == "MultiHeadAttention":
             self._rewrite_mha(m, rw)
             rw.count("fused MultiHeadAttention")
@@ -789,11 +817,11 @@ class AttentionFusion(Rule):
             self.analysis.mask_casts[id(mask_in)] = cast
         return cast
 
-    def _finish(self, m: AttentionMatch, rw: Rewriter, old: list[ir.Value]) -> None:
+    def _finish(self, m: AttentionMatch, rw: Rewriter, old: list[ir.Value], *, contrib: bool = True) -> None:
         c = m.cand
         model = self.analysis.model
         graph = model.graph
-        if _MS not in model.opset_imports:
+        if contrib and _MS not in model.opset_imports:
             model.opset_imports[_MS] = 1
         # Clean up what only the old layer read (dead-flow would too; this keeps one pass useful alone).
         cone: dict[int, ir.Node] = {}
@@ -946,12 +974,8 @@ class FuseAttentionPass(Pass):
         if not any(n.op_type == "Softmax" for n in model.graph.all_nodes()):
             return rw.result()
         target = ctx.target
-        if target is not None and not (target.supports("Attention", _MS) or target.supports("MultiHeadAttention", _MS)):
-            if ctx.explain:
-                for n in model.graph.all_nodes():
-                    if n.op_type == "Softmax":
-                        ctx.note(self.name, n, "target has no com.microsoft Attention; attention left decomposed")
-            return rw.result()
+        standard = target is not None and not (
+            target.supports("Attention", _MS) or target.supports("MultiHeadAttention", _MS))
         analysis = _Analysis(model, ctx)
-        apply_rules(model, [AttentionFusion(analysis)], ctx, rw, pass_name=self.name)
+        apply_rules(model, [AttentionFusion(analysis, standard=standard)], ctx, rw, pass_name=self.name)
         return rw.result()

@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import helper
 
 import ir
 import targets
@@ -211,3 +211,28 @@ def test_compile_cli_onnx_target(exported, tmp_path):
         ref, got = ort_run(str(path), feeds), ort_run(proto, feeds)
         for name in ref:
             assert float(np.max(np.abs(ref[name] - got[name]))) <= 1e-4, name
+
+
+def test_golden_causal_layer_without_mask_input():
+    proto = _decoder_graph()
+    nodes = [n for n in proto.graph.node if n.op_type != "And" and n.output[0] not in ("maskb", "pad")]
+    for n in nodes:
+        if n.op_type == "Where":
+            n.input[0] = "causal"  # causal only: the 2-D mask input goes away
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    inputs = [i for i in proto.graph.input if i.name != "mask"]
+    del proto.graph.input[:]
+    proto.graph.input.extend(inputs)
+    model = ir.from_onnx(proto)
+    modified, ctx = _run(model, "fuse-attention,dead-flow")
+    assert modified and ctx.diagnostics == []
+    # T from the layer input's shape (no mask input to read it from), built where the layer needs it.
+    assert _ops(model) == LAYER_OPS[:10] + ["Shape", "Concat", "ConstantOfShape", "Trilu", "Where"] + LAYER_OPS[10:]
+    fused = ir.to_onnx(model)
+    for batch in (1, 2):
+        feeds = {"x": _feeds(batch)["x"]}
+        err = float(np.max(np.abs(ort_run(proto, feeds)["y"] - ort_run(fused, feeds)["y"])))
+        assert err <= 1e-5, (batch, err)
+    modified, _ = _run(model)
+    assert not modified
