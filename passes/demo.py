@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--no-int8", action="store_true", help="skip the int8 comparison")
+    p.add_argument("--int8-target", default="native",
+                   help="target for the int8 run (default: this host's, since int8 kernels differ by CPU)")
     args = p.parse_args(argv)
 
     from .bench import plot, run_bench
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     for seq, quant in runs:
         label = f"seq {seq}" + (", int8" if quant else ", fp32")
         _say(f"benchmarking {label}")
-        res = run_bench(str(raw), target=args.target, quantize=quant, seq=seq, threads=args.threads,
+        res = run_bench(str(raw), target=args.int8_target if quant else args.target, quantize=quant, seq=seq, threads=args.threads,
                         rounds=args.rounds, compile_options=quant_opts if quant else None, progress=_say)
         table = res.table()
         print(f"\n== all-MiniLM-L6-v2, batch 1, {label} ==\n{table}\n")
