@@ -1,15 +1,17 @@
 """Benchmark: int8 all-MiniLM-L6-v2, ours against onnxruntime's optimizer + quantize_dynamic.
 
-    /work/venv/bin/python benchmarks/bench_quantize.py [--reps 7] [--runs 20] [--min-cosine 0.999]
+    /work/venv/bin/python benchmarks/bench_quantize.py [--reps 7] [--runs 20] [--min-cosine 0.999 0.998]
+        [--targets x86-avx2] [--fused-input]
 
 Models (all from the same TorchScript export of the shipped all-MiniLM-L6-v2 weights):
 
 * ``fp32``: the export as is;
 * ``ort-opt+qdyn``: ``onnxruntime.transformers.optimizer.optimize_model(model_type="bert",
   opt_level=99)`` then ``onnxruntime.quantization.quantize_dynamic(per_channel=True)``;
-* ``ours <target>``: ``compile_model(target, quantize="int8")`` calibrated on half of
-  ``benchmarks/data/sentences.txt`` (the target pipeline; passes not registered yet are left out);
-* ``ours <target> (ort-fused input)``: the same quantize pass on the graph fused by onnxruntime's
+* ``ours <target> @<min_cosine>``: ``compile_model(target, quantize="int8")`` calibrated on half of
+  ``benchmarks/data/sentences.txt`` (the target pipeline; passes not registered yet are left out),
+  one model per ``--min-cosine`` budget;
+* ``ours <target> (ort-fused input)`` (``--fused-input``): the same quantize pass on the graph fused by onnxruntime's
   python optimizer at ``opt_level=0`` (Attention/SkipLayerNormalization/BiasGelu, no runtime-specific
   rewrites), showing what the pass does on a fused graph.
 
@@ -97,7 +99,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=7, help="interleaved repetitions")
     ap.add_argument("--runs", type=int, default=20, help="runs per model per repetition")
-    ap.add_argument("--min-cosine", type=float, default=0.999)
+    ap.add_argument("--min-cosine", type=float, nargs="+", default=[0.999])
+    ap.add_argument("--targets", nargs="+", default=["x86-avx2"])
+    ap.add_argument("--fused-input", action="store_true", help="also quantize onnxruntime's fused graph")
     ap.add_argument("--work", default=None, help="folder for the models (default: a temp folder)")
     args = ap.parse_args()
 
@@ -125,25 +129,28 @@ def main() -> int:
     models["ort-opt+qdyn(per-channel)"] = str(ort_q)
 
     fused = work / "ort-fused-opt0.onnx"
-    optimize_model(str(src), model_type="bert", num_heads=12, hidden_size=384, opt_level=0).save_model_to_file(str(fused))
+    if args.fused_input:
+        optimize_model(str(src), model_type="bert", num_heads=12, hidden_size=384, opt_level=0).save_model_to_file(str(fused))
 
-    options = {"tokenizer": str(minilm_dir()), "texts": str(work / "calib.txt"), "min_cosine": args.min_cosine}
     compile_times: dict[str, float] = {}
-    for target in ("x86", "x86-avx2"):
-        for label, source, pipe in ((f"ours {target}", src, pipeline_for(target)),
-                                    (f"ours {target} (ort-fused input)", fused, "quantize,dead-flow")):
-            t0 = time.perf_counter()
-            res = compile_model(str(source), target, pipe, quantize="int8", options=dict(options),
-                                progress=lambda m: print(f"  [{label}] {m}", file=sys.stderr, flush=True))
-            compile_times[label] = time.perf_counter() - t0
-            out = work / f"{label.replace(' ', '_').replace('(', '').replace(')', '')}.onnx"
-            ir.save(res.model, out)
-            models[label] = str(out)
-            for d in res.report.diagnostics:
-                if d.pass_name == "quantize":
-                    print(f"  [{label}] {d}")
-            print(f"  [{label}] pipeline {pipe}; compiled in {compile_times[label]:.1f} s; "
-                  f"stats {dict(res.report.stats)}", flush=True)
+    runs = [(f"ours {t} @{mc}", src, pipeline_for(t), t, mc) for t in args.targets for mc in args.min_cosine]
+    if args.fused_input:
+        runs += [(f"ours {t} (ort-fused) @{mc}", fused, "quantize,dead-flow", t, mc)
+                 for t in args.targets for mc in args.min_cosine]
+    for label, source, pipe, target, mc in runs:
+        options = {"tokenizer": str(minilm_dir()), "texts": str(work / "calib.txt"), "min_cosine": mc}
+        t0 = time.perf_counter()
+        res = compile_model(str(source), target, pipe, quantize="int8", options=dict(options),
+                            progress=lambda m: print(f"  [{label}] {m}", file=sys.stderr, flush=True))
+        compile_times[label] = time.perf_counter() - t0
+        out = work / f"{label.replace(' ', '_').replace('(', '').replace(')', '').replace('@', '')}.onnx"
+        ir.save(res.model, out)
+        models[label] = str(out)
+        for d in res.report.diagnostics:
+            if d.pass_name == "quantize":
+                print(f"  [{label}] {d}")
+        print(f"  [{label}] pipeline {pipe}; compiled in {compile_times[label]:.1f} s; "
+              f"stats {dict(res.report.stats)}", flush=True)
 
     ref = embeddings(str(src), held_out)
     acc = {name: cosines(ref, embeddings(path, held_out)) for name, path in models.items()}

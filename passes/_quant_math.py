@@ -25,6 +25,7 @@ __all__ = [
     "quantize_weight",
     "dynamic_quantize_linear",
     "smooth_factors",
+    "outlier_channels",
     "cosine_rows",
 ]
 
@@ -118,6 +119,25 @@ def smooth_factors(act_absmax: np.ndarray, w_absmax: np.ndarray, alpha: float) -
     s = a**alpha / w ** (1.0 - alpha)
     s = s / np.exp(np.mean(np.log(s)))
     return np.clip(s, 1e-2, 1e2).astype(np.float32)
+
+
+def outlier_channels(act_absmax: np.ndarray, threshold: float, max_fraction: float) -> np.ndarray:
+    """Input channels to compute in float (LLM.int8()-style decomposition), sorted ascending.
+
+    Activations are quantized per tensor at run time, so one channel far above the others sets
+    the scale for all of them. A channel is an outlier when its calibration ``max|x|`` exceeds
+    ``threshold`` times the reference level, the ``max|x|`` of the channel ranked just past the
+    allowed budget (``max_fraction`` of the channels, at least one). At most that many channels
+    are returned; none when ``threshold <= 0``.
+    """
+    a = np.asarray(act_absmax, np.float64).reshape(-1)
+    k_max = max(1, int(round(len(a) * max_fraction)))
+    if threshold <= 0 or len(a) <= k_max:
+        return np.zeros(0, np.int64)
+    order = np.argsort(-a, kind="stable")
+    reference = a[order[k_max]]
+    picked = [int(i) for i in order[:k_max] if a[i] > threshold * reference]
+    return np.array(sorted(picked), np.int64)
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -10,9 +10,13 @@ What it does, in order:
 3. **Remedies** for activation outliers are tried on the fully quantized model and the best one is
    kept: plain per-channel weights, and SmoothQuant equalization of the activations read from a
    LayerNormalization-like op (``s = max|x|^a / max|w|^(1-a)``; folded into gamma/beta when the
-   quantized ops are the only readers, else a ``Mul`` by ``1/s`` in front of them).
+   quantized ops are the only readers, else a ``Mul`` by ``1/s`` in front of them), and, for
+   MatMul/Gemm activations not smoothed (e.g. GELU outputs), LLM.int8()-style outlier channels: the
+   few channels with a calibration ``max|x|`` far above the rest are zeroed in the quantized path
+   (``Mul`` by a 0/1 mask) and computed in float (``Gather`` + small ``MatMul``, then ``Add``).
 4. **Sensitivity**: each candidate is quantized alone and the model scored against the float one
-   (:mod:`passes._quant_sensitivity`). Candidates are then quantized from least to most sensitive
+   (:mod:`passes._quant_sensitivity`). Candidates are then quantized in order of accuracy lost per
+   multiply-add moved to int8 (``K*N``, a proxy for the time saved)
    while the combined model (re-measured, not summed) keeps the worst sample's cosine at or above
    ``min_cosine``; the others stay float. If not even one op fits, the model stays float and a note
    says so.
@@ -44,7 +48,7 @@ import ir
 from ._base import Pass, PassContext, PassError, PassResult
 from ._numerics import model_bytes_or_path, session
 from ._quant_calibration import calibration_batches
-from ._quant_math import quantize_weight, smooth_factors
+from ._quant_math import outlier_channels, quantize_weight, smooth_factors
 from ._quant_sensitivity import Evaluator, Score
 from ._registry import register_pass
 from ._rewriter import Rewriter
@@ -199,6 +203,9 @@ class Plan:
         signed: int8 (else uint8) weights.
         format: ``integer-ops`` or ``qdq``.
         smooth: SmoothQuant factors by activation name (applied to the chosen readers only).
+        outliers: input channels computed in float, by activation name (LLM.int8()-style: the
+            quantized path reads the activation with those channels zeroed, and a small float
+            ``MatMul`` of the gathered channels with the matching weight rows is added back).
     """
 
     chosen: frozenset[int]
@@ -207,6 +214,23 @@ class Plan:
     signed: bool
     format: str
     smooth: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    outliers: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+
+def _outlier_inputs(graph: ir.Graph, rw: Rewriter, x: ir.Value, idx: np.ndarray, k: int, first: ir.Node, base: str
+                    ) -> tuple[ir.Value, ir.Value]:
+    """``(x * mask, Gather(x, idx, axis=-1))``: the activation without its outlier channels, and those channels.
+
+    ``k`` is the channel count (the weight's ``K``).
+    """
+    mask = np.ones(k, np.float32)
+    mask[idx] = 0.0
+    gather = rw.make("Gather", [x, rw.constant(graph, idx.astype(np.int64), name=f"{base}_outlier_idx")],
+                     {"axis": -1}, before=first, name=f"{base}_outliers", output_names=[f"{base}_outliers"],
+                     types=[ir.TensorType(ir.DataType.FLOAT, None)])
+    masked = rw.make("Mul", [x, rw.constant(graph, mask, name=f"{base}_inlier_mask")], before=first,
+                     name=f"{base}_inliers", output_names=[f"{base}_inliers"], types=[x.type])
+    return masked.outputs[0], gather.outputs[0]
 
 
 def _smooth(graph: ir.Graph, rw: Rewriter, x: ir.Value, readers: list[ir.Node], s: np.ndarray) -> ir.Value:
@@ -274,6 +298,12 @@ def apply_plan(model: ir.Model, candidates: list[Candidate], plan: Plan) -> Rewr
             x = _smooth(graph, rw, x, [n for _, n in members], s)
             weights = {k: (w * s[:, None], b) for k, (w, b) in weights.items()}  # type: ignore[misc]
         first = min((n for _, n in members), key=lambda n: _position(graph, n))
+        idx = plan.outliers.get(act)
+        outlier: tuple[ir.Value, np.ndarray] | None = None
+        if idx is not None and len(idx) and not any(c.op == "Attention" for c, _ in members):
+            x, gathered = _outlier_inputs(graph, rw, x, idx, members[0][0].weight_shape[0], first, act)
+            outlier = (gathered, idx)
+            rw.count("outlier channels", len(idx))
         shared: tuple[ir.Value, ...] | None = None
         if plan.format == "qdq":
             dql = rw.make("DynamicQuantizeLinear", [x], before=first, name=f"{act}_quant", num_outputs=3,
@@ -287,13 +317,14 @@ def apply_plan(model: ir.Model, candidates: list[Candidate], plan: Plan) -> Rewr
             shared = tuple(dql.outputs)  # type: ignore[arg-type]
         for c, node in members:
             w, b = weights[id(node)]  # type: ignore[misc]
-            _rewrite_one(graph, rw, c, node, x, w, b, shared, plan)
+            _rewrite_one(graph, rw, c, node, x, w, b, shared, plan, outlier)
     return rw
 
 
 def _rewrite_one(
     graph: ir.Graph, rw: Rewriter, c: Candidate, node: ir.Node, x: ir.Value, w: np.ndarray,
     bias: np.ndarray | None, shared: tuple[ir.Value, ...] | None, plan: Plan,
+    outlier: tuple[ir.Value, np.ndarray] | None = None,
 ) -> None:
     old_weight = node.inputs[1]
     old_bias = [v for v in node.inputs[2:3] if v is not None]
@@ -314,6 +345,18 @@ def _rewrite_one(
                      output_names=[f"{base}_w_dq"], types=[ir.TensorType(ir.DataType.FLOAT, qw.q.shape)])
         rw.replace_input(node, 0, shared[0])
         rw.replace_input(node, 1, dq.outputs[0])
+        if outlier is not None:
+            y = node.outputs[0]
+            assert y is not None
+            part = _outlier_matmul(graph, rw, outlier, w, base, after=node)
+            add = rw.make("Add", [y, part], after=part.producer(), name=f"{base}_add_outliers",
+                          output_names=[f"{base}_with_outliers"], types=[y.type])
+            for user, i in list(y.uses()):
+                if user is not add:
+                    rw.replace_input(user, i, add.outputs[0])
+            if y.is_graph_output():
+                y.replace_all_uses_with(add.outputs[0])
+                add.replace_input(0, y)
         rw.count(f"quantized {c.op}")
         _drop_unused(graph, rw, old_weight)
         return
@@ -352,11 +395,26 @@ def _rewrite_one(
         xq, xs, xz = shared
         new = rw.make("MatMulIntegerToFloat", [xq, wq, xs, ws, xz, wz, b], before=node, domain=_MS,
                       name=f"{base}_quant", output_names=[f"{base}_out"], types=[replaced.type])
-    rw.replace_all_uses_with(replaced, new.outputs[0])
+    result = new.outputs[0]
+    if outlier is not None:
+        part = _outlier_matmul(graph, rw, outlier, w, base, before=node)
+        result = rw.make("Add", [result, part], before=node, name=f"{base}_add_outliers",
+                         output_names=[f"{base}_with_outliers"], types=[replaced.type]).outputs[0]
+    rw.replace_all_uses_with(replaced, result)
     rw.erase(erase)
     rw.count(f"quantized {c.op}")
     for v in [old_weight, *old_bias]:
         _drop_unused(graph, rw, v)
+
+
+def _outlier_matmul(graph: ir.Graph, rw: Rewriter, outlier: tuple[ir.Value, np.ndarray], w: np.ndarray, base: str,
+                    *, before: ir.Node | None = None, after: ir.Node | None = None) -> ir.Value:
+    """The float product of the gathered outlier channels with their weight rows."""
+    gathered, idx = outlier
+    rows = rw.constant(graph, np.ascontiguousarray(w[idx, :], np.float32), name=f"{base}_outlier_w")
+    mm = rw.make("MatMul", [gathered, rows], before=before, after=after, name=f"{base}_outlier_matmul",
+                 output_names=[f"{base}_outlier_part"], types=[ir.TensorType(ir.DataType.FLOAT, None)])
+    return mm.outputs[0]
 
 
 def _drop_unused(graph: ir.Graph, rw: Rewriter, value: ir.Value | None) -> None:
@@ -403,6 +461,11 @@ def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan)
             x = smoothed[c.activation]
             w = w * s[:, None]
         base = f"switch{c.index}"
+        idx = plan.outliers.get(c.activation)
+        outlier: tuple[ir.Value, np.ndarray] | None = None
+        if idx is not None and len(idx) and c.op != "Attention":
+            x, gathered = _outlier_inputs(graph, rw, x, idx, c.weight_shape[0], node, base)
+            outlier = (gathered, idx)
         after = node
         if plan.format == "qdq":
             qw = quantize_weight(w, per_channel=plan.per_channel, signed=plan.signed, reduce_range=plan.reduce_range)
@@ -430,6 +493,9 @@ def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan)
                 last = rw.make("QAttention", [xq, wq, b, xs, ws, mask, xz, wz], dict(attrs), after=dql, domain=_MS)
             else:
                 last = rw.make("DynamicQuantizeMatMul", [x, wq, ws, wz, b], after=after, domain=_MS)
+        if outlier is not None:
+            part = _outlier_matmul(graph, rw, outlier, w, base, after=last)
+            last = rw.make("Add", [last.outputs[0], part], after=part.producer())
         yq_out = last.outputs[0]
         flag = ir.Value(graph.unique_name(f"quant_flag_{c.index}"), scalar)
         graph.add_input(flag)
@@ -466,6 +532,12 @@ class QuantizePass(Pass):
         max_calibration: calibration samples to use at most.
         smooth: SmoothQuant: ``auto`` (try it, keep it when it measures better), ``on``, ``off``.
         smooth_alphas: migration strengths ``a`` tried.
+        outliers: LLM.int8()-style outlier channels kept float for MatMul/Gemm activations not
+            smoothed: ``auto`` (try it, keep it when it measures better), ``on``, ``off``.
+        outlier_threshold: a channel is an outlier when its calibration ``max|x|`` exceeds this
+            many times the level of the channels past the budget (see
+            :func:`passes._quant_math.outlier_channels`).
+        outlier_fraction: the largest fraction of an activation's channels kept float.
         sensitivity: measure each op and keep the sensitive ones float (``False``: quantize every
             candidate without measuring anything).
         threads: onnxruntime threads while measuring.
@@ -478,9 +550,12 @@ class QuantizePass(Pass):
     # Optional[...] rather than ``bool | None``: the pipeline parser reads typing.Union options.
     per_channel: Optional[bool] = None  # noqa: UP007
     reduce_range: Optional[bool] = None  # noqa: UP007
-    max_calibration: int = 32
+    max_calibration: int = 128
     smooth: str = "auto"
     smooth_alphas: tuple[float, ...] = (0.5, 0.7)
+    outliers: str = "auto"
+    outlier_threshold: float = 2.0
+    outlier_fraction: float = 0.02
     sensitivity: bool = True
     threads: int = 2
 
@@ -495,6 +570,8 @@ class QuantizePass(Pass):
             raise PassError(f"quantize: unknown quantization format {policy.format!r}")
         if self.smooth not in ("auto", "on", "off"):
             raise PassError(f"quantize: smooth must be auto, on or off, not {self.smooth!r}")
+        if self.outliers not in ("auto", "on", "off"):
+            raise PassError(f"quantize: outliers must be auto, on or off, not {self.outliers!r}")
         ops = tuple(o for o in policy.ops if policy.format == "integer-ops" or o != "Attention")
         exclude = set(ctx.options.get("exclude") or ())
         min_cos = float(ctx.options.get("min_cosine", self.min_cosine))
@@ -550,24 +627,7 @@ class QuantizePass(Pass):
         del source
 
         # 1. remedies for activation outliers, each measured on the fully quantized model
-        variants: list[tuple[str, Plan]] = []
-        if self.smooth != "on":
-            variants.append(("per-channel" if base.per_channel else "per-tensor", base))
-        if self.smooth != "off":
-            groups = _smooth_groups(model, candidates)
-            if groups:
-                absmax = _activation_absmax(model, ev, list(groups))
-                nodes = list(model.graph)
-                for alpha in self.smooth_alphas:
-                    factors = {}
-                    for act, members in groups.items():
-                        w_absmax = np.max([np.abs(_weight_of(nodes[c.index])[0]).max(axis=1)  # type: ignore[index]
-                                           for c in members], axis=0)
-                        factors[act] = smooth_factors(absmax[act], w_absmax, alpha)
-                    name = f"{'per-channel' if base.per_channel else 'per-tensor'} + SmoothQuant a={alpha}"
-                    variants.append((name, dataclasses.replace(base, smooth=factors)))
-        if not variants:
-            variants.append(("per-channel" if base.per_channel else "per-tensor", base))
+        variants = self._variants(model, ev, candidates, base)
         all_on = {c.index: 1.0 for c in candidates}
         best: tuple[str, Plan, Any, dict[int, str], Score] | None = None
         for vname, vplan in variants:
@@ -594,7 +654,10 @@ class QuantizePass(Pass):
                 scores[c.index] = score({c.index})
                 if i % 12 == 11:
                     ctx.report_progress(f"quantize: measured {i + 1}/{len(candidates)} ops alone")
-            order = sorted(candidates, key=lambda c: -scores[c.index].worst)
+            # Time-aware: the least accuracy lost per multiply-add moved to int8 goes first (the
+            # int8 speed-up of an op is about proportional to its weight's K*N per token).
+            order = sorted(candidates, key=lambda c: (max(1.0 - scores[c.index].worst, 1e-9) / _macs(c),
+                                                      -scores[c.index].worst))
             fits = [c for c in order if scores[c.index].worst >= min_cos]
             # 3. the longest prefix of the least sensitive ops that fits (bisection), then greedy additions
             lo, hi = 0, len(fits)
@@ -629,6 +692,60 @@ class QuantizePass(Pass):
                  f"{len(candidates) - len(chosen)} kept float; {final} (budget {min_cos}) on {calib.source}; "
                  f"{ev.stats.evaluations} measurements in {seconds:.1f} s")
         return dataclasses.replace(plan, chosen=frozenset(chosen)), scores
+
+
+    def _variants(self, model: ir.Model, ev: Evaluator, candidates: list[Candidate], base: Plan
+                  ) -> list[tuple[str, Plan]]:
+        """The remedies to try: SmoothQuant on normalized activations, outlier channels on the others."""
+        kind = "per-channel" if base.per_channel else "per-tensor"
+        smooth_groups = _smooth_groups(model, candidates) if self.smooth != "off" else {}
+        outlier_acts = sorted({c.activation for c in candidates if c.op != "Attention"}) \
+            if self.outliers != "off" and self.outlier_threshold > 0 else []
+        # an activation read by an Attention keeps its quantizer whole (QAttention reads it directly)
+        shared_with_attention = {c.activation for c in candidates if c.op == "Attention"}
+        # (graph inputs are left out: the probe model reads intermediate values only)
+        produced = {o.name for n in model.graph for o in n.outputs if o is not None}
+        outlier_acts = [a for a in outlier_acts if a not in shared_with_attention and a in produced]
+        absmax = _activation_absmax(model, ev, sorted(set(smooth_groups) | set(outlier_acts)))
+        nodes = list(model.graph)
+
+        def outliers(skip: set[str]) -> dict[str, np.ndarray]:
+            out = {}
+            for act in outlier_acts:
+                if act in skip:
+                    continue
+                idx = outlier_channels(absmax[act], self.outlier_threshold, self.outlier_fraction)
+                if len(idx):
+                    out[act] = idx
+            return out
+
+        plain = outliers(set())
+        variants: list[tuple[str, Plan]] = []
+        if self.smooth != "on":
+            if self.outliers != "on" or not plain:
+                variants.append((kind, base))
+            if plain:
+                n = sum(len(v) for v in plain.values())
+                variants.append((f"{kind} + {n} outlier channels", dataclasses.replace(base, outliers=plain)))
+        for alpha in self.smooth_alphas if smooth_groups else ():
+            factors = {}
+            for act, members in smooth_groups.items():
+                w_absmax = np.max([np.abs(_weight_of(nodes[c.index])[0]).max(axis=1)  # type: ignore[index]
+                                   for c in members], axis=0)
+                factors[act] = smooth_factors(absmax[act], w_absmax, alpha)
+            rest = outliers(set(factors))
+            name = f"{kind} + SmoothQuant a={alpha}"
+            if self.outliers != "on" or not rest:
+                variants.append((name, dataclasses.replace(base, smooth=factors)))
+            if rest:
+                n = sum(len(v) for v in rest.values())
+                variants.append((f"{name} + {n} outlier channels", dataclasses.replace(base, smooth=factors, outliers=rest)))
+        return variants or [(kind, base)]
+
+
+def _macs(c: Candidate) -> float:
+    """Multiply-adds per token of a candidate's weight product."""
+    return float(c.weight_shape[0] * c.weight_shape[1])
 
 
 def _flag_feeds(flags: dict[int, str], on: dict[int, float]) -> dict[str, np.ndarray]:
