@@ -139,15 +139,23 @@ def model_bytes_or_path(model: ir.Model, folder: str | None = None) -> tuple[byt
     return path, folder
 
 
-def session(source: bytes | str, threads: int = 1) -> Any:
-    """An onnxruntime CPU session on ``source`` (bytes or a path)."""
+def session(source: bytes | str | os.PathLike[str], threads: int = 1, *, spinning: bool = True) -> Any:
+    """An onnxruntime CPU session on ``source`` (bytes or a path).
+
+    ``spinning=False`` stops idle worker threads from spinning, which matters when several
+    sessions take turns on few cores (interleaved benchmarks): a spinning pool steals the next
+    session's CPU.
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    src = os.fspath(source) if isinstance(source, os.PathLike) else source
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
 def run_onnxruntime(source: bytes | str, feeds: dict[str, np.ndarray], threads: int = 1) -> list[np.ndarray]:

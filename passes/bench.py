@@ -70,7 +70,8 @@ class BenchResult:
 
 
 def _ort_runner(source: bytes | str, threads: int) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
-    sess = session(source, threads)
+    # No spinning: the variants take turns on the cores, and an idle spinning pool would slow the next.
+    sess = session(source, threads, spinning=False)
     names = [i.name for i in sess.get_inputs()]
     out_names = [o.name for o in sess.get_outputs()]
 

@@ -61,21 +61,10 @@ class Generation:
 
 
 def make_session(path_or_bytes: str | bytes | os.PathLike[str], threads: int = 1, *, spinning: bool = True) -> Any:
-    """An onnxruntime CPU session with ``threads`` intra-op threads.
+    """An onnxruntime CPU session with ``threads`` intra-op threads (see :func:`passes._numerics.session`)."""
+    from ._numerics import session
 
-    ``spinning=False`` stops idle worker threads from spinning, which matters when several
-    sessions (or torch) take turns on few cores: a spinning pool steals the next one's CPU.
-    """
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    if not spinning:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    src = os.fspath(path_or_bytes) if isinstance(path_or_bytes, os.PathLike) else path_or_bytes
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    return session(path_or_bytes, threads, spinning=spinning)
 
 
 @dataclass
