@@ -18,6 +18,8 @@ import numpy as np
 
 import ir
 
+from ._numerics import index_rows
+
 __all__ = ["Probe", "ProbeError", "input_feeds"]
 
 
@@ -160,24 +162,6 @@ def _np_dtype(v: ir.Value) -> Any:
         }.get(dt, np.float32)
 
 
-def _index_rows(value: ir.Value) -> int | None:
-    """Rows of the smallest table that ``value`` indexes (through casts and reshapes), if any."""
-    best: int | None = None
-    stack, seen = [value], 0
-    while stack and seen < 16:
-        v = stack.pop()
-        seen += 1
-        for node, idx in v.uses():
-            if node.op_type == "Gather" and idx == 1 and node.inputs[0] is not None:
-                shape = node.inputs[0].shape
-                axis = int(node.attr("axis", 0))
-                if shape and isinstance(shape[axis], int):
-                    best = shape[axis] if best is None else min(best, shape[axis])
-            elif node.op_type in ("Cast", "Reshape", "Unsqueeze", "Flatten", "Identity", "Squeeze"):
-                stack.extend(o for o in node.outputs if o is not None)
-    return best
-
-
 def input_feeds(
     inputs: Sequence[ir.Value],
     batch: int,
@@ -217,7 +201,7 @@ def input_feeds(
             else:
                 dims.append(batch if i == 0 else seq)
         if np.issubdtype(dtype, np.integer):
-            rows = _index_rows(v) or 2
+            rows = index_rows(v) or 2
             feeds[id(v)] = rng.integers(0, max(1, min(rows, 1000)), size=dims).astype(dtype)
         elif dtype == np.bool_:
             feeds[id(v)] = np.ones(dims, np.bool_)

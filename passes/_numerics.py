@@ -42,23 +42,29 @@ class Comparison:
         return f"max abs {self.max_abs:.3g}, cosine {self.cosine:.6f}"
 
 
+def index_rows(value: ir.Value) -> int | None:
+    """Rows of the smallest table that ``value`` indexes (through casts and reshapes), if any.
+
+    Generated token ids stay below it, so they are valid for every embedding they select from.
+    """
+    best: int | None = None
+    stack, seen = [value], 0
+    while stack and seen < 16:
+        v = stack.pop()
+        seen += 1
+        for node, idx in v.uses():
+            if node.op_type == "Gather" and idx == 1 and node.inputs[0] is not None:
+                shape = node.inputs[0].shape
+                axis = int(node.attr("axis", 0))
+                if shape and isinstance(shape[axis], int):
+                    best = shape[axis] if best is None else min(best, shape[axis])
+            elif node.op_type in ("Cast", "Reshape", "Unsqueeze", "Flatten", "Identity", "Squeeze"):
+                stack.extend(o for o in node.outputs if o is not None)
+    return best
+
+
 def _embedding_rows(model: ir.Model, input_name: str) -> int | None:
-    for v in model.graph.inputs:
-        if v.name != input_name:
-            continue
-        stack = [v]
-        seen = 0
-        while stack and seen < 8:
-            x = stack.pop()
-            seen += 1
-            for node, idx in x.uses():
-                if node.op_type == "Gather" and idx == 1 and node.inputs[0] is not None:
-                    shape = node.inputs[0].shape
-                    if shape and isinstance(shape[0], int):
-                        return shape[0]
-                if node.op_type in ("Cast", "Reshape", "Unsqueeze", "Flatten", "Identity"):
-                    stack.extend(o for o in node.outputs if o is not None)
-    return None
+    return next((index_rows(v) for v in model.graph.inputs if v.name == input_name), None)
 
 
 def _dim(d: Any, axis: int, name: str, batch: int, seq: int, past: int, bindings: dict[str, int]) -> int:
