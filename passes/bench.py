@@ -104,7 +104,8 @@ def _ort_optimizer(path: str, model: ir.Model, quantize: bool, folder: str) -> s
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     q = os.path.join(folder, "ort_optimizer_int8.onnx")
-    quantize_dynamic(out, q, per_channel=True, weight_type=QuantType.QInt8)
+    # DefaultTensorType=1 (float): the optimizer's output lacks some value types quantize_dynamic needs.
+    quantize_dynamic(out, q, per_channel=True, weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": 1})
     return q
 
 
