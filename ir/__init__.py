@@ -36,11 +36,11 @@ from ._types import (
     Dim, MapType, OpaqueType, OptionalType, SequenceType, Shape, SparseTensorType, TensorType, Type,
 )
 from ._verify import verify
-from .emit import save, to_onnx
+from .emit import Snapshot, save, to_onnx
 from .lower import check_opsets, from_onnx, infer_shapes, load
 
 __all__ = [
-    "Attr", "AttrType", "CycleError", "DataType", "Dim", "DuplicateNameError", "ExternalLocation",
+    "Attr", "AttrType", "CycleError", "Snapshot", "DataType", "Dim", "DuplicateNameError", "ExternalLocation",
     "Function", "Graph", "IRError", "MapType", "Model", "ModelLoadError", "Node", "OpaqueType",
     "OptionalType", "ParseError", "SequenceType", "Shape", "SparseTensorType", "Tensor", "TensorType", "Type",
     "UndefinedValueError", "UnknownDTypeError", "UnsupportedError", "Value", "VerificationError",

@@ -22,7 +22,7 @@ from ._types import (
     MapType, OpaqueType, OptionalType, SequenceType, SparseTensorType, TensorType, Type,
 )
 
-__all__ = ["to_onnx", "save", "TWO_GB"]
+__all__ = ["to_onnx", "save", "Snapshot", "TWO_GB"]
 
 TWO_GB = 2**31
 _ALIGN = 4096
@@ -346,3 +346,68 @@ def _type(t: Type) -> onnx.TypeProto:
         p.opaque_type.name = t.name
     return p
 
+
+
+_SNAPSHOT_LOCATION = "__ir_snapshot__/"
+
+
+class Snapshot:
+    """The model as it is now, cheap to take and written only on demand.
+
+    The protobuf structure is built at once, but tensors of 1 KiB or more are kept by reference
+    (tensors are immutable: passes replace them, never edit them), so taking a snapshot before
+    every pass costs milliseconds, not a copy of the weights. :meth:`save` writes a complete model.
+    """
+
+    def __init__(self, model: Model) -> None:
+        self._tensors: list[Tensor] = []
+
+        def keep(t: Tensor) -> tuple[str, int, int] | None:
+            if t.dtype == DataType.STRING or t.nbytes < 1024:
+                return None
+            self._tensors.append(t)
+            return f"{_SNAPSHOT_LOCATION}{len(self._tensors) - 1}", 0, t.nbytes
+
+        self._proto = _Emitter(keep).model(model)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the snapshot as an ONNX file (with a data file beside it when over 2 GB)."""
+        proto = onnx.ModelProto()
+        proto.CopyFrom(self._proto)
+        for tp in _all_tensor_protos(proto):
+            if tp.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            loc = {e.key: e.value for e in tp.external_data}.get("location", "")
+            if loc.startswith(_SNAPSHOT_LOCATION):
+                tp.raw_data = bytes(self._tensors[int(loc[len(_SNAPSHOT_LOCATION):])].raw_bytes())
+                del tp.external_data[:]
+                tp.data_location = onnx.TensorProto.DEFAULT
+        big = sum(t.nbytes for t in self._tensors) > TWO_GB - 64 * 2**20
+        onnx.save_model(proto, os.fspath(path), save_as_external_data=big)
+
+
+def _all_tensor_protos(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
+    out: list[onnx.TensorProto] = []
+
+    def graph(g: onnx.GraphProto) -> None:
+        out.extend(g.initializer)
+        for sp in g.sparse_initializer:
+            out.extend((sp.values, sp.indices))
+        for n in g.node:
+            nodes(n)
+
+    def nodes(n: onnx.NodeProto) -> None:
+        for a in n.attribute:
+            if a.HasField("t"):
+                out.append(a.t)
+            out.extend(a.tensors)
+            if a.HasField("g"):
+                graph(a.g)
+            for sub in a.graphs:
+                graph(sub)
+
+    graph(proto.graph)
+    for f in proto.functions:
+        for n in f.node:
+            nodes(n)
+    return out

@@ -12,13 +12,12 @@ from typing import TextIO
 
 import ir
 
+
 from ._base import Pass, PassContext, PassError, PassResult
 from ._pipeline import Fixpoint, Pipeline, PipelineItem, format_pipeline, parse_pipeline
 
 __all__ = ["PassManager", "PassRecord"]
 
-#: Models larger than this (bytes of tensors) are not snapshotted for reproducers.
-_SNAPSHOT_LIMIT = 1 << 30
 
 
 @dataclass
@@ -120,25 +119,20 @@ class PassManager:
             print(ir.print_model(model), file=self.out)
         return result.modified
 
-    def _snapshot(self, model: ir.Model) -> bytes | None:
-        from ir.emit import _tensor_bytes
-
-        if _tensor_bytes(model) > _SNAPSHOT_LIMIT:
-            return None
+    def _snapshot(self, model: ir.Model) -> ir.Snapshot | None:
         try:
-            return ir.to_onnx(model).SerializeToString()
+            return ir.Snapshot(model)
         except Exception:  # an unemittable model is reported by the pass that made it so
             return None
 
-    def _failure(self, p: Pass, e: Exception, snapshot: bytes | None) -> PassError:
+    def _failure(self, p: Pass, e: Exception, snapshot: ir.Snapshot | None) -> PassError:
         ran = ", ".join(r.spec for r in self.records) or "none"
         where = ""
         if snapshot is not None:
             folder = self.reproducer_dir or tempfile.mkdtemp(prefix="passes-repro-")
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, f"reproducer-{p.name}.onnx")
-            with open(path, "wb") as f:
-                f.write(snapshot)
+            snapshot.save(path)
             with open(path + ".pipeline", "w") as f:
                 f.write(format_pipeline([p]) + "\n")
             with open(path + ".traceback", "w") as f:

@@ -178,3 +178,13 @@ def test_rewriter_counts_changes() -> None:
     assert not rw2.result().modified
     c = rw2.constant(m.graph, np.zeros(3, np.float32), name="z")
     assert c.is_initializer() and rw2.result().modified
+
+
+def test_reproducer_carries_large_tensors_taken_by_reference(tmp_path) -> None:
+    m = _model()
+    w = np.arange(32 * 32, dtype=np.float32).reshape(32, 32)  # 4 KiB: kept by reference in the snapshot
+    m.graph.constant(w, name="big")
+    with pytest.raises(PassError):
+        PassManager("test-crash", reproducer_dir=str(tmp_path)).run(m)
+    again = ir.load(tmp_path / "reproducer-test-crash.onnx")
+    np.testing.assert_array_equal(again.graph.initializers["big"].const_value.numpy(), w)
