@@ -55,6 +55,12 @@ class Target:
     dtypes: tuple[str, ...] = ("float32",)
     max_opset: int = 23
     contrib_ops: frozenset[str] = field(default_factory=frozenset)
+    #: How a residual ``Add`` before a ``LayerNormalization`` is emitted on contrib targets:
+    #: ``"skip"`` folds it (and the bias Add before it) into ``SkipLayerNormalization``; ``"sum"``
+    #: emits one ``Sum(input, bias, residual)`` before the norm, for runtimes whose
+    #: SkipLayerNormalization kernel is slower than their LayerNormalization and that would re-fuse
+    #: a plain ``Add`` into it.
+    residual_layer_norm: str = "skip"
     pipeline: str = "dead-flow"
     quantize_pipeline: str = "quantize,dead-flow"
     quantization: QuantPolicy = field(default_factory=QuantPolicy)
@@ -95,6 +101,9 @@ def load_target_file(path: Path) -> Target:
             if key in data:
                 data[key] = tuple(data[key])
         data["contrib_ops"] = frozenset(data.get("contrib_ops", ()))
+        if data.get("residual_layer_norm", "skip") not in ("skip", "sum"):
+            raise TargetError(f"target file {path}: residual_layer_norm must be \"skip\" or \"sum\", "
+                              f"not {data['residual_layer_norm']!r}")
         return Target(quantization=policy, **data)
     except TypeError as e:
         raise TargetError(f"target file {path}: {e}") from None

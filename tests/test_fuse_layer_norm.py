@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import numpy as np
 import onnx
@@ -89,14 +90,22 @@ def _rms(x: str, out: str, *, square: str = "pow", div: str = "reciprocal", cast
     return "\n".join(lines)
 
 
-def _run(proto: onnx.ModelProto, target: str) -> tuple[ir.Model, bool, PassContext]:
+#: x86 as it would be if it folded residual Adds into SkipLayerNormalization (arm64/x86 pick "sum").
+SKIP_X86 = dataclasses.replace(targets.get("x86"), name="x86-skip", residual_layer_norm="skip")
+
+
+def _target(target: str | targets.Target) -> targets.Target:
+    return targets.get(target) if isinstance(target, str) else target
+
+
+def _run(proto: onnx.ModelProto, target: str | targets.Target) -> tuple[ir.Model, bool, PassContext]:
     model = ir.from_onnx(proto)
-    ctx = PassContext(target=targets.get(target), explain=True)
+    ctx = PassContext(target=_target(target), explain=True)
     records = PassManager("fuse-layer-norm", verify=True, check_modified=True).run(model, ctx)
     return model, records[0].modified, ctx
 
 
-def _check(proto: onnx.ModelProto, model: ir.Model, target: str) -> None:
+def _check(proto: onnx.ModelProto, model: ir.Model, target: str | targets.Target) -> None:
     """Numerics against onnxruntime on the original, then a second run changes nothing."""
     rng = np.random.default_rng(1)
     feeds = {k: (rng.standard_normal((2, 3, H)) * 2 + 0.5).astype(np.float32) for k in ("x", "r")}
@@ -105,7 +114,7 @@ def _check(proto: onnx.ModelProto, model: ir.Model, target: str) -> None:
     assert ref.keys() == got.keys()
     for k in ref:
         np.testing.assert_allclose(got[k], ref[k], atol=1e-5, rtol=1e-5, err_msg=k)
-    records = PassManager("fuse-layer-norm", verify=True, check_modified=True).run(model, PassContext(target=targets.get(target)))
+    records = PassManager("fuse-layer-norm", verify=True, check_modified=True).run(model, PassContext(target=_target(target)))
     assert records[0].modified is False
 
 
@@ -225,7 +234,7 @@ def test_skip_layer_norm(bias: bool, decomposed: bool, shapes: bool) -> None:
     pre = "h = MatMul(x, W)\n" + ("hb = Add(h, bias)\n s0 = Add(hb, r)" if bias else "s0 = Add(r, h)")
     norm = _ln("s0", "y") if decomposed else f"y = LayerNormalization <axis = -1, epsilon = {EPS!r}> (s0, gamma, beta)"
     proto = _model(CONSTS + "\n" + pre + "\n" + norm, shapes=shapes)
-    model, modified, _ = _run(proto, "x86")
+    model, modified, _ = _run(proto, SKIP_X86)
     assert modified
     sln = _only(model, "SkipLayerNormalization", "com.microsoft")
     assert sln.attr("epsilon") == pytest.approx(EPS)
@@ -239,7 +248,7 @@ def test_skip_layer_norm(bias: bool, decomposed: bool, shapes: bool) -> None:
     assert len(sln.outputs) == 1  # the sum is read by nobody else
     assert not any(n.op_type in ("Add", "LayerNormalization") for n in model.graph)
     assert model.opset_imports.get("com.microsoft") == 1
-    _check(proto, model, "x86")
+    _check(proto, model, SKIP_X86)
 
 
 @pytest.mark.parametrize("graph_output", [False, True], ids=["read-downstream", "graph-output"])
@@ -253,7 +262,7 @@ def test_skip_layer_norm_sum_used_elsewhere(graph_output: bool) -> None:
                 " f = MatMul(n0, W)\n y = Add(s0, f)")
         outputs = f"float[B,S,{H}] y"
     proto = _model(body, outputs=outputs)
-    model, modified, _ = _run(proto, "x86")
+    model, modified, _ = _run(proto, SKIP_X86)
     assert modified
     sln = _only(model, "SkipLayerNormalization", "com.microsoft")
     assert len(sln.outputs) == 4 and sln.outputs[1] is None and sln.outputs[2] is None
@@ -262,7 +271,7 @@ def test_skip_layer_norm_sum_used_elsewhere(graph_output: bool) -> None:
         assert total.is_graph_output() and total.name == "s0"
     else:
         assert [u.op_type for u, _ in total.uses()] == ["Add"]
-    _check(proto, model, "x86")
+    _check(proto, model, SKIP_X86)
 
 
 @pytest.mark.parametrize("cast", [False, True], ids=["dynamo", "ts-casts"])
@@ -292,13 +301,69 @@ def test_skip_broadcast_skip_goes_second() -> None:
     for k, shape in (("W", (H, H)), ("gamma", (H,)), ("beta", (H,))):
         proto.graph.initializer.append(numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), k))
     proto = onnx.shape_inference.infer_shapes(proto)
-    model, modified, _ = _run(proto, "x86")
+    model, modified, _ = _run(proto, SKIP_X86)
     assert modified
     sln = _only(model, "SkipLayerNormalization", "com.microsoft")
     assert sln.inputs[0].producer().op_type == "MatMul" and sln.inputs[1].name == "r"
     feeds = {"x": rng.standard_normal((2, 3, H)).astype(np.float32), "r": rng.standard_normal((1, 3, H)).astype(np.float32)}
     np.testing.assert_allclose(ort_run(ir.to_onnx(model).SerializeToString(), feeds)["y"],
                                ort_run(proto.SerializeToString(), feeds)["y"], atol=1e-5)
+
+
+@pytest.mark.parametrize("shapes", [True, False], ids=["typed", "untyped"])
+@pytest.mark.parametrize("decomposed", [True, False], ids=["decomposed", "LayerNormalization"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_residual_sum_norm(bias: bool, decomposed: bool, shapes: bool) -> None:
+    # x86 (residual_layer_norm = "sum"): one Sum(input, bias, residual) before a kept LayerNormalization.
+    pre = "h = MatMul(x, W)\n" + ("hb = Add(h, bias)\n s0 = Add(hb, r)" if bias else "s0 = Add(r, h)")
+    norm = _ln("s0", "y") if decomposed else f"y = LayerNormalization <axis = -1, epsilon = {EPS!r}> (s0, gamma, beta)"
+    proto = _model(CONSTS + "\n" + pre + "\n" + norm, shapes=shapes)
+    model, modified, _ = _run(proto, "x86")
+    assert modified
+    total = _only(model, "Sum")
+    names = [v.name for v in total.inputs]
+    if bias:  # the bias goes with the MatMul output
+        assert names == ["h", "bias", "r"]
+    else:
+        assert sorted(names) == ["h", "r"]
+    ln = _only(model, "LayerNormalization")
+    assert ln.inputs[0] is total.outputs[0] and [v.name for v in ln.inputs[1:]] == ["gamma", "beta"]
+    assert not any(n.op_type == "Add" or n.domain == "com.microsoft" for n in model.graph)
+    _check(proto, model, "x86")
+
+
+def test_residual_sum_read_elsewhere() -> None:
+    # Pre-LN (GPT-2): the Sum's output carries the residual stream on.
+    body = (f"h = MatMul(x, W)\n hb = Add(h, bias)\n s0 = Add(hb, r)\n"
+            f" n0 = LayerNormalization <epsilon = {EPS!r}> (s0, gamma, beta)\n f = MatMul(n0, W)\n y = Add(s0, f)")
+    proto = _model(body)
+    model, modified, _ = _run(proto, "x86")
+    assert modified
+    total = _only(model, "Sum")
+    assert sorted(u.op_type for u, _ in total.outputs[0].uses()) == ["Add", "LayerNormalization"]
+    _check(proto, model, "x86")
+
+
+def test_onnxruntime_keeps_the_residual_sum_form() -> None:
+    # The point of the Sum form: onnxruntime's session optimizer fuses Add + LayerNormalization into
+    # SkipLayerNormalization (slower on CPU) but leaves Sum + LayerNormalization alone.
+    import onnxruntime as ort
+
+    def session_ops(proto: onnx.ModelProto, tmp: str) -> set[str]:
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = tmp
+        ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return {n.op_type for n in onnx.load(tmp).graph.node}
+
+    proto = _model(f"h = MatMul(x, W)\n hb = Add(h, bias)\n s0 = Add(hb, r)\n"
+                   f" y = LayerNormalization <epsilon = {EPS!r}> (s0, gamma, beta)")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        assert "SkipLayerNormalization" in session_ops(proto, f"{d}/a.onnx")
+        model, _, _ = _run(proto, "x86")
+        ops = session_ops(ir.to_onnx(model), f"{d}/b.onnx")
+    assert "SkipLayerNormalization" not in ops and {"Sum", "LayerNormalization"} <= ops
 
 
 def test_position_embedding_sum_is_not_skip_fused() -> None:
@@ -367,23 +432,30 @@ def _compare(path, model: ir.Model, arch: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("form", ["skip", "sum"])
 @pytest.mark.parametrize("dynamo", [False, True], ids=["ts", "dynamo"])
 @pytest.mark.parametrize("arch", list(NORM_ARCHS))
-def test_real_exports_contrib(exported, arch: str, dynamo: bool) -> None:
+def test_real_exports_contrib(exported, arch: str, dynamo: bool, form: str) -> None:
     path = exported(arch, dynamo=dynamo)
     model = ir.load(str(path))
-    records = PassManager(_pipeline(), verify=True, check_modified=True).run(model, PassContext(target=targets.get("x86")))
+    target = dataclasses.replace(targets.get("x86"), residual_layer_norm=form)
+    records = PassManager(_pipeline(), verify=True, check_modified=True).run(model, PassContext(target=target))
     layers, plain, skip = NORM_ARCHS[arch]
     ops = collections.Counter(n.op_type for n in model.graph)
-    assert ops[plain] == 1 and ops[skip] == 2 * layers, ops
     assert ops["ReduceMean"] == 0
-    skips = [n for n in model.graph if n.op_type == skip]
-    with_sum = sum(1 for n in skips if len(n.outputs) == 4)
     # Pre-norm decoders read every residual sum on except the last one (before the final norm).
-    assert with_sum == (2 * layers - 1 if arch in ("gpt2", "llama") else 0)
+    read_on = 2 * layers - 1 if arch in ("gpt2", "llama") else 0
+    if form == "sum" and plain == "LayerNormalization":
+        assert ops[plain] == 2 * layers + 1 and ops["Sum"] == 2 * layers and ops[skip] == 0, ops
+        sums = [n for n in model.graph if n.op_type == "Sum"]
+        assert sum(1 for n in sums if len(n.outputs[0].uses()) > 1) == read_on
+    else:  # RMSNorm keeps SkipSimplifiedLayerNormalization in both forms
+        assert ops[plain] == 1 and ops[skip] == 2 * layers, ops
+        skips = [n for n in model.graph if n.op_type == skip]
+        assert sum(1 for n in skips if len(n.outputs) == 4) == read_on
     _compare(path, model, arch)
     # A second run of the fusion changes nothing.
-    again = PassManager("fuse-layer-norm", verify=True, check_modified=True).run(model, PassContext(target=targets.get("x86")))
+    again = PassManager("fuse-layer-norm", verify=True, check_modified=True).run(model, PassContext(target=target))
     assert again[0].modified is False and records
 
 
