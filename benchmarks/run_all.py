@@ -14,6 +14,7 @@ import argparse
 import itertools
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,10 +58,13 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     batches, seqs = ([1], [128]) if args.quick else ([1, 8], [32, 128])
     calib = {"tokenizer": str(minilm_dir()), "texts": str(ROOT / "benchmarks" / "data" / "sentences.txt")}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     md = [
         "# Benchmark matrix\n",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores; {args.threads} threads; target `{args.target}`; "
-        f"{time.strftime('%Y-%m-%d')}. Each table is one interleaved run. Regenerate: `python benchmarks/run_all.py`.\n",
+        f"Machine: {platform.machine()} ({platform.processor() or 'cpu'}), {os.cpu_count()} cores; {args.threads} threads; "
+        f"target `{args.target}`; commit {commit or '?'}; {time.strftime('%Y-%m-%d')}. Each table is one interleaved run "
+        "(int8 rows calibrated on benchmarks/data/sentences.txt, GPT-2 on generated inputs). "
+        "Regenerate: `python benchmarks/run_all.py`.\n",
     ]
     for name, batch, seq, quant in itertools.product(MODELS, batches, seqs, (None, "int8")):
         label = f"{MODELS[name]}, batch {batch}, seq {seq}, {quant or 'fp32'}"
