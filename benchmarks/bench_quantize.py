@@ -1,9 +1,11 @@
-"""Benchmark: int8 all-MiniLM-L6-v2, ours against onnxruntime's optimizer + quantize_dynamic.
+"""Benchmark: int8 all-MiniLM-L6-v2 (or BERT-base), ours against onnxruntime's optimizer + quantize_dynamic.
 
-    /work/venv/bin/python benchmarks/bench_quantize.py [--reps 7] [--runs 20] [--min-cosine 0.999 0.998]
-        [--targets x86-avx2] [--fused-input]
+    /work/venv/bin/python benchmarks/bench_quantize.py [--model minilm|bert-base] [--reps 7] [--runs 20]
+        [--min-cosine 0.999 0.998] [--targets x86-avx2] [--fused-input]
 
-Models (all from the same TorchScript export of the shipped all-MiniLM-L6-v2 weights):
+Models (all from the same TorchScript export of the shipped all-MiniLM-L6-v2 weights, or of BERT-base
+from the default BertConfig with random init, which shares MiniLM's uncased 30522-token vocabulary and
+so its tokenizer):
 
 * ``fp32``: the export as is;
 * ``ort-opt+qdyn``: ``onnxruntime.transformers.optimizer.optimize_model(model_type="bert",
@@ -42,6 +44,8 @@ from passes import compile_model, registered_passes  # noqa: E402
 from passes.export import export, load_model, minilm_dir  # noqa: E402
 
 SENTENCES = ROOT / "benchmarks" / "data" / "sentences.txt"
+#: model name → (heads, hidden) for onnxruntime's optimizer.
+SHAPES = {"minilm": (12, 384), "bert-base": (12, 768)}
 
 
 def _session(path: str, threads: int = 2):
@@ -97,6 +101,7 @@ def pipeline_for(target: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=sorted(SHAPES), default="minilm")
     ap.add_argument("--reps", type=int, default=7, help="interleaved repetitions")
     ap.add_argument("--runs", type=int, default=20, help="runs per model per repetition")
     ap.add_argument("--min-cosine", type=float, nargs="+", default=[0.999])
@@ -112,16 +117,17 @@ def main() -> int:
     calib, held_out = lines[1::2], lines[0::2]
     (work / "calib.txt").write_text("\n".join(calib))
 
-    src = work / "minilm.onnx"
+    src = work / f"{args.model}.onnx"
     if not src.exists():
-        export(load_model("minilm", attn_implementation="eager"), src)
+        export(load_model(args.model, attn_implementation="eager"), src)
+    heads, hidden = SHAPES[args.model]
     models: dict[str, str] = {"fp32": str(src)}
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers.optimizer import optimize_model
 
-    ort_opt, ort_q = work / "ort-opt.onnx", work / "ort-opt-qdyn.onnx"
-    optimize_model(str(src), model_type="bert", num_heads=12, hidden_size=384, opt_level=99).save_model_to_file(str(ort_opt))
+    ort_opt, ort_q = work / f"{args.model}-ort-opt.onnx", work / f"{args.model}-ort-opt-qdyn.onnx"
+    optimize_model(str(src), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=99).save_model_to_file(str(ort_opt))
     import onnx
 
     quantize_dynamic(str(ort_opt), str(ort_q), per_channel=True, weight_type=QuantType.QInt8,
@@ -130,7 +136,7 @@ def main() -> int:
 
     fused = work / "ort-fused-opt0.onnx"
     if args.fused_input:
-        optimize_model(str(src), model_type="bert", num_heads=12, hidden_size=384, opt_level=0).save_model_to_file(str(fused))
+        optimize_model(str(src), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=0).save_model_to_file(str(fused))
 
     compile_times: dict[str, float] = {}
     runs = [(f"ours {t} @{mc}", src, pipeline_for(t), t, mc) for t in args.targets for mc in args.min_cosine]
@@ -143,7 +149,7 @@ def main() -> int:
         res = compile_model(str(source), target, pipe, quantize="int8", options=dict(options),
                             progress=lambda m: print(f"  [{label}] {m}", file=sys.stderr, flush=True))
         compile_times[label] = time.perf_counter() - t0
-        out = work / f"{label.replace(' ', '_').replace('(', '').replace(')', '').replace('@', '')}.onnx"
+        out = work / f"{args.model}-{label.replace(' ', '_').replace('(', '').replace(')', '').replace('@', '')}.onnx"
         ir.save(res.model, out)
         models[label] = str(out)
         for d in res.report.diagnostics:
@@ -175,7 +181,7 @@ def main() -> int:
 
     base = statistics.median(times["ort-opt+qdyn(per-channel)"])
     fp32 = statistics.median(times["fp32"])
-    print(f"\nbatch 1, seq 128, 2 threads, {args.reps} interleaved reps x {args.runs} runs; "
+    print(f"\n{args.model}, batch 1, seq 128, 2 threads, {args.reps} interleaved reps x {args.runs} runs; "
           f"accuracy on {len(held_out)} held-out sentences (calibrated on {len(calib)} others)\n")
     print(f"| {'model':<38} | {'median ms':>9} | {'vs fp32':>7} | {'vs ort-q':>8} | {'mean cos':>8} | {'worst cos':>9} |")
     print(f"|{'-' * 40}|{'-' * 11}|{'-' * 9}|{'-' * 10}|{'-' * 10}|{'-' * 11}|")
