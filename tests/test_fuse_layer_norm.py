@@ -227,13 +227,26 @@ def test_rms_norm_onnx_target_old_opset_left() -> None:
 # ---------------------------------------------------------------------------------------------- #
 
 
-@pytest.mark.parametrize("shapes", [True, False], ids=["typed", "untyped"])
-@pytest.mark.parametrize("decomposed", [True, False], ids=["decomposed", "LayerNormalization"])
-@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
-def test_skip_layer_norm(bias: bool, decomposed: bool, shapes: bool) -> None:
+#: (bias, decomposed, shapes): a bias Add under the residual one; the norm decomposed or a
+#: LayerNormalization; value types present (dynamo) or not (TorchScript).
+_CASES = [(b, d, t) for b in (False, True) for d in (True, False) for t in (True, False)]
+_RESIDUAL_CASES = pytest.mark.parametrize(
+    ("bias", "decomposed", "shapes"), _CASES,
+    ids=[f"{'bias' if b else 'no-bias'}-{'decomposed' if d else 'LayerNormalization'}-{'typed' if t else 'untyped'}"
+         for b, d, t in _CASES],
+)
+
+
+def _residual_ln(bias: bool, decomposed: bool, shapes: bool) -> onnx.ModelProto:
+    """``y = LayerNorm(MatMul(x, W) [+ bias] + r)``."""
     pre = "h = MatMul(x, W)\n" + ("hb = Add(h, bias)\n s0 = Add(hb, r)" if bias else "s0 = Add(r, h)")
     norm = _ln("s0", "y") if decomposed else f"y = LayerNormalization <axis = -1, epsilon = {EPS!r}> (s0, gamma, beta)"
-    proto = _model(CONSTS + "\n" + pre + "\n" + norm, shapes=shapes)
+    return _model(CONSTS + "\n" + pre + "\n" + norm, shapes=shapes)
+
+
+@_RESIDUAL_CASES
+def test_skip_layer_norm(bias: bool, decomposed: bool, shapes: bool) -> None:
+    proto = _residual_ln(bias, decomposed, shapes)
     model, modified, _ = _run(proto, SKIP_X86)
     assert modified
     sln = _only(model, "SkipLayerNormalization", "com.microsoft")
@@ -310,14 +323,10 @@ def test_skip_broadcast_skip_goes_second() -> None:
                                ort_run(proto.SerializeToString(), feeds)["y"], atol=1e-5)
 
 
-@pytest.mark.parametrize("shapes", [True, False], ids=["typed", "untyped"])
-@pytest.mark.parametrize("decomposed", [True, False], ids=["decomposed", "LayerNormalization"])
-@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@_RESIDUAL_CASES
 def test_residual_sum_norm(bias: bool, decomposed: bool, shapes: bool) -> None:
     # x86 (residual_layer_norm = "sum"): one Sum(input, bias, residual) before a kept LayerNormalization.
-    pre = "h = MatMul(x, W)\n" + ("hb = Add(h, bias)\n s0 = Add(hb, r)" if bias else "s0 = Add(r, h)")
-    norm = _ln("s0", "y") if decomposed else f"y = LayerNormalization <axis = -1, epsilon = {EPS!r}> (s0, gamma, beta)"
-    proto = _model(CONSTS + "\n" + pre + "\n" + norm, shapes=shapes)
+    proto = _residual_ln(bias, decomposed, shapes)
     model, modified, _ = _run(proto, "x86")
     assert modified
     total = _only(model, "Sum")
