@@ -60,6 +60,14 @@ def test_a_new_target_is_a_new_file(tmp_path, monkeypatch) -> None:
         targets.all_targets.cache_clear()
 
 
+def test_a_bad_residual_layer_norm_value_is_refused(tmp_path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('name = "bad"\ndescription = "test"\nresidual_layer_norm = "fused"\n')
+    with pytest.raises(targets.TargetError, match="residual_layer_norm must be"):
+        targets.load_target_file(path)
+    assert targets.get("x86").residual_layer_norm == "sum" and targets.get("onnx").residual_layer_norm == "skip"
+
+
 def test_passes_never_branch_on_a_target_name() -> None:
     names = set()
     for t in targets.all_targets().values():
