@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import targets  # noqa: E402
 from passes.bench import plot, run_bench  # noqa: E402
 from passes.export import export, load_model, minilm_dir  # noqa: E402
 
@@ -45,6 +46,23 @@ def _model_path(name: str, folder: Path) -> Path:
     return path
 
 
+def summary_row(label: str, rows: list[dict]) -> str:
+    """One markdown row: each variant's median (cosine for int8), ours against the best peer."""
+    ok = {r["name"]: r for r in rows if "median_ms" in r}
+    ours = next((r for n, r in ok.items() if n.startswith("ours")), None)
+    ort = next((r for n, r in ok.items() if n.startswith("ORT transformers")), None)
+    peers = [r["median_ms"] for n, r in ok.items() if not n.startswith("ours")]
+
+    def cell(r: dict | None, cos: bool) -> str:
+        return "failed" if r is None else f"{r['median_ms']:.1f}" + (f" ({r['cosine']:.4f})" if cos else "")
+
+    quant = "int8" in label
+    ratio = lambda ref: f"{ours['median_ms'] / ref:.2f}" if ours and ref else "-"  # noqa: E731
+    return (f"| {label} | {cell(ok.get('onnxruntime (original)'), False)} | {cell(ort, quant)} | "
+            f"{cell(ok.get('onnxscript ORT fusions'), False)} | {cell(ours, quant)} | "
+            f"{ratio(ort['median_ms'] if ort else None)} | {ratio(min(peers) if peers else None)} |")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "benchmarks"))
@@ -62,10 +80,13 @@ def main() -> int:
     md = [
         "# Benchmark matrix\n",
         f"Machine: {platform.machine()} ({platform.processor() or 'cpu'}), {os.cpu_count()} cores; {args.threads} threads; "
-        f"target `{args.target}`; commit {commit or '?'}; {time.strftime('%Y-%m-%d')}. Each table is one interleaved run "
+        f"target `{args.target}` (= `{targets.get(args.target).name}`); commit {commit or '?'}; {time.strftime('%Y-%m-%d')}. Each table is one interleaved run "
         "(int8 rows calibrated on benchmarks/data/sentences.txt, GPT-2 on generated inputs). "
         "Regenerate: `python benchmarks/run_all.py`.\n",
     ]
+    summary = ["## Summary (median ms; int8 cells add the cosine to the original on generated inputs)\n",
+               "| case | original | ORT optimizer (+ quantize_dynamic) | onnxscript | ours | ours / ORT | ours / best peer |",
+               "|---|---|---|---|---|---|---|"]
     for name, batch, seq, quant in itertools.product(MODELS, batches, seqs, (None, "int8")):
         label = f"{MODELS[name]}, batch {batch}, seq {seq}, {quant or 'fp32'}"
         print(f"== {label}", file=sys.stderr, flush=True)
@@ -76,11 +97,13 @@ def main() -> int:
                             progress=lambda m: print(f"   {m}", file=sys.stderr, flush=True))
         except Exception as e:  # one broken case must not lose the others
             md.append(f"## {label}\n\nfailed: {type(e).__name__}: {e}\n")
+            summary.append(f"| {label} | failed: {type(e).__name__} | | | | | |")
             continue
+        summary.append(summary_row(label, res.rows))
         png = plot(res, str(out / f"bench_{name}_b{batch}_s{seq}_{quant or 'fp32'}.png"), label)
         md.append(f"## {label}\n\n```\n{res.table()}\n```\n" + (f"\n![{label}]({Path(png).name})\n" if png else ""))
         print(res.table(), flush=True)
-        (out / "results.md").write_text("\n".join(md))
+        (out / "results.md").write_text("\n".join(md[:2] + summary + [""] + md[2:]))
     print(f"wrote {out / 'results.md'}")
     return 0
 

@@ -28,3 +28,22 @@ def test_bench_rows_and_plot(exported, tmp_path, quantize) -> None:
     assert "median ms" in res.table()
     png = plot(res, str(tmp_path / "b.png"))
     assert png is None or (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_run_all_summary_row_compares_ours_with_the_best_peer() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py"
+    spec = importlib.util.spec_from_file_location("run_all", path)
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    rows = [{"name": "onnxruntime (original)", "median_ms": 8.0, "cosine": 1.0},
+            {"name": "ORT transformers optimizer + quantize_dynamic", "median_ms": 5.0, "cosine": 0.985},
+            {"name": "onnxscript ORT fusions", "error": "crashed"},
+            {"name": "ours (x86-avx2, int8)", "median_ms": 4.0, "cosine": 0.9991}]
+    row = run_all.summary_row("m, batch 1, seq 32, int8", rows)
+    assert row == "| m, batch 1, seq 32, int8 | 8.0 | 5.0 (0.9850) | failed | 4.0 (0.9991) | 0.80 | 0.80 |"
+    fp32 = run_all.summary_row("m, fp32", [dict(r, name=r["name"].replace(" + quantize_dynamic", "")) for r in rows[:2]]
+                               + [{"name": "ours (x86)", "median_ms": 7.0, "cosine": 1.0}])
+    assert fp32.endswith("| 7.0 | 1.40 | 1.40 |") and "(" not in fp32
