@@ -118,6 +118,18 @@ class Embedder:
         return np.stack(out) if out else np.zeros((0, 0), np.float32)  # type: ignore[arg-type]
 
 
+def compiler_fingerprint(root: Path | None = None) -> str:
+    """A hash of the compiler's own sources (IR, passes, target profiles): a new compiler, a new cache key."""
+    root = root or Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for pkg in ("ir", "passes", "targets"):
+        for path in sorted((root / pkg).rglob("*")):
+            if path.suffix in (".py", ".toml") and path.is_file():
+                h.update(path.relative_to(root).as_posix().encode())
+                h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def compiled_model_for(model_dir: str, *, target: str = "native", cache_dir: str | None = None,
                        quantize: str | None = None, progress: Any = None) -> Path:
     """Export ``model_dir`` (or ``minilm``) and compile it for ``target``, once; returns the cached path."""
@@ -128,7 +140,7 @@ def compiled_model_for(model_dir: str, *, target: str = "native", cache_dir: str
     from .compile import compile_model
 
     src = str(minilm_dir()) if model_dir == "minilm" else os.path.abspath(model_dir)
-    key = hashlib.sha256(f"{src}|{target}|{quantize}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{src}|{target}|{quantize}|{compiler_fingerprint()}".encode()).hexdigest()[:12]
     folder = Path(cache_dir or Path.home() / ".cache" / "tfcompile") / key
     compiled = folder / "model.compiled.onnx"
     if compiled.is_file():

@@ -46,3 +46,20 @@ def test_embeddings_match_transformers_and_cache_and_bucketing_work(exported) ->
 def test_missing_tokenizer_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Embedder(tmp_path / "m.onnx", tmp_path)
+
+
+def test_the_compiled_model_cache_key_follows_the_compiler_sources(tmp_path) -> None:
+    from passes.embed import compiler_fingerprint
+
+    assert compiler_fingerprint() == compiler_fingerprint() and len(compiler_fingerprint()) == 12
+    (tmp_path / "passes").mkdir()
+    (tmp_path / "targets").mkdir()
+    (tmp_path / "passes" / "p.py").write_text("x = 1\n")
+    (tmp_path / "targets" / "t.toml").write_text('name = "t"\n')
+    before = compiler_fingerprint(tmp_path)
+    (tmp_path / "targets" / "t.toml").write_text('name = "t"\nresidual_layer_norm = "sum"\n')
+    assert compiler_fingerprint(tmp_path) != before
+    (tmp_path / "passes" / "notes.txt").write_text("not a source")
+    changed = compiler_fingerprint(tmp_path)
+    (tmp_path / "passes" / "notes.txt").write_text("still not a source")
+    assert compiler_fingerprint(tmp_path) == changed
