@@ -148,8 +148,13 @@ def run_bench(
     compile_options: dict[str, Any] | None = None,
     pipeline: str | None = None,
     progress: Callable[[str], None] | None = None,
+    compiled: str | None = None,
 ) -> BenchResult:
-    """Benchmark ``model_path``: the original, the peers and ours, interleaved, same feeds and threads."""
+    """Benchmark ``model_path``: the original, the peers and ours, interleaved, same feeds and threads.
+
+    ``compiled``: a model already compiled from ``model_path`` for ``target`` (and ``quantize``),
+    timed as ours instead of compiling again (the benchmark matrix reuses one across shapes).
+    """
     from .compile import compile_model
     from ._flops import matmul_flops, measure_gemm_peak
 
@@ -200,9 +205,11 @@ def run_bench(
             add("OpenVINO (CPU default)", lambda: _openvino(model_path, threads))
         except ImportError:
             pass
-    ours_path = os.path.join(folder, "ours.onnx")
+    ours_path = compiled or os.path.join(folder, "ours.onnx")
 
     def make_ours() -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+        if compiled is not None:
+            return _ort_runner(compiled, threads)
         res = compile_model(model_path, target, pipeline, quantize=quantize, options=compile_options,
                             static_shapes=None, progress=say)
         ir.save(res.model, ours_path)

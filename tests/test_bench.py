@@ -47,3 +47,23 @@ def test_run_all_summary_row_compares_ours_with_the_best_peer() -> None:
     fp32 = run_all.summary_row("m, fp32", [dict(r, name=r["name"].replace(" + quantize_dynamic", "")) for r in rows[:2]]
                                + [{"name": "ours (x86)", "median_ms": 7.0, "cosine": 1.0}])
     assert fp32.endswith("| 7.0 | 1.40 | 1.40 |") and "(" not in fp32
+
+
+@pytest.mark.slow
+def test_bench_times_a_precompiled_model_without_compiling(exported, tmp_path, monkeypatch) -> None:
+    import ir
+    import passes.compile
+    from passes import compile_model
+
+    src = str(exported("bert"))
+    path = tmp_path / "ours.onnx"
+    ir.save(compile_model(src, "x86-avx2").model, path)
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(passes.compile, "compile_model", no_compile)
+    res = run_bench(src, target="x86-avx2", seq=16, rounds=1, runs_per_round=1, peers=(), compiled=str(path))
+    ours = res.rows[-1]
+    assert ours["name"].startswith("ours") and not ours.get("error") and ours["max_abs"] < 1e-4
+    assert ours["nodes"] < res.rows[0]["nodes"]
