@@ -3,7 +3,8 @@
 transformers optimizer [+ quantize_dynamic], onnxscript ORT fusions, OpenVINO when installed, ours).
 
 Writes ``benchmarks/results.md`` (every table, rows where a peer tool crashed say so) and a PNG per
-case. Long: about 40 minutes on 2 cores (ours is compiled once per model and precision); ``--quick`` runs batch 1, sequence 128 only.
+case. Long: ours is compiled once per model and precision (the last full run, which still compiled once
+per shape, took 84 minutes on 2 cores); ``--quick`` runs batch 1, sequence 128 only.
 
     python benchmarks/run_all.py [--quick] [--target native] [--rounds 5]
 """
