@@ -35,6 +35,12 @@ class Rewriter:
         """The pass result: modified when any mutation was made."""
         return PassResult(modified=self.changes > 0, stats=self.stats)
 
+    def import_opset(self, model: ir.Model, domain: str, version: int = 1) -> None:
+        """Import ``domain`` at ``version`` unless the model already imports it (contrib ops need it)."""
+        if domain not in model.opset_imports:
+            model.opset_imports[domain] = version
+            self.changes += 1
+
     # -- rewiring -------------------------------------------------------------------------
     def replace_all_uses_with(self, old: ir.Value, new: ir.Value) -> None:
         """Make every reader of ``old`` (graph outputs included, which keep their names) read ``new``."""

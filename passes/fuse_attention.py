@@ -821,8 +821,8 @@ class AttentionFusion(Rule):
         c = m.cand
         model = self.analysis.model
         graph = model.graph
-        if contrib and _MS not in model.opset_imports:
-            model.opset_imports[_MS] = 1
+        if contrib:
+            rw.import_opset(model, _MS)
         # Clean up what only the old layer read (dead-flow would too; this keeps one pass useful alone).
         cone: dict[int, ir.Node] = {}
         for v in old:

@@ -317,6 +317,5 @@ class FuseEmbedLayerNormPass(Pass):
         if ctx.target is None or not ctx.target.supports(_OP, _MS):
             return rw.result()
         if apply_rules(model, [EmbedLayerNormFusion(model)], ctx, rw, pass_name=self.name):
-            if _MS not in model.opset_imports:
-                model.opset_imports[_MS] = 1
+            rw.import_opset(model, _MS)
         return rw.result()

@@ -302,12 +302,6 @@ class StandardGeluToContrib(Rule):
         _emit(match, rw, ctx, contrib=True)
 
 
-def _import_contrib_opset(model: ir.Model) -> None:
-    """Contrib ops need the ``com.microsoft`` opset imported (version 1)."""
-    if any(n.domain == _MS for g in model.graph.all_graphs() for n in g) and _MS not in model.opset_imports:
-        model.opset_imports[_MS] = 1
-
-
 @register_pass
 @dataclass(frozen=True)
 class GeluFusionPass(Pass):
@@ -320,6 +314,6 @@ class GeluFusionPass(Pass):
         """Apply the GELU rules to a fixed point."""
         rw = Rewriter()
         rules = [GeluFusion(opset=model.opset("") or 0), StandardGeluToContrib()]
-        if apply_rules(model, rules, ctx, rw, pass_name=self.name):
-            _import_contrib_opset(model)
+        if apply_rules(model, rules, ctx, rw, pass_name=self.name) and any(n.domain == _MS for n in model.graph.all_nodes()):
+            rw.import_opset(model, _MS)
         return rw.result()

@@ -576,6 +576,5 @@ class LayerNormFusionPass(Pass):
             _infer_types(model, rw)
         apply_rules(model, [NormFusion(opset=model.opset("") or 0)], ctx, rw, pass_name=self.name)
         if skip and apply_rules(model, [SkipNormFusion(), ResidualSumNormFusion()], ctx, rw, pass_name=self.name):
-            if _MS not in model.opset_imports:
-                model.opset_imports[_MS] = 1
+            rw.import_opset(model, _MS)
         return rw.result()

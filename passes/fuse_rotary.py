@@ -475,6 +475,5 @@ class FuseRotaryPass(Pass):
         rw = Rewriter()
         rule = RotaryFusion(max_positions=self.max_positions)
         if apply_rules(model, [rule], ctx, rw, pass_name=self.name):
-            if _MS not in model.opset_imports:
-                model.opset_imports[_MS] = 1
+            rw.import_opset(model, _MS)
         return rw.result()

@@ -283,8 +283,8 @@ def apply_plan(model: ir.Model, candidates: list[Candidate], plan: Plan) -> Rewr
     for c, node in chosen:
         if node.op_type != c.op or node.inputs[0] is None or node.inputs[0].name != c.activation:
             raise PassError(f"quantize: candidate {c.name} no longer matches node {node.label()}")
-    if plan.format == "integer-ops" and _MS not in model.opset_imports:
-        model.opset_imports[_MS] = 1
+    if plan.format == "integer-ops":
+        rw.import_opset(model, _MS)
     # Group the chosen ops by the activation they read; smoothing may give a group a new activation.
     groups: dict[str, list[tuple[Candidate, ir.Node]]] = {}
     for c, node in chosen:
@@ -441,10 +441,10 @@ def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan)
     """
     m = _copy(model)
     graph = m.graph
-    if plan.format == "integer-ops" and _MS not in m.opset_imports:
-        m.opset_imports[_MS] = 1
-    nodes = list(graph)
     rw = Rewriter()
+    if plan.format == "integer-ops":
+        rw.import_opset(m, _MS)
+    nodes = list(graph)
     flags: dict[int, str] = {}
     smoothed: dict[str, ir.Value] = {}
     scalar = ir.TensorType(ir.DataType.FLOAT, ())
