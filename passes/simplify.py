@@ -172,6 +172,15 @@ class NoOpCast(_ForwardRule):
         return _forward_check(node, x, self.returned)
 
 
+def _known_shape_and_target(node: ir.Node) -> tuple[ir.Value, tuple[ir.Dim, ...], list[int]] | NoMatch:
+    """For ``Reshape``/``Expand(x, s)``: ``x``, its known shape, and the constant ``s`` as ints."""
+    x = node.inputs[0]
+    s = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if x is None or s is None or x.shape is None:
+        return NoMatch("shape operand not constant or input rank unknown")
+    return x, x.shape, [int(d) for d in s.reshape(-1)]
+
+
 class NoOpReshape(_ForwardRule):
     """``Reshape(x, s)`` where ``s`` resolves to the known shape of ``x`` → ``x``."""
 
@@ -180,18 +189,17 @@ class NoOpReshape(_ForwardRule):
     stat = "removed no-op Reshape"
 
     def check(self, node: ir.Node, ctx: PassContext) -> Any:
-        x = node.inputs[0]
-        s = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
-        if x is None or s is None or x.shape is None:
-            return NoMatch("shape operand not constant or input rank unknown")
-        target = [int(d) for d in s.reshape(-1)]
-        if len(target) != len(x.shape) or target.count(-1) > 1:
+        known = _known_shape_and_target(node)
+        if isinstance(known, NoMatch):
+            return known
+        x, shape, target = known
+        if len(target) != len(shape) or target.count(-1) > 1:
             return NoMatch("changes the rank")
         a = node.attributes.get("allowzero")
         if a is not None and a.ref_attr_name:
             return NoMatch("allowzero refers to a function attribute")
         allowzero = node.attr("allowzero", 0)
-        for i, (want, have) in enumerate(zip(target, x.shape)):
+        for i, (want, have) in enumerate(zip(target, shape)):
             if want == -1 or (want == 0 and not allowzero):
                 continue  # -1 takes what is left (all other dims match), 0 copies the dim
             if not isinstance(have, int):
@@ -229,11 +237,11 @@ class NoOpExpand(_ForwardRule):
     stat = "removed no-op Expand"
 
     def check(self, node: ir.Node, ctx: PassContext) -> Any:
-        x = node.inputs[0]
-        s = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
-        if x is None or s is None or x.shape is None:
-            return NoMatch("shape operand not constant or input rank unknown")
-        if not _broadcast_keeps(x.shape, tuple(int(d) for d in s.reshape(-1))):
+        known = _known_shape_and_target(node)
+        if isinstance(known, NoMatch):
+            return known
+        x, shape, target = known
+        if not _broadcast_keeps(shape, tuple(target)):
             return NoMatch("may broadcast to a larger shape", near=True)
         return _forward_check(node, x, self.returned)
 
