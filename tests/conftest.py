@@ -181,6 +181,19 @@ def lower_text(text: str) -> Any:
     return ir.from_onnx(onnx.parser.parse_model(textwrap.dedent(text)))
 
 
+def run_passes(proto: Any, pipeline: str, target: Any = "x86") -> tuple[Any, bool, Any]:
+    """Lower ``proto``, run ``pipeline`` for ``target`` (a name or a Target) with --explain, the
+    verifier and check_modified on: ``(model, whether the first pass changed it, the context)``."""
+    import ir
+    import targets
+    from passes import PassContext, PassManager
+
+    model = ir.from_onnx(proto)
+    ctx = PassContext(target=targets.get(target) if isinstance(target, str) else target, explain=True)
+    records = PassManager(pipeline, verify=True, check_modified=True).run(model, ctx)
+    return model, records[0].modified, ctx
+
+
 def run_ir(model: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """Run an :class:`ir.Model` in onnxruntime (emitted in memory) and return its outputs."""
     import ir

@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 import ir
 import targets
-from conftest import encoder_feeds, ort_run
+from conftest import encoder_feeds, ort_run, run_passes
 from passes import PassContext, PassManager
 
 H, V, P, T = 8, 50, 24, 2
@@ -98,10 +98,7 @@ def _model(positions: str = "ts", order: str = "w+t+p", *, beta: bool = True, id
 
 
 def _run(proto: onnx.ModelProto, target: str = "x86") -> tuple[ir.Model, bool, PassContext]:
-    model = ir.from_onnx(proto)
-    ctx = PassContext(target=targets.get(target), explain=True)
-    records = PassManager("fuse-embed-layer-norm", verify=True, check_modified=True).run(model, ctx)
-    return model, records[0].modified, ctx
+    return run_passes(proto, "fuse-embed-layer-norm", target)
 
 
 def _feeds(b: int, s: int, seed: int, ids_type: type = np.int64, tt_batch: int | None = None) -> dict[str, np.ndarray]:

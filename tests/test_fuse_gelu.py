@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 import ir
 import targets
-from conftest import encoder_feeds, ort_run
+from conftest import encoder_feeds, ort_run, run_passes
 from passes import PassContext, PassManager
 
 H, F = 8, 16
@@ -69,10 +69,7 @@ TANH_BODIES = {
 
 
 def _run(proto: onnx.ModelProto, target: str) -> tuple[ir.Model, bool, PassContext]:
-    model = ir.from_onnx(proto)
-    ctx = PassContext(target=targets.get(target), explain=True)
-    records = PassManager("fuse-gelu", verify=True, check_modified=True).run(model, ctx)
-    return model, records[0].modified, ctx
+    return run_passes(proto, "fuse-gelu", target)
 
 
 def _rerun_unmodified(model: ir.Model, target: str) -> None:

@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 import ir
 import targets
-from conftest import encoder_feeds, ort_run
+from conftest import encoder_feeds, ort_run, run_passes
 from passes import PassContext, PassManager
 
 H = 8
@@ -99,10 +99,7 @@ def _target(target: str | targets.Target) -> targets.Target:
 
 
 def _run(proto: onnx.ModelProto, target: str | targets.Target) -> tuple[ir.Model, bool, PassContext]:
-    model = ir.from_onnx(proto)
-    ctx = PassContext(target=_target(target), explain=True)
-    records = PassManager("fuse-layer-norm", verify=True, check_modified=True).run(model, ctx)
-    return model, records[0].modified, ctx
+    return run_passes(proto, "fuse-layer-norm", target)
 
 
 def _check(proto: onnx.ModelProto, model: ir.Model, target: str | targets.Target) -> None:

@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 import ir
 import targets
-from conftest import decoder_feeds, ort_run
+from conftest import decoder_feeds, ort_run, run_passes
 from passes import PassContext, PassManager
 
 N, H = 2, 8  # heads, head size
@@ -130,10 +130,7 @@ def _lookup_model() -> onnx.ModelProto:
 
 
 def _run(proto: onnx.ModelProto, target: str = "x86") -> tuple[ir.Model, bool, PassContext]:
-    model = ir.from_onnx(proto)
-    ctx = PassContext(target=targets.get(target), explain=True)
-    records = PassManager("fuse-rotary,dead-flow", verify=True, check_modified=True).run(model, ctx)
-    return model, records[0].modified, ctx
+    return run_passes(proto, "fuse-rotary,dead-flow", target)
 
 
 def _ops(model: ir.Model) -> collections.Counter[str]:
