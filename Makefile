@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) -m passes.demo
+	$(PY) -m passes.tools.demo
 
 test: setup
 	$(PY) -m pytest -q -n 2

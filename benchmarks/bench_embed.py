@@ -1,4 +1,4 @@
-"""End to end sentence embeddings: transformers + torch eager vs ``passes.embed`` on a compiled model.
+"""End to end sentence embeddings: transformers + torch eager vs ``passes.tools.embed`` on a compiled model.
 
 Same texts (benchmarks/data/sentences.txt), texts per second at batch 1 and batch 32, padded to the
 longest text in each batch. The torch baseline is the usual recipe (tokenizer → model → mean
@@ -20,8 +20,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from passes.embed import Embedder, compiled_model_for  # noqa: E402
-from passes.export import minilm_dir  # noqa: E402
+from passes.tools.embed import Embedder, compiled_model_for  # noqa: E402
+from passes.tools.export import minilm_dir  # noqa: E402
 
 
 def torch_embed(texts: list[str], batch: int, threads: int) -> tuple[np.ndarray, float]:
@@ -64,7 +64,7 @@ def main() -> int:
         t_ours = time.perf_counter() - t
         cos = float(np.min(np.sum(ref * ours, axis=1)))
         print(f"{'transformers + torch eager':<40} {batch:>5} {len(texts) / t_ref:>9.1f} {1.0:>7.2f}x {1.0:>11.6f}")
-        print(f"{'passes.embed (compiled, bucketed)':<40} {batch:>5} {len(texts) / t_ours:>9.1f} "
+        print(f"{'passes.tools.embed (compiled, bucketed)':<40} {batch:>5} {len(texts) / t_ours:>9.1f} "
               f"{t_ref / t_ours:>7.2f}x {cos:>11.6f}")
     emb = Embedder(compiled, minilm_dir(), threads=args.threads, batch_size=32)
     emb.embed(texts)

@@ -17,8 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from passes.bench import plot, run_bench  # noqa: E402
-from passes.export import export, load_model  # noqa: E402
+from passes.tools.bench import plot, run_bench  # noqa: E402
+from passes.tools.export import export, load_model  # noqa: E402
 
 
 def _export(name: str, folder: Path, dynamo: bool) -> Path:

@@ -3,7 +3,7 @@
     /work/venv/bin/python benchmarks/bench_generate.py [--tokens 64] [--prompt-len 32] [--reps 5]
                                                        [--threads 2] [--models llama,gpt2,llama-512]
 
-For each model (random tiny Llama and GPT-2 of :func:`passes.export.tiny_model`, and a bigger
+For each model (random tiny Llama and GPT-2 of :func:`passes.tools.export.tiny_model`, and a bigger
 Llama: hidden 512, 8 heads, 4 KV heads, 4 layers, FFN 1376), batch 1:
 
 * ``torch``: transformers eager model, a manual greedy loop with its ``DynamicCache``;
@@ -36,8 +36,8 @@ import torch  # noqa: E402
 
 import ir  # noqa: E402
 from passes import compile_model  # noqa: E402
-from passes.export import _cache_kwarg, export, tiny_model  # noqa: E402
-from passes.generate import generate_with_stats, make_session  # noqa: E402
+from passes.tools.export import _cache_kwarg, export, tiny_model  # noqa: E402
+from passes.tools.generate import generate_with_stats, make_session  # noqa: E402
 
 MODELS: dict[str, tuple[str, dict]] = {
     "llama": ("llama", {}),

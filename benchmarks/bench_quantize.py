@@ -41,7 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import ir  # noqa: E402
 import targets  # noqa: E402
 from passes import compile_model, registered_passes  # noqa: E402
-from passes.export import export, load_model, minilm_dir  # noqa: E402
+from passes.tools.export import export, load_model, minilm_dir  # noqa: E402
 
 SENTENCES = ROOT / "benchmarks" / "data" / "sentences.txt"
 #: model name → (heads, hidden) for onnxruntime's optimizer.

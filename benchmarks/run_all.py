@@ -1,5 +1,5 @@
 """The benchmark matrix: all-MiniLM-L6-v2 (real weights), BERT-base, GPT-2 × batch {1, 8} × sequence
-{32, 128} × {fp32, int8}, each case one interleaved ``passes.bench`` run (original, onnxruntime's
+{32, 128} × {fp32, int8}, each case one interleaved ``passes.tools.bench`` run (original, onnxruntime's
 transformers optimizer [+ quantize_dynamic], onnxscript ORT fusions, OpenVINO when installed, ours).
 
 Writes ``benchmarks/results.md`` (every table, rows where a peer tool crashed say so) and a PNG per
@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import targets  # noqa: E402
-from passes.bench import plot, run_bench  # noqa: E402
-from passes.export import export, load_model, minilm_dir  # noqa: E402
+from passes.tools.bench import plot, run_bench  # noqa: E402
+from passes.tools.export import export, load_model, minilm_dir  # noqa: E402
 
 MODELS = {"minilm": "all-MiniLM-L6-v2", "bert-base": "BERT-base (random init)", "gpt2-base": "GPT-2 (default config)"}
 

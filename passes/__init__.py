@@ -27,12 +27,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._base import Diagnostic, Pass, PassContext, PassError, PassResult
-from ._manager import PassManager, PassRecord
-from ._pattern import NoMatch, Rule, apply_rules
-from ._pipeline import Fixpoint, format_pipeline, parse_pipeline
-from ._registry import get_pass_class, register_pass, registered_passes
-from ._rewriter import Rewriter
+from .framework.base import Diagnostic, Pass, PassContext, PassError, PassResult
+from .framework.manager import PassManager, PassRecord
+from .framework.rules import NoMatch, Rule, apply_rules
+from .framework.pipeline import Fixpoint, format_pipeline, parse_pipeline
+from .framework.registry import get_pass_class, register_pass, registered_passes
+from .framework.rewriter import Rewriter
 
 __all__ = [
     "Diagnostic", "Fixpoint", "NoMatch", "Pass", "PassContext", "PassError", "PassManager",
@@ -44,7 +44,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # compile_model pulls in onnxruntime; load it only when asked for.
     if name in ("compile_model", "CompileResult"):
-        from . import compile as _compile
+        from .tools import compile as _compile
 
         return getattr(_compile, name)
     raise AttributeError(name)

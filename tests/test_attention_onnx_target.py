@@ -173,7 +173,7 @@ def _real_feeds(batch: int, *, left: bool = False, seq: int = 16) -> dict[str, n
 @pytest.mark.parametrize("dynamo", [False, True], ids=["ts", "dynamo"])
 @pytest.mark.parametrize("arch", list(_LAYERS))
 def test_real_exports_on_the_onnx_target(exported, arch: str, dynamo: bool, attn: str):
-    from passes.compile import compile_model
+    from passes.tools.compile import compile_model
 
     path = exported(arch, dynamo=dynamo, attn=attn)
     layers = _LAYERS[arch]

@@ -1,10 +1,10 @@
-"""passes.bench: every contender gets a row, peers that crash say so, the chart is written."""
+"""passes.tools.bench: every contender gets a row, peers that crash say so, the chart is written."""
 
 from __future__ import annotations
 
 import pytest
 
-from passes.bench import plot, run_bench
+from passes.tools.bench import plot, run_bench
 
 
 @pytest.mark.slow
@@ -52,7 +52,7 @@ def test_run_all_summary_row_compares_ours_with_the_best_peer() -> None:
 @pytest.mark.slow
 def test_bench_times_a_precompiled_model_without_compiling(exported, tmp_path, monkeypatch) -> None:
     import ir
-    import passes.compile
+    import passes.tools.compile
     from passes import compile_model
 
     src = str(exported("bert"))
@@ -62,7 +62,7 @@ def test_bench_times_a_precompiled_model_without_compiling(exported, tmp_path, m
     def no_compile(*args, **kwargs):
         raise AssertionError("compiled again")
 
-    monkeypatch.setattr(passes.compile, "compile_model", no_compile)
+    monkeypatch.setattr(passes.tools.compile, "compile_model", no_compile)
     res = run_bench(src, target="x86-avx2", seq=16, rounds=1, runs_per_round=1, peers=(), compiled=str(path))
     ours = res.rows[-1]
     assert ours["name"].startswith("ours") and not ours.get("error") and ours["max_abs"] < 1e-4

@@ -159,7 +159,7 @@ from typing import ClassVar
 import numpy as np
 import ir
 from passes import Pass, Rewriter, register_pass
-from passes.compile import main
+from passes.tools.compile import main
 
 @register_pass
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Decoders with a KV cache: compiled for x86, greedy decoding must match the original at every
-step (prefill and 32 decoding steps), and the ``passes.generate`` API and CLI."""
+step (prefill and 32 decoding steps), and the ``passes.tools.generate`` API and CLI."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 import ir
 from conftest import ROOT
-from passes.generate import GenerateError, generate, generate_with_stats, make_session
+from passes.tools.generate import GenerateError, generate, generate_with_stats, make_session
 
 STEPS = 32
 
@@ -28,7 +28,7 @@ def past_export(tmp_path_factory: pytest.TempPathFactory):
     def get(arch: str, dynamo: bool) -> pathlib.Path:
         key = (arch, dynamo)
         if key not in cache:
-            from passes import export as ex
+            from passes.tools import export as ex
 
             model = ex.tiny_model(arch, attn_implementation="sdpa")
             cache[key] = ex.export(model, folder / f"{arch}_{'dynamo' if dynamo else 'ts'}_past.onnx",
@@ -39,7 +39,7 @@ def past_export(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _compiled(path: pathlib.Path) -> tuple[bytes, dict[str, int]]:
-    from passes.compile import compile_model
+    from passes.tools.compile import compile_model
 
     result = compile_model(str(path), "x86")
     assert result.report.verified_ok, result.report.verification
@@ -88,7 +88,7 @@ def test_presents_keep_names_and_values(past_export) -> None:
 def test_generate_cli(past_export) -> None:
     path = past_export("llama", False)
     run = subprocess.run(
-        [sys.executable, "-m", "passes.generate", str(path), "--tokens", "5", "--prompt-ids", "5,6,7"],
+        [sys.executable, "-m", "passes.tools.generate", str(path), "--tokens", "5", "--prompt-ids", "5,6,7"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert run.returncode == 0, run.stderr
@@ -113,7 +113,7 @@ def test_generate_rejects_models_without_cache(tmp_path: pathlib.Path) -> None:
     path = _no_past_model(tmp_path)
     with pytest.raises(GenerateError, match="with_past"):
         generate(str(path), [1, 2], 3)
-    run = subprocess.run([sys.executable, "-m", "passes.generate", str(path), "--tokens", "3"],
+    run = subprocess.run([sys.executable, "-m", "passes.tools.generate", str(path), "--tokens", "3"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and run.stderr.startswith("error:") and len(run.stderr.splitlines()) == 1
 

@@ -1,12 +1,12 @@
-"""passes.embed: bucketing, the LRU cache, and agreement with transformers mean pooling."""
+"""passes.tools.embed: bucketing, the LRU cache, and agreement with transformers mean pooling."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from passes.embed import Embedder
-from passes.export import minilm_dir
+from passes.tools.embed import Embedder
+from passes.tools.export import minilm_dir
 
 TEXTS = [
     "A short one.",
@@ -49,7 +49,7 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path) -> None:
 
 
 def test_the_compiled_model_cache_key_follows_the_compiler_sources(tmp_path) -> None:
-    from passes.embed import compiler_fingerprint
+    from passes.tools.embed import compiler_fingerprint
 
     assert compiler_fingerprint() == compiler_fingerprint() and len(compiler_fingerprint()) == 12
     (tmp_path / "passes").mkdir()

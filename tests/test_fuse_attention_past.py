@@ -28,7 +28,7 @@ import ir
 import targets
 from conftest import ort_run
 from passes import PassContext, PassManager
-from passes.generate import generate_with_stats, make_session
+from passes.tools.generate import generate_with_stats, make_session
 
 N, D = 4, 4  # query heads, head size
 H = N * D
@@ -244,7 +244,7 @@ def test_target_without_multi_head_attention_is_a_near_miss() -> None:
 
 
 def _compile(path: pathlib.Path) -> tuple[ir.Model, dict[str, int]]:
-    from passes.compile import compile_model
+    from passes.tools.compile import compile_model
 
     result = compile_model(str(path), "x86", explain=True)
     assert result.report.verified_ok, result.report.verification
@@ -286,7 +286,7 @@ def past_export(tmp_path_factory: pytest.TempPathFactory):
 
     def get(arch: str, dynamo: bool) -> pathlib.Path:
         if (arch, dynamo) not in cache:
-            from passes import export as ex
+            from passes.tools import export as ex
 
             model = ex.tiny_model(arch, attn_implementation="sdpa")
             cache[arch, dynamo] = ex.export(model, folder / f"{arch}_{'dynamo' if dynamo else 'ts'}_past.onnx",

@@ -238,7 +238,7 @@ def test_small_max_positions_option() -> None:
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("dynamo", [False, True], ids=["ts", "dynamo"])
 def test_llama_exports(exported, dynamo: bool, attn: str) -> None:
-    from passes.compile import compile_model
+    from passes.tools.compile import compile_model
 
     path = exported("llama", dynamo=dynamo, attn=attn)
     result = compile_model(str(path), "x86", verify=False)

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 import ir
 from ir.testing import inputs_for, models, recompute_uses
 from passes import PassContext, PassManager, PassRecord
-from passes.dead_flow import DeadFlowPass
+from passes.cleanup.dead_flow import DeadFlowPass
 
 __all__: list[str] = []
 

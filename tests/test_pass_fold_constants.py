@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import ir
 from ir.testing import inputs_for, models
 from passes import PassContext, PassManager
-from passes._evaluator import evaluate, evaluate_with_onnxruntime, numpy_ops
+from passes.framework.evaluator import evaluate, evaluate_with_onnxruntime, numpy_ops
 
 __all__: list[str] = []
 

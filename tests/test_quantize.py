@@ -16,9 +16,9 @@ import ir
 import targets
 from conftest import ROOT, feeds_for, ort_session
 from passes import PassContext, PassManager, registered_passes
-from passes._numerics import model_bytes_or_path
-from passes._quant_math import cosine_rows, dynamic_quantize_linear, outlier_channels, quantize_weight, smooth_factors
-from passes.quantize import QuantizePass, find_candidates
+from passes.framework.numerics import model_bytes_or_path
+from passes.quantization.quant_math import cosine_rows, dynamic_quantize_linear, outlier_channels, quantize_weight, smooth_factors
+from passes.quantization.quantize import QuantizePass, find_candidates
 
 SENTENCES = ROOT / "benchmarks" / "data" / "sentences.txt"
 
@@ -491,7 +491,7 @@ def _embed(sess, tok, texts: list[str], batch: int = 16) -> np.ndarray:
 def test_minilm_sentence_embeddings_within_budget(exported, export_cache_dir, tmp_path: pathlib.Path, fused: bool) -> None:
     from tokenizers import Tokenizer
 
-    from passes.export import minilm_dir
+    from passes.tools.export import minilm_dir
 
     path = exported("minilm", attn="eager")
     if fused:

@@ -13,8 +13,8 @@ from typing import TextIO
 import ir
 
 
-from ._base import Pass, PassContext, PassError, PassResult
-from ._pipeline import Fixpoint, Pipeline, PipelineItem, format_pipeline, parse_pipeline
+from .base import Pass, PassContext, PassError, PassResult
+from .pipeline import Fixpoint, Pipeline, PipelineItem, format_pipeline, parse_pipeline
 
 __all__ = ["PassManager", "PassRecord"]
 

@@ -3,7 +3,7 @@
 What folds:
 
 * a standard-domain node whose inputs are all constant (initializers or ``Constant`` outputs),
-  evaluated by :mod:`passes._evaluator` (numpy, or onnxruntime on a one-node model);
+  evaluated by :mod:`passes.framework.evaluator` (numpy, or onnxruntime on a one-node model);
 * ``Constant`` nodes, which become initializers under the same name;
 * shape facts: ``Shape``/``Size`` of a value whose shape is known, and the chains exporters build
   from them (``Shape → Gather/Slice → Unsqueeze → Concat``), element by element, so
@@ -32,11 +32,11 @@ import numpy as np
 
 import ir
 
-from ._base import Pass, PassContext, PassResult
-from ._evaluator import NONDETERMINISTIC_OPS, evaluate
-from ._match import const_array
-from ._registry import register_pass
-from ._rewriter import Rewriter
+from ..framework.base import Pass, PassContext, PassResult
+from ..framework.evaluator import NONDETERMINISTIC_OPS, evaluate
+from ..framework.match import const_array
+from ..framework.registry import register_pass
+from ..framework.rewriter import Rewriter
 
 __all__ = ["FoldConstantsPass"]
 
@@ -328,7 +328,7 @@ def _shape_fact(node: ir.Node, opset: int, facts: dict[ir.Value, _Fact]) -> _Fac
             return None
         if axes[0] not in (0, -1) or steps[0] <= 0:
             return None
-        from ._evaluator import _clamped_slice
+        from ..framework.evaluator import _clamped_slice
 
         return 1, data[1][_clamped_slice(starts[0], ends[0], steps[0], len(data[1]))]
     if op == "Concat":

@@ -7,14 +7,14 @@ The match is anchored at the Softmax and follows the data flow, never names::
     ─► [Cast] [Where(IsNaN(p), 0, p)] ─► MatMul(p, V') ─► Transpose/Reshape ─► y [B,S,H]
 
 Syntax is matched only loosely (which ops may sit on each path); what the paths compute is
-*checked by evaluation* in onnxruntime on probe inputs (:mod:`passes._attention_probe`):
+*checked by evaluation* in onnxruntime on probe inputs (:mod:`passes.fusions._attention_probe`):
 
 * each of Q', K', V' must equal ``c · heads(x @ W + b)`` in the layout ``MatMul`` needs
   (``[B,N,S,d]``, ``[B,N,d,S]``, ``[B,N,S,d]``), which also gives ``num_heads`` and ``head_dim``
   and the pre-MatMul scales ``c``;
 * the head merge must equal ``transpose(0,2,1,3) + reshape``;
 * the mask region must be a key-padding and/or causal mask of a 2-D mask input
-  (:mod:`passes._attention_mask`), which also gives the post-MatMul scale.
+  (:mod:`passes.fusions._attention_mask`), which also gives the post-MatMul scale.
 
 Decoder paths may also hold, from the operand back (:func:`_walk_path`): a GQA head repeat
 (``Unsqueeze/Expand/Reshape``), a KV cache ``Concat(past, new)`` on the sequence axis, and a
@@ -48,7 +48,7 @@ NaN guard) or a mean, the op a mean.
 
 On targets without contrib attention (the ``onnx`` target), a matched layer without a past,
 rotary or grouped heads is rewritten in the fewest standard ops instead
-(:mod:`passes._attention_standard`): one packed QKV MatMul with the scale folded into the Q
+(:mod:`passes.fusions._attention_standard`): one packed QKV MatMul with the scale folded into the Q
 columns, one Split, Reshape/Transpose per operand, ``Softmax(Q·Kᵀ + bias)·V``, Transpose and
 Reshape, with the additive ``bias`` built once per model from the 2-D mask. Other layers there
 are left as they are, with a note.
@@ -67,11 +67,11 @@ import ir
 from ._attention_mask import MaskRun, MaskVerdict, classify_mask, padding_patterns
 from ._attention_probe import Probe, ProbeError, input_feeds
 from ._attention_standard import StandardMasks, rewrite_standard, standard_form_unsupported
-from ._base import Pass, PassContext, PassResult
-from ._match import const_array, producer, scalar
-from ._pattern import NoMatch, Rule, apply_rules
-from ._registry import register_pass
-from ._rewriter import Rewriter
+from ..framework.base import Pass, PassContext, PassResult
+from ..framework.match import const_array, producer, scalar
+from ..framework.rules import NoMatch, Rule, apply_rules
+from ..framework.registry import register_pass
+from ..framework.rewriter import Rewriter
 
 __all__ = ["FuseAttentionPass", "AttentionFusion"]
 

@@ -41,11 +41,11 @@ import numpy as np
 
 import ir
 
-from ._base import Pass, PassContext, PassResult
-from ._match import const_array, operands, producer, scalar
-from ._pattern import NoMatch, Rule, apply_rules
-from ._registry import register_pass
-from ._rewriter import Rewriter
+from ..framework.base import Pass, PassContext, PassResult
+from ..framework.match import const_array, operands, producer, scalar
+from ..framework.rules import NoMatch, Rule, apply_rules
+from ..framework.registry import register_pass
+from ..framework.rewriter import Rewriter
 
 __all__ = ["FuseRotaryPass", "RotaryFusion"]
 

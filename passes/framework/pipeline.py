@@ -19,8 +19,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Union
 
-from ._base import Pass, PassError
-from ._registry import get_pass_class
+from .base import Pass, PassError
+from .registry import get_pass_class
 
 __all__ = ["Fixpoint", "Pipeline", "parse_pipeline", "format_pipeline"]
 

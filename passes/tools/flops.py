@@ -16,7 +16,7 @@ def matmul_flops(model_path: str, feeds: dict[str, np.ndarray]) -> float:
 
     Exact: the operand shapes are read off one onnxruntime run with them exposed as outputs.
     """
-    from ._numerics import model_bytes_or_path, session
+    from ..framework.numerics import model_bytes_or_path, session
 
     model = ir.load(model_path)
     gemms = [n for n in model.graph if n.op_type in ("MatMul", "Gemm") and None not in n.inputs[:2]]

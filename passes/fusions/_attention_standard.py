@@ -1,7 +1,7 @@
 """An attention layer in the fewest standard ONNX ops, for targets without ``com.microsoft`` attention.
 
-Used by :mod:`passes.fuse_attention` once a layer is matched and checked (the same
-:class:`~passes.fuse_attention.AttentionMatch` as for the contrib ops). Per layer::
+Used by :mod:`passes.fusions.attention` once a layer is matched and checked (the same
+:class:`~passes.fusions.attention.AttentionMatch` as for the contrib ops). Per layer::
 
     q, k, v = Split(x @ [Wq·s | Wk | Wv] + [bq·s | bk | bv])       # the scale s folded into Q
     Q = Transpose(Reshape(q, [0,0,N,d]), 0213)                      # [B,N,S,d]
@@ -24,10 +24,10 @@ import numpy as np
 
 import ir
 
-from ._rewriter import Rewriter
+from ..framework.rewriter import Rewriter
 
 if TYPE_CHECKING:
-    from .fuse_attention import AttentionMatch
+    from .attention import AttentionMatch
 
 __all__ = ["StandardMasks", "standard_form_unsupported", "is_standard_form", "rewrite_standard"]
 

@@ -5,7 +5,7 @@ What it does, in order:
 1. **Candidates** come from the target's :class:`~targets.QuantPolicy`: ``MatMul`` and ``Gemm`` with a
    constant 2-D float weight, and ``com.microsoft::Attention`` (packed ``[H, 3H]`` QKV weight).
    Names or op types in ``options["exclude"]`` are skipped.
-2. **Calibration** inputs (see :mod:`passes._quant_calibration`): an ``.npz``, real text through the
+2. **Calibration** inputs (see :mod:`passes.quantization.calibration`): an ``.npz``, real text through the
    model's tokenizer, or generated inputs (with a warning).
 3. **Remedies** for activation outliers are tried on the fully quantized model and the best one is
    kept: plain per-channel weights, and SmoothQuant equalization of the activations read from a
@@ -15,7 +15,7 @@ What it does, in order:
    few channels with a calibration ``max|x|`` far above the rest are zeroed in the quantized path
    (``Mul`` by a 0/1 mask) and computed in float (``Gather`` + small ``MatMul``, then ``Add``).
 4. **Sensitivity**: each candidate is quantized alone and the model scored against the float one
-   (:mod:`passes._quant_sensitivity`). Candidates are then quantized in order of accuracy lost per
+   (:mod:`passes.quantization.sensitivity`). Candidates are then quantized in order of accuracy lost per
    multiply-add moved to int8 (``K*N``, a proxy for the time saved)
    while the combined model (re-measured, not summed) keeps the worst sample's cosine at or above
    ``min_cosine``; the others stay float. If not even one op fits, the model stays float and a note
@@ -45,13 +45,13 @@ import numpy as np
 
 import ir
 
-from ._base import Pass, PassContext, PassError, PassResult
-from ._numerics import model_bytes_or_path, session
-from ._quant_calibration import calibration_batches
-from ._quant_math import outlier_channels, quantize_weight, smooth_factors
-from ._quant_sensitivity import Evaluator, Score
-from ._registry import register_pass
-from ._rewriter import Rewriter
+from ..framework.base import Pass, PassContext, PassError, PassResult
+from ..framework.numerics import model_bytes_or_path, session
+from .calibration import calibration_batches
+from .quant_math import outlier_channels, quantize_weight, smooth_factors
+from .sensitivity import Evaluator, Score
+from ..framework.registry import register_pass
+from ..framework.rewriter import Rewriter
 
 __all__ = ["QuantizePass", "find_candidates", "Candidate", "Plan", "apply_plan", "build_switch_model"]
 
@@ -536,7 +536,7 @@ class QuantizePass(Pass):
             smoothed: ``auto`` (try it, keep it when it measures better), ``on``, ``off``.
         outlier_threshold: a channel is an outlier when its calibration ``max|x|`` exceeds this
             many times the level of the channels past the budget (see
-            :func:`passes._quant_math.outlier_channels`).
+            :func:`passes.quantization.quant_math.outlier_channels`).
         outlier_fraction: the largest fraction of an activation's channels kept float.
         sensitivity: measure each op and keep the sensitive ones float (``False``: quantize every
             candidate without measuring anything).

@@ -1,6 +1,6 @@
-"""``python -m passes.bench``: time our compiled model against the original and the peer tools.
+"""``python -m passes.tools.bench``: time our compiled model against the original and the peer tools.
 
-    python -m passes.bench model.onnx --target x86 [--quantize int8] [--batch 1] [--seq 128] [--threads 2]
+    python -m passes.tools.bench model.onnx --target x86 [--quantize int8] [--batch 1] [--seq 128] [--threads 2]
 
 In one run, with the same inputs and threads, it times: the original in onnxruntime,
 onnxruntime's transformers optimizer (plus its ``quantize_dynamic`` with ``--quantize``), the
@@ -24,7 +24,7 @@ import numpy as np
 
 import ir
 
-from ._numerics import compare_outputs, make_feeds, session
+from ..framework.numerics import compare_outputs, make_feeds, session
 
 __all__ = ["Variant", "BenchResult", "run_bench", "main"]
 
@@ -156,7 +156,7 @@ def run_bench(
     timed as ours instead of compiling again (the benchmark matrix reuses one across shapes).
     """
     from .compile import compile_model
-    from ._flops import matmul_flops, measure_gemm_peak
+    from .flops import matmul_flops, measure_gemm_peak
 
     import onnxruntime as ort
 
@@ -294,7 +294,7 @@ def plot(result: BenchResult, path: str, title: str = "") -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
-    p = argparse.ArgumentParser(prog="python -m passes.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="tfcompile bench", description=__doc__.split("\n\n")[0])
     p.add_argument("model")
     p.add_argument("--target", default="x86")
     p.add_argument("--quantize", choices=["int8"])

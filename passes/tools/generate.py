@@ -1,16 +1,16 @@
 """Greedy generation with a KV cache in onnxruntime, for decoders exported ``with_past``.
 
-    python -m passes.generate model.onnx --tokens 64 [--prompt-ids 1,2,3 | --prompt-len 8] [--threads 2]
+    python -m passes.tools.generate model.onnx --tokens 64 [--prompt-ids 1,2,3 | --prompt-len 8] [--threads 2]
 
 The model takes ``input_ids [B, S]``, ``attention_mask [B, P+S]`` and ``past_key_values.{i}.key``
 / ``.value`` ``[B, kv_heads, P, head_dim]``, and returns ``logits`` and ``present.{i}.key`` /
-``.value`` (what :func:`passes.export.export` writes with ``with_past=True``; a model compiled by
+``.value`` (what :func:`passes.tools.export.export` writes with ``with_past=True``; a model compiled by
 ``python -m passes.compile`` keeps those names). Generation runs the prompt once with an empty
 cache (prefill), then feeds one token a step with the presents as the next pasts.
 
 Python API::
 
-    from passes.generate import generate, generate_with_stats
+    from passes.tools.generate import generate, generate_with_stats
     ids = generate("llama_past.onnx", [1, 2, 3], max_new_tokens=16)       # -> [[...16 ids]]
     out = generate_with_stats(session, [[1, 2, 3]], 16, keep_logits=True)
     out.ids, out.logits, out.time_to_first_token, out.tokens_per_second
@@ -61,8 +61,8 @@ class Generation:
 
 
 def make_session(path_or_bytes: str | bytes | os.PathLike[str], threads: int = 1, *, spinning: bool = True) -> Any:
-    """An onnxruntime CPU session with ``threads`` intra-op threads (see :func:`passes._numerics.session`)."""
-    from ._numerics import session
+    """An onnxruntime CPU session with ``threads`` intra-op threads (see :func:`passes.framework.numerics.session`)."""
+    from ..framework.numerics import session
 
     return session(path_or_bytes, threads, spinning=spinning)
 
@@ -169,7 +169,7 @@ def generate(session_or_path: Any, prompt_ids: Any, max_new_tokens: int, **kwarg
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m passes.generate",
+    p = argparse.ArgumentParser(prog="tfcompile generate",
                                 description="Greedy generation with a KV cache in onnxruntime.")
     p.add_argument("model", help="decoder .onnx exported with_past (original or compiled)")
     p.add_argument("--tokens", type=int, default=64, help="tokens to generate (default 64)")

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from ._numerics import session
-from ._quant_math import cosine_rows
+from ..framework.numerics import session
+from .quant_math import cosine_rows
 
 __all__ = ["Score", "Evaluator"]
 
@@ -64,7 +64,7 @@ class Evaluator:
     """Scores candidate models against the float model on fixed inputs.
 
     Args:
-        reference: the float model (bytes or path, as :func:`passes._numerics.session` takes).
+        reference: the float model (bytes or path, as :func:`passes.framework.numerics.session` takes).
         batches: calibration inputs, one feed dict per batch.
         threads: onnxruntime intra-op threads.
     """

@@ -1,7 +1,7 @@
-"""``python -m passes.embed``: sentence embeddings with a compiled model, end to end.
+"""``python -m passes.tools.embed``: sentence embeddings with a compiled model, end to end.
 
-    python -m passes.embed minilm --texts sentences.txt -o embeddings.npy
-    python -m passes.embed path/to/model_dir --texts sentences.txt --onnx compiled.onnx
+    python -m passes.tools.embed minilm --texts sentences.txt -o embeddings.npy
+    python -m passes.tools.embed path/to/model_dir --texts sentences.txt --onnx compiled.onnx
 
 Tokenizes with the fast Rust tokenizer (``tokenizers``), runs the compiled model in onnxruntime
 and mean-pools over the attention mask. Texts are sorted by token count and batched so each batch
@@ -53,7 +53,7 @@ class Embedder:
     ) -> None:
         from tokenizers import Tokenizer
 
-        from ._numerics import session
+        from ..framework.numerics import session
 
         tok_file = Path(tokenizer_dir) / "tokenizer.json"
         if not tok_file.is_file():
@@ -162,7 +162,7 @@ def compiled_model_for(model_dir: str, *, target: str = "native", cache_dir: str
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
-    p = argparse.ArgumentParser(prog="python -m passes.embed", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="tfcompile embed", description=__doc__.split("\n\n")[0])
     p.add_argument("model_dir", help="transformers model folder (config, weights, tokenizer), or 'minilm'")
     p.add_argument("--texts", required=True, help="text file, one text per line")
     p.add_argument("--onnx", help="an already compiled model (skips export and compile)")

@@ -27,11 +27,11 @@ from typing import ClassVar
 
 import ir
 
-from ._base import Pass, PassContext, PassResult
-from ._match import const_array, is_scalar, only_users, operands, producer, single_use
-from ._pattern import NoMatch, Rule, apply_rules
-from ._registry import register_pass
-from ._rewriter import Rewriter
+from ..framework.base import Pass, PassContext, PassResult
+from ..framework.match import const_array, is_scalar, only_users, operands, producer, single_use
+from ..framework.rules import NoMatch, Rule, apply_rules
+from ..framework.registry import register_pass
+from ..framework.rewriter import Rewriter
 
 __all__ = ["GeluFusionPass", "GeluFusion"]
 

@@ -3,27 +3,30 @@
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from importlib.metadata import entry_points
 
-from ._base import Pass, PassError
+from .base import Pass, PassError
 
-__all__ = ["register_pass", "get_pass_class", "registered_passes"]
+__all__ = ["register_pass", "get_pass_class", "registered_passes", "builtin_pass_modules", "PASS_PACKAGES"]
 
 _REGISTRY: dict[str, type[Pass]] = {}
 _LOADED = False
 
-#: Modules holding the built-in passes; imported on first lookup so start-up stays cheap.
-_BUILTIN_MODULES = (
-    "passes.dead_flow",
-    "passes.fold_constants",
-    "passes.simplify",
-    "passes.fuse_gelu",
-    "passes.fuse_layer_norm",
-    "passes.fuse_embed_layer_norm",
-    "passes.fuse_attention",
-    "passes.fuse_rotary",
-    "passes.quantize",
-)
+#: Packages whose public modules hold the built-in passes; discovered on first lookup so start-up
+#: stays cheap. A pass module is any module not starting with ``_``.
+PASS_PACKAGES = ("passes.cleanup", "passes.fusions", "passes.quantization")
+
+
+def builtin_pass_modules() -> list[str]:
+    """The modules discovered in :data:`PASS_PACKAGES`, in a stable order."""
+    found = []
+    for pkg_name in PASS_PACKAGES:
+        pkg = importlib.import_module(pkg_name)
+        for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+            if not info.name.startswith("_"):
+                found.append(f"{pkg_name}.{info.name}")
+    return found
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
@@ -43,12 +46,12 @@ def _load() -> None:
     if _LOADED:
         return
     _LOADED = True
-    for mod in _BUILTIN_MODULES:
+    for mod in builtin_pass_modules():
         try:
             importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # a real import error inside an existing module
-                raise
+        except Exception as e:
+            _LOADED = False
+            raise PassError(f"pass module {mod} does not import: {type(e).__name__}: {e}") from e
     for ep in entry_points(group="passes.plugins"):
         obj = ep.load()
         if isinstance(obj, type) and issubclass(obj, Pass):

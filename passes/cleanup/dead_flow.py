@@ -18,9 +18,9 @@ from typing import ClassVar
 
 import ir
 
-from ._base import Pass, PassContext, PassResult
-from ._registry import register_pass
-from ._rewriter import Rewriter
+from ..framework.base import Pass, PassContext, PassResult
+from ..framework.registry import register_pass
+from ..framework.rewriter import Rewriter
 
 __all__ = ["DeadFlowPass"]
 

@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 
 import ir
 
-from ._base import PassContext, PassError
-from ._rewriter import Rewriter
+from .base import PassContext, PassError
+from .rewriter import Rewriter
 
 __all__ = ["Rule", "NoMatch", "apply_rules"]
 

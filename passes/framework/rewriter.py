@@ -10,7 +10,7 @@ import numpy as np
 
 import ir
 
-from ._base import PassResult
+from .base import PassResult
 
 __all__ = ["Rewriter"]
 

@@ -14,7 +14,7 @@ position_table, [segment_table], γ, β)`` with ``epsilon`` from the norm and ``
 
 The fused op indexes the position table at ``s`` for token ``s`` of every row, so the position
 indices are *checked by evaluation*, not by matching the exporters' ``Shape/Slice/Unsqueeze``
-forms: their cone is copied into a probe model (:mod:`passes._attention_probe`) and run in
+forms: their cone is copied into a probe model (:mod:`passes.fusions._attention_probe`) and run in
 onnxruntime at several batch and sequence sizes with different token ids; it must give
 ``arange(S)`` broadcast over the batch every time. RoBERTa's positions (``padding_idx + 1 +
 cumsum(ids != pad)``) fail the check and are reported as a near miss.
@@ -35,11 +35,11 @@ import numpy as np
 import ir
 
 from ._attention_probe import Probe, ProbeError, input_feeds
-from ._base import Pass, PassContext, PassResult
-from ._match import const_array, only_users, producer
-from ._pattern import NoMatch, Rule, apply_rules
-from ._registry import register_pass
-from ._rewriter import Rewriter
+from ..framework.base import Pass, PassContext, PassResult
+from ..framework.match import const_array, only_users, producer
+from ..framework.rules import NoMatch, Rule, apply_rules
+from ..framework.registry import register_pass
+from ..framework.rewriter import Rewriter
 
 __all__ = ["FuseEmbedLayerNormPass", "EmbedLayerNormFusion"]
 

@@ -24,12 +24,12 @@ import numpy as np
 
 import ir
 
-from ._base import Pass, PassContext, PassResult
-from ._evaluator import NONDETERMINISTIC_OPS, attribute_key
-from ._match import const_array, producer
-from ._pattern import NoMatch, Rule, apply_rules
-from ._registry import register_pass
-from ._rewriter import Rewriter
+from ..framework.base import Pass, PassContext, PassResult
+from ..framework.evaluator import NONDETERMINISTIC_OPS, attribute_key
+from ..framework.match import const_array, producer
+from ..framework.rules import NoMatch, Rule, apply_rules
+from ..framework.registry import register_pass
+from ..framework.rewriter import Rewriter
 
 __all__ = [
     "SimplifyPass", "IdentityRemoval", "DropoutRemoval", "NoOpCast", "NoOpReshape", "NoOpTranspose",

