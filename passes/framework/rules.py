@@ -13,23 +13,30 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import ir
 
-from .base import PassContext, PassError
+from .base import Pass, PassContext, PassError, PassResult
+from .registry import register_pass
 from .rewriter import Rewriter
 
-__all__ = ["Rule", "NoMatch", "apply_rules"]
+__all__ = ["Rule", "NoMatch", "RulesPass", "apply_rules", "register_rules"]
 
 
 @dataclass(frozen=True)
 class NoMatch:
-    """Why a rule did not match. ``near`` marks a near miss worth telling the user about."""
+    """Why a rule did not match. ``near`` marks a near miss worth telling the user about.
+
+    ``score`` says how near (the fraction of the pattern that matched; 1.0 when only a check
+    refused): when several rules nearly match at one node, ``--explain`` keeps the nearest.
+    """
 
     reason: str
     near: bool = False
+    score: float = 1.0
 
     def __bool__(self) -> bool:
         return False
@@ -56,6 +63,10 @@ class Rule:
         """Apply the rewrite for ``match`` through ``rw``."""
         raise NotImplementedError
 
+    def prepare(self, model: ir.Model) -> Rule:
+        """The rule to run on ``model`` (pattern rules bind the model's opsets); ``self`` by default."""
+        return self
+
 
 def apply_rules(
     model: ir.Model,
@@ -75,11 +86,11 @@ def apply_rules(
         PassError: when the step cap is reached (rules that undo each other, say).
     """
     by_root: dict[tuple[str, str], list[Rule]] = defaultdict(list)
-    for r in rules:
+    for r in (rule.prepare(model) for rule in rules):
         for op in r.roots:
             by_root[(r.root_domain, op)].append(r)
     steps = 0
-    near: dict[int, tuple[ir.Node, str, str]] = {}
+    near: dict[int, tuple[ir.Node, str, str, float]] = {}
     graphs = list(model.graph.all_graphs())
     for f in model.functions:
         graphs.extend(f.graph.all_graphs())
@@ -95,7 +106,9 @@ def apply_rules(
                     m = rule.check(node, ctx)
                     if isinstance(m, NoMatch) or not m:
                         if ctx.explain and isinstance(m, NoMatch) and m.near:
-                            near[id(node)] = (node, rule.name, m.reason)
+                            seen = near.get(id(node))
+                            if seen is None or m.score > seen[3]:
+                                near[id(node)] = (node, rule.name, m.reason, m.score)
                         continue
                     rule.rewrite(m, rw, ctx)
                     rw.count(rule.stat or f"applied {rule.name}")
@@ -107,7 +120,45 @@ def apply_rules(
                             f"(last: {rule.name} at {node.label()}); they may undo each other"
                         )
                     break
-    for node, rule_name, reason in near.values():
+    for node, rule_name, reason, _ in near.values():
         if node.graph is not None:
             ctx.note(pass_name, node, f"{rule_name}: {reason}")
     return steps
+
+
+@dataclass(frozen=True)
+class RulesPass(Pass):
+    """A pass that is a set of rules applied to a fixed point by :func:`apply_rules`.
+
+    Subclass it with ``name`` and ``rules`` (or override :meth:`rules_for` when the set depends on
+    the model), or let :func:`register_rules` make one.
+    """
+
+    rules: ClassVar[tuple[Rule, ...]] = ()
+
+    def rules_for(self, model: ir.Model, ctx: PassContext) -> Sequence[Rule]:
+        """The rules to apply to ``model`` (``rules`` by default)."""
+        return self.rules
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        """Apply the rules over every graph until none fires."""
+        rw = Rewriter()
+        apply_rules(model, self.rules_for(model, ctx), ctx, rw, pass_name=self.name)
+        return rw.result()
+
+
+def register_rules(name: str, rules: Sequence[Rule], summary: str = "") -> type[RulesPass]:
+    """Make and register a pass named ``name`` that applies ``rules``; returns the pass class.
+
+    Example::
+
+        register_rules("fuse-silu", [silu_rule], "x * Sigmoid(x) -> QuickGelu")
+        PassManager("fuse-silu,dead-flow").run(model, ctx)
+    """
+    cls_name = "".join(part.title() for part in name.replace("_", "-").split("-")) + "Pass"
+    caller = sys._getframe(1).f_globals.get("__name__", __name__)
+    cls = type(cls_name, (RulesPass,), {
+        "__module__": caller, "__qualname__": cls_name, "__doc__": summary or f"Apply the {name} rules.",
+        "__annotations__": {}, "name": name, "summary": summary, "rules": tuple(rules),
+    })
+    return register_pass(dataclass(frozen=True)(cls))  # type: ignore[return-value]
