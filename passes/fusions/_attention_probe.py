@@ -20,7 +20,7 @@ import ir
 
 from ..framework.numerics import index_rows
 
-__all__ = ["Probe", "ProbeError", "input_feeds"]
+__all__ = ["Probe", "ProbeError", "input_feeds", "float_dtype", "int_dtype"]
 
 
 class ProbeError(Exception):
@@ -160,6 +160,18 @@ def _np_dtype(v: ir.Value) -> Any:
             ir.DataType.INT64: np.int64, ir.DataType.INT32: np.int32, ir.DataType.BOOL: np.bool_,
             ir.DataType.INT8: np.int8, ir.DataType.UINT8: np.uint8,
         }.get(dt, np.float32)
+
+
+def float_dtype(v: ir.Value) -> Any:
+    """The numpy dtype of a float value (``float32`` when ``v`` is not float or not typed)."""
+    dt = v.dtype
+    return dt.numpy() if dt is not None and dt.is_float else np.float32
+
+
+def int_dtype(v: ir.Value) -> Any:
+    """The numpy dtype of an integer value (``int64`` when ``v`` is not integer or not typed)."""
+    dt = v.dtype
+    return dt.numpy() if dt is not None and dt.is_integer else np.int64
 
 
 def input_feeds(

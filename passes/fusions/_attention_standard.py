@@ -1,7 +1,7 @@
 """An attention layer in the fewest standard ONNX ops, for targets without ``com.microsoft`` attention.
 
 Used by :mod:`passes.fusions.attention` once a layer is matched and checked (the same
-:class:`~passes.fusions.attention.AttentionMatch` as for the contrib ops). Per layer::
+:class:`~passes.fusions._attention_match.AttentionMatch` as for the contrib ops). Per layer::
 
     q, k, v = Split(x @ [Wq·s | Wk | Wv] + [bq·s | bk | bv])       # the scale s folded into Q
     Q = Transpose(Reshape(q, [0,0,N,d]), 0213)                      # [B,N,S,d]
@@ -18,16 +18,14 @@ Split and Shape forms follow the model's opset.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 import ir
 
+from ._attention_match import AttentionMatch
 from ..framework.rewriter import Rewriter
-
-if TYPE_CHECKING:
-    from .attention import AttentionMatch
 
 __all__ = ["StandardMasks", "standard_form_unsupported", "is_standard_form", "rewrite_standard"]
 

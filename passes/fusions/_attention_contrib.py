@@ -1,0 +1,178 @@
+"""An attention layer as onnxruntime's ``com.microsoft`` ``Attention`` or ``MultiHeadAttention``.
+
+Used by :mod:`passes.fusions.attention` once a layer is matched and checked (see that module for
+the forms and the onnxruntime contracts they follow). :class:`ContribAttention` holds what the
+layers of one model share: the ``Cast(attention_mask → int32)`` made once per mask input.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+import ir
+
+from ._attention_match import MS, AttentionMatch, erase_layer
+from ..framework.rewriter import Rewriter
+
+__all__ = ["ContribAttention"]
+
+
+class ContribAttention:
+    """Writes matched layers of ``model`` as contrib attention ops (one instance per pass run)."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        #: ``id(mask input)`` -> its int32 ``mask_index``, shared by all layers.
+        self.mask_casts: dict[int, ir.Value] = {}
+
+    def attention(self, m: AttentionMatch, rw: Rewriter) -> None:
+        """The layer as one ``Attention`` on ``x``, the packed ``[H, 3H]`` weights and the raw mask."""
+        c = m.cand
+        graph = self.model.graph
+        ws, bs = zip(*(p.arrays() for p in (c.q, c.k, c.v)))
+        weight = rw.constant(graph, np.concatenate(ws, axis=1), name="attention_qkv_weight")
+        bias = rw.constant(graph, np.concatenate(bs), name="attention_qkv_bias")
+        inputs: list[ir.Value | None] = [c.x, weight, bias]
+        cast = self._mask_index(m, rw)
+        if cast is not None:
+            inputs.append(cast)
+        attrs: dict[str, Any] = {"num_heads": m.num_heads}
+        if m.mask.causal:
+            attrs["unidirectional"] = 1
+        if not math.isclose(m.scale, 1.0 / math.sqrt(m.head_dim), rel_tol=1e-5):
+            attrs["scale"] = float(m.scale)
+        anchor = m.output.producer()
+        assert anchor is not None
+        hidden = m.num_heads * m.head_dim
+        att = rw.make("Attention", inputs, attrs, domain=MS, before=anchor, name="Attention",
+                      types=[ir.TensorType(c.x.dtype or ir.DataType.FLOAT,
+                                           (c.x.shape[0], c.x.shape[1], hidden) if c.x.shape and len(c.x.shape) == 3 else None)])
+        out = att.outputs[0]
+        if m.output_2d:
+            shape = rw.constant(graph, np.array([-1, hidden], np.int64), name="attention_out_shape")
+            out = rw.make("Reshape", [out, shape], before=anchor, name="attention_flatten",
+                          types=[m.output.type]).outputs[0]
+        rw.replace_all_uses_with(m.output, out)
+        self._finish(m, rw, [m.output])
+
+    def _mask_index(self, m: AttentionMatch, rw: Rewriter) -> ir.Value | None:
+        """``Cast(attention_mask → int32)``, made once per mask input and shared by all layers."""
+        mask_in = m.mask.mask_input
+        if mask_in is None:
+            return None
+        cast = self.mask_casts.get(id(mask_in))
+        if cast is None:
+            first = next(iter(self.model.graph))
+            cast = rw.make("Cast", [mask_in], {"to": int(ir.DataType.INT32)}, before=first,
+                           name="attention_mask_index",
+                           types=[ir.TensorType(ir.DataType.INT32, mask_in.shape)]).outputs[0]
+            self.mask_casts[id(mask_in)] = cast
+        return cast
+
+    def _finish(self, m: AttentionMatch, rw: Rewriter, old: list[ir.Value]) -> None:
+        rw.import_opset(self.model, MS)
+        erase_layer(m, rw, self.model, old)
+
+    def multi_head_attention(self, m: AttentionMatch, rw: Rewriter) -> None:
+        """The layer as ``MultiHeadAttention`` on 3-D Q/K/V (see the module docs for the forms)."""
+        c = m.cand
+        graph = self.model.graph
+        anchor = m.output.producer()
+        assert anchor is not None
+        n, d, nkv, rep = m.num_heads, m.head_dim, m.kv_heads or m.num_heads, m.group
+        past = c.has_past
+        dtype = c.x.dtype or ir.DataType.FLOAT
+        (wq, bq), (wk, bk), (wv, bv) = (p.arrays() for p in (c.q, c.k, c.v))
+        expand_weights = rep > 1 and not past
+        if expand_weights:  # repeat_kv on the weights: head j of K/V is kv head j // rep, exactly
+            def heads(w: np.ndarray) -> np.ndarray:
+                return np.repeat(w.reshape(*w.shape[:-1], nkv, d), rep, axis=-2).reshape(*w.shape[:-1], n * d)
+            wk, bk, wv, bv = heads(wk), heads(bk), heads(wv), heads(bv)
+        cols = [wq.shape[1], wk.shape[1], wv.shape[1]]
+
+        def make(op: str, inputs: list[ir.Value | None], attrs: dict[str, Any] | None = None, domain: str = "",
+                 outputs: int = 1, name: str = "") -> ir.Node:
+            return rw.make(op, inputs, attrs, domain=domain, before=anchor, num_outputs=outputs, name=name or op)
+
+        def const(a: np.ndarray, name: str) -> ir.Value:
+            return rw.constant(graph, a, name=name)
+
+        qkv = make("MatMul", [c.x, const(np.concatenate([wq, wk, wv], axis=1), "attention_qkv_weight")],
+                   name="attention_qkv").outputs[0]
+        bias = np.concatenate([bq, bk, bv])
+        if np.any(bias != 0):
+            qkv = make("Add", [qkv, const(bias, "attention_qkv_bias")], name="attention_qkv_bias").outputs[0]
+        q, k, v = make("Split", [qkv, const(np.array(cols, np.int64), "attention_qkv_split")], {"axis": -1},
+                       outputs=3, name="attention_qkv_split").outputs
+        assert q is not None and k is not None and v is not None
+        rotated = {}
+        for key, val in (("q", q), ("k", k)):
+            rot = c.paths[key].rotary
+            if rot is not None:  # the same rotation on the 3-D [B,S,heads*d] form: per head, per position
+                attrs = {"interleaved": int(rot.attr("interleaved", 0))}
+                val = make("RotaryEmbedding", [val, *rot.inputs[1:4]], attrs, domain=MS).outputs[0]
+            rotated[key] = val
+        q, k = rotated["q"], rotated["k"]
+        inputs: list[ir.Value | None] = [q, k, v, None, self._mask_index(m, rw)]
+        old = [m.output]
+        presents: list[tuple[ir.Value, int]] = []
+        if past and rep > 1:
+            # The cache keeps kv_heads heads (present = Concat(past, new)); the op gets them repeated.
+            shape_kv = const(np.array([0, 0, nkv, d], np.int64), "attention_kv_heads_shape")
+            shape_5d = const(np.array([0, 0, nkv, 1, d], np.int64), "attention_kv_group_shape")
+            rep_new = const(np.array([1, 1, 1, rep, 1], np.int64), "attention_kv_repeat")
+            rep_past = const(np.array([1, 1, rep, 1, 1], np.int64), "attention_past_repeat")
+            ax2 = const(np.array([2], np.int64), "attention_axis2")
+            merged = const(np.array([0, 0, n * d], np.int64), "attention_merged_shape")
+            past_shape = const(np.array([0, n, -1, d], np.int64), "attention_past_shape")
+            pasts = []
+            for key in ("k", "v"):
+                path = c.paths[key]
+                new = k if key == "k" else v
+                bnsh = make("Transpose", [make("Reshape", [new, shape_kv]).outputs[0]], {"perm": [0, 2, 1, 3]}).outputs[0]
+                assert path.concat is not None and path.past is not None
+                present = make("Concat", [path.past, bnsh], {"axis": 2}, name="attention_present").outputs[0]
+                rw.replace_all_uses_with(path.concat.outputs[0], present)
+                old.append(path.concat.outputs[0])
+                grouped = make("Reshape", [new, shape_5d]).outputs[0]
+                wide = make("Reshape", [make("Expand", [grouped, rep_new]).outputs[0], merged]).outputs[0]
+                if key == "k":
+                    k = wide
+                else:
+                    v = wide
+                up = make("Unsqueeze", [path.past, ax2]).outputs[0]
+                pasts.append(make("Reshape", [make("Expand", [up, rep_past]).outputs[0], past_shape]).outputs[0])
+            inputs = [q, k, v, None, inputs[4], None, *pasts]
+        elif past:
+            inputs += [None, c.paths["k"].past, c.paths["v"].past]
+            presents = [(c.paths["k"].concat.outputs[0], 1), (c.paths["v"].concat.outputs[0], 2)]  # type: ignore[union-attr]
+        while inputs and inputs[-1] is None:
+            inputs.pop()
+        attrs: dict[str, Any] = {"num_heads": n}
+        if m.mask.causal:
+            attrs["unidirectional"] = 1
+        if not math.isclose(m.scale, 1.0 / math.sqrt(d), rel_tol=1e-5):
+            attrs["scale"] = float(m.scale)
+        shape3 = (c.x.shape[0], c.x.shape[1], n * d) if c.x.shape and len(c.x.shape) == 3 else None
+        types: list[ir.Type | None] = [ir.TensorType(dtype, shape3)]
+        names: list[str | None] = ["MultiHeadAttention"]
+        if past:
+            # onnxruntime 1.32 CPU reads past_key/past_value only when the present outputs exist
+            # (without them the output is garbage), so they are always requested.
+            types += [ov.type for ov, _ in presents] or [ir.TensorType(dtype, None)] * 2
+            names += ["present_key", "present_value"]
+        mha = rw.make("MultiHeadAttention", inputs, attrs, domain=MS, before=anchor, name="MultiHeadAttention",
+                      output_names=names, types=types)
+        out = mha.outputs[0]
+        assert out is not None
+        if m.output_2d:
+            shape = const(np.array([-1, n * d], np.int64), "attention_out_shape")
+            out = make("Reshape", [out, shape], name="attention_flatten").outputs[0]
+        rw.replace_all_uses_with(m.output, out)
+        for ov, i in presents:
+            rw.replace_all_uses_with(ov, mha.outputs[i])  # type: ignore[arg-type]
+            old.append(ov)
+        self._finish(m, rw, old)

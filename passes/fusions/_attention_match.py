@@ -1,0 +1,413 @@
+"""The attention match: its data types and the syntactic half of matching (no evaluation here).
+
+:func:`find_candidate` starts at a Softmax and follows the data flow loosely (which ops may sit on
+each path, see :mod:`passes.fusions.attention`) to a :class:`Candidate`: the two MatMuls, the Q/K/V
+:class:`Projection` columns, each operand's :class:`OperandPath` (rotary, KV-cache ``Concat``,
+GQA ``Expand``) and the head-merge chain. What those paths compute is checked by evaluation in
+:mod:`passes.fusions._attention_check`, which turns a candidate into an :class:`AttentionMatch`;
+the emitters (:mod:`passes.fusions._attention_contrib`, :mod:`passes.fusions._attention_standard`)
+read only these types. :func:`erase_layer` removes what only a rewritten layer read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+import ir
+
+from ._attention_mask import MaskVerdict
+from ..framework.match import const_array, producer, scalar
+from ..framework.rewriter import Rewriter
+
+__all__ = ["MS", "Projection", "OperandPath", "Candidate", "AttentionMatch", "find_candidate", "fused_op",
+           "erase_layer"]
+
+MS = "com.microsoft"
+# Ops that only move data between the projections and the attention MatMuls.
+_LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Flatten", "Cast"})
+# Ops that may sit between the scores MatMul and the Softmax (scaling and masking).
+_MASK_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Cast"})
+
+
+@dataclass
+class Projection:
+    """``x @ weight[:, start:stop] + bias[start:stop]`` (columns of a possibly packed projection)."""
+
+    x: ir.Value
+    weight: ir.Value
+    bias: ir.Value | None
+    trans_b: bool
+    start: int
+    stop: int
+    nodes: list[ir.Node]
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The ``[K, stop - start]`` weight columns and their bias (zeros when there is none)."""
+        w = const_array(self.weight)
+        assert w is not None
+        if self.trans_b:
+            w = w.T
+        w = w[:, self.start : self.stop]
+        b = const_array(self.bias) if self.bias is not None else None
+        b = np.zeros(w.shape[1], w.dtype) if b is None else b.reshape(-1)[self.start : self.stop]
+        return w, b.astype(w.dtype)
+
+
+@dataclass
+class OperandPath:
+    """What sits between a projection and an attention MatMul operand, besides layout and scale.
+
+    Walking back from the operand: an optional GQA head repeat (``Expand``), an optional KV-cache
+    ``Concat(past, new)`` on the sequence axis, an optional ``RotaryEmbedding`` (Q and K). What
+    the path computes is checked by evaluation, not trusted from this structure.
+    """
+
+    operand: ir.Value
+    rotary: ir.Node | None = None
+    concat: ir.Node | None = None
+    repeat: ir.Node | None = None
+
+    @property
+    def past(self) -> ir.Value | None:
+        return self.concat.inputs[0] if self.concat is not None else None
+
+
+@dataclass
+class Candidate:
+    """A Softmax whose surroundings look like attention, before the numeric checks."""
+
+    softmax: ir.Node
+    scores_mm: ir.Node
+    ctx_mm: ir.Node
+    q: Projection
+    k: Projection
+    v: Projection
+    head_chain: list[ir.Node]
+    merge_chain: list[ir.Value]  # ctx_mm output, then each Reshape/Transpose output after it
+    nodes: list[ir.Node] = field(default_factory=list)
+    paths: dict[str, OperandPath] = field(default_factory=dict)  # "q", "k", "v"
+
+    @property
+    def x(self) -> ir.Value:
+        return self.q.x
+
+    @property
+    def has_past(self) -> bool:
+        return any(p.concat is not None for p in self.paths.values())
+
+    @property
+    def has_rotary(self) -> bool:
+        return any(p.rotary is not None for p in self.paths.values())
+
+
+@dataclass
+class AttentionMatch:
+    """A checked attention layer, ready to rewrite."""
+
+    cand: Candidate
+    num_heads: int
+    head_dim: int
+    scale: float
+    mask: MaskVerdict
+    output: ir.Value  # the head-merge value the fused node replaces
+    output_2d: bool  # the head merge is [B*S, H] rather than [B, S, H]
+    kv_heads: int = 0  # heads of the K/V projections (< num_heads for grouped-query attention)
+
+    @property
+    def group(self) -> int:
+        return self.num_heads // (self.kv_heads or self.num_heads)
+
+
+def _softmax_axis_ok(node: ir.Node, opset: int) -> bool:
+    axis = node.attr("axis", -1 if opset >= 13 else 1)
+    return axis in (-1, 3)
+
+
+def _walk_layout(v: ir.Value) -> tuple[ir.Value, list[ir.Node]]:
+    """Follow reshape/transpose/scalar-scale producers back to the value they rearrange."""
+    nodes = []
+    while True:
+        p = v.producer()
+        if p is None or p.domain not in ("", "ai.onnx"):
+            break
+        if p.op_type in _LAYOUT_OPS:
+            nodes.append(p)
+            v = p.inputs[0]
+            continue
+        if p.op_type in ("Mul", "Div") and len(p.inputs) == 2:
+            a, b = p.inputs
+            if scalar(b) is not None:
+                nodes.append(p)
+                v = a
+                continue
+            if p.op_type == "Mul" and scalar(a) is not None:
+                nodes.append(p)
+                v = b
+                continue
+        break
+    return v, nodes
+
+
+def _walk_path(v: ir.Value) -> tuple[ir.Value, list[ir.Node], OperandPath]:
+    """Like :func:`_walk_layout`, also through a GQA ``Expand``, a KV-cache ``Concat`` and a rotary.
+
+    Order (from the operand back): layout/scale, [Expand], layout, [Concat(past, ·)], layout,
+    [RotaryEmbedding], layout, projection. Anything out of that order ends the walk.
+    """
+    path = OperandPath(v)
+    nodes: list[ir.Node] = []
+    stage = 0  # 0: may still see Expand; 1: Concat; 2: RotaryEmbedding; 3: only layout
+    while True:
+        v, chain = _walk_layout(v)
+        nodes += chain
+        p = v.producer()
+        if p is None:
+            break
+        if (p.domain == MS and p.op_type == "RotaryEmbedding" and stage <= 2
+                and all(a in ("interleaved",) or not p.attr(a) for a in p.attributes)):
+            # Only the attributes the 3-D rewrite can copy (scale, partial rotary: not fused).
+            path.rotary, stage = p, 3
+        elif p.domain not in ("", "ai.onnx"):
+            break
+        elif p.op_type == "Expand" and stage == 0:
+            path.repeat, stage = p, 1
+        elif p.op_type == "Concat" and len(p.inputs) == 2 and stage <= 1 and p.attr("axis") in (2, -2):
+            path.concat, stage = p, 2
+            nodes.append(p)
+            v = p.inputs[1]  # type: ignore[assignment]
+            continue
+        else:
+            break
+        nodes.append(p)
+        v = p.inputs[0]  # type: ignore[assignment]
+    return v, nodes, path
+
+
+def _skip_reshapes(v: ir.Value, nodes: list[ir.Node]) -> ir.Value:
+    while (p := producer(v, "Reshape", "Flatten", "Identity")) is not None:
+        nodes.append(p)
+        v = p.inputs[0]
+    return v
+
+
+def _projection(src: ir.Value) -> Projection | str:
+    """Resolve ``src`` as (a column slice of) ``x @ W + b``."""
+    nodes: list[ir.Node] = []
+    seg: tuple[str, Any] | None = None
+    p = src.producer()
+    if p is not None and p.op_type == "Split":
+        axis = p.attr("axis", 0)
+        if axis not in (-1, 2):
+            return f"{p.label()} splits axis {axis}, not the hidden axis"
+        sizes = const_array(p.inputs[1]) if len(p.inputs) > 1 and p.inputs[1] is not None else None
+        if sizes is None and p.attr("split") is not None:
+            sizes = np.array(p.attr("split"))
+        seg = ("split", (None if sizes is None else [int(s) for s in sizes], src.index(), len(p.outputs)))
+        nodes.append(p)
+        src = p.inputs[0]
+    elif p is not None and p.op_type == "Slice":
+        starts, ends = const_array(p.inputs[1]), const_array(p.inputs[2])
+        axes = const_array(p.inputs[3]) if len(p.inputs) > 3 and p.inputs[3] is not None else None
+        steps = const_array(p.inputs[4]) if len(p.inputs) > 4 and p.inputs[4] is not None else None
+        if starts is None or ends is None or starts.size != 1 or axes is None or int(axes.reshape(-1)[0]) not in (-1, 2):
+            return f"{p.label()} is not a constant slice of the hidden axis"
+        if steps is not None and int(steps.reshape(-1)[0]) != 1:
+            return f"{p.label()} has a step"
+        seg = ("slice", (int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0])))
+        nodes.append(p)
+        src = p.inputs[0]
+    base = _skip_reshapes(src, nodes)
+    p = base.producer()
+    if p is None:
+        return f"%{src.name} is not computed by a projection"
+    mm, bias, trans_b = None, None, False
+    if p.op_type == "Add":
+        for a, b in ((p.inputs[0], p.inputs[1]), (p.inputs[1], p.inputs[0])):
+            arr = const_array(b)
+            if producer(a, "MatMul") is not None and arr is not None and arr.ndim <= 1:
+                mm, bias = a.producer(), b
+                break
+        if mm is None:
+            return f"{p.label()} is not a projection bias add"
+        nodes.append(p)
+    elif p.op_type == "MatMul":
+        mm = p
+    elif p.op_type == "Gemm":
+        if p.attr("alpha", 1.0) != 1.0 or p.attr("beta", 1.0) != 1.0 or p.attr("transA", 0):
+            return f"{p.label()} scales or transposes its input"
+        w = const_array(p.inputs[1])
+        if w is None or w.ndim != 2:
+            return f"{p.label()} has no constant weight"
+        if len(p.inputs) > 2 and p.inputs[2] is not None:
+            b = const_array(p.inputs[2])
+            if b is None or b.ndim > 1:
+                return f"{p.label()} has no constant 1-D bias"
+            bias = p.inputs[2]
+        trans_b = bool(p.attr("transB", 0))
+        nodes.append(p)
+        flat = p.inputs[0]
+        reshape = producer(flat, "Reshape", "Flatten")
+        if reshape is None:
+            return f"{p.label()} reads a 2-D input that is not a flattened [B,S,H] tensor"
+        nodes.append(reshape)
+        x = reshape.inputs[0]
+        return _finish_projection(x, p.inputs[1], bias, trans_b, seg, nodes)
+    else:
+        return f"%{src.name} comes from {p.label()}, not from a MatMul projection"
+    nodes.append(mm)
+    w = const_array(mm.inputs[1])
+    if w is None or w.ndim != 2:
+        return f"{mm.label()} has no constant 2-D weight"
+    return _finish_projection(mm.inputs[0], mm.inputs[1], bias, False, seg, nodes)
+
+
+def _finish_projection(
+    x: ir.Value, weight: ir.Value, bias: ir.Value | None, trans_b: bool, seg: tuple[str, Any] | None,
+    nodes: list[ir.Node],
+) -> Projection | str:
+    w = const_array(weight)
+    assert w is not None
+    cols = w.shape[0] if trans_b else w.shape[1]
+    start, stop = 0, cols
+    if seg is not None and seg[0] == "split":
+        sizes, idx, n = seg[1]
+        if sizes is None:
+            if cols % n:
+                return f"the packed projection of {cols} columns does not split in {n}"
+            sizes = [cols // n] * n
+        if sum(sizes) != cols:
+            return f"split sizes {sizes} do not cover the {cols} projection columns"
+        start = sum(sizes[:idx])
+        stop = start + sizes[idx]
+    elif seg is not None:
+        s, e = seg[1]
+        start = max(0, min(cols, s + cols if s < 0 else s))
+        stop = max(0, min(cols, e + cols if e < 0 else e))
+    if bias is not None:
+        b = const_array(bias)
+        if b is None or b.size != cols:
+            return f"bias %{bias.name} does not match the {cols} projection columns"
+    return Projection(x, weight, bias, trans_b, start, stop, nodes)
+
+
+def find_candidate(sm: ir.Node, opset: int) -> Candidate | str:
+    """Match the skeleton around a Softmax, or say what is missing."""
+    if not _softmax_axis_ok(sm, opset):
+        return f"Softmax axis {sm.attr('axis')} is not the last axis"
+    logits = sm.inputs[0]
+    nodes = [sm]
+    p = sm.outputs[0]
+    while True:
+        if p.is_graph_output():
+            return "the attention probabilities are a graph output"
+        users = p.consumers()
+        if len(users) == 1 and users[0].op_type == "Cast" and users[0].attr("to") == (p.dtype or 1):
+            nodes.append(users[0])
+            p = users[0].outputs[0]
+            continue
+        if len(users) == 2 and {u.op_type for u in users} == {"IsNaN", "Where"}:
+            isnan = next(u for u in users if u.op_type == "IsNaN")
+            where = next(u for u in users if u.op_type == "Where")
+            if where.inputs[0] is isnan.outputs[0] and where.inputs[2] is p and scalar(where.inputs[1]) == 0.0:
+                nodes += [isnan, where]
+                p = where.outputs[0]
+                continue
+        break
+    users = p.consumers()
+    if len(users) != 1 or users[0].op_type != "MatMul" or users[0].inputs[0] is not p:
+        return "the Softmax output does not feed one MatMul with the values"
+    ctx_mm = users[0]
+    # The scores MatMul: back from the Softmax through scale and mask ops.
+    frontier, seen, found = [logits], set(), []
+    for _ in range(8):
+        nxt = []
+        for v in frontier:
+            q = v.producer() if v is not None else None
+            if q is None or id(q) in seen:
+                continue
+            seen.add(id(q))
+            if q.op_type == "MatMul":
+                found.append(q)
+            elif q.op_type in _MASK_OPS:
+                nxt.extend(x for x in q.inputs if x is not None and const_array(x) is None)
+        frontier = nxt
+    reason = "no MatMul of query and key projections feeds the Softmax"
+    for mm in found:
+        qsrc, qchain, qpath = _walk_path(mm.inputs[0])
+        ksrc, kchain, kpath = _walk_path(mm.inputs[1])
+        qp, kp = _projection(qsrc), _projection(ksrc)
+        if isinstance(qp, str) or isinstance(kp, str):
+            reason = f"scores {mm.label()}: " + (qp if isinstance(qp, str) else kp)  # type: ignore[operator]
+            continue
+        vsrc, vchain, vpath = _walk_path(ctx_mm.inputs[1])
+        vp = _projection(vsrc)
+        if isinstance(vp, str):
+            return f"values of {ctx_mm.label()}: {vp}"
+        if not (qp.x is kp.x is vp.x):
+            return "query, key and value project different inputs (cross attention is not fused)"
+        chain = [ctx_mm.outputs[0]]
+        v = chain[0]
+        while not v.is_graph_output():
+            us = [u for u in v.consumers() if u.op_type != "Shape"]
+            if len(us) == 1 and us[0].op_type in ("Reshape", "Transpose") and us[0].inputs[0] is v:
+                v = us[0].outputs[0]
+                chain.append(v)
+            else:
+                break
+        if len(chain) < 2:
+            return f"the output of {ctx_mm.label()} is not merged back to [B,S,H] by Transpose/Reshape"
+        if qpath.concat is not None or qpath.repeat is not None or vpath.rotary is not None:
+            return "the query path concatenates or repeats heads, or the values are rotated"
+        if (kpath.concat is None) != (vpath.concat is None):
+            return "only one of key and value is concatenated with a past"
+        return Candidate(sm, mm, ctx_mm, qp, kp, vp, qchain + kchain + vchain, chain,
+                          nodes + [mm, ctx_mm] + qchain + kchain + vchain,
+                          {"q": qpath, "k": kpath, "v": vpath})
+    return reason
+
+
+def fused_op(m: AttentionMatch) -> str:
+    """``Attention`` (packed QKV, raw mask) when it expresses the layer, else ``MultiHeadAttention``."""
+    if m.cand.has_past or m.cand.has_rotary or m.group > 1:
+        return "MultiHeadAttention"
+    return "Attention"
+
+
+def erase_layer(m: AttentionMatch, rw: Rewriter, model: ir.Model, old: list[ir.Value]) -> None:
+    """Erase what only the replaced values ``old`` of layer ``m`` read, and its unused weights.
+
+    dead-flow would too; this keeps one pass useful alone.
+    """
+    c = m.cand
+    graph = model.graph
+    cone: dict[int, ir.Node] = {}
+    for v in old:
+        cone.update((id(n), n) for n in _cone_nodes(v, stop={id(c.x)}))
+    rw.erase_unused(reversed([n for n in graph if id(n) in cone]))
+    for p in (c.q, c.k, c.v):
+        for v in (p.weight, p.bias):
+            if v is not None and v.is_initializer() and not v.has_uses() and not v.is_graph_output():
+                rw.remove_initializer(graph, v.name)
+
+
+def _cone_nodes(v: ir.Value, stop: set[int]) -> list[ir.Node]:
+    """Nodes ``v`` depends on, back to ``stop`` values and graph inputs, in graph order."""
+    seen: dict[int, ir.Node] = {}
+    stack = [v]
+    visited: set[int] = set()
+    while stack:
+        x = stack.pop()
+        if id(x) in visited or id(x) in stop:
+            continue
+        visited.add(id(x))
+        p = x.producer()
+        if p is None or id(p) in seen:
+            continue
+        seen[id(p)] = p
+        stack.extend(i for i in p.inputs if i is not None)
+    graph = v.graph
+    return [n for n in graph if id(n) in seen] if graph is not None else []
+
