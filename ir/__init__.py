@@ -23,21 +23,25 @@ from ._errors import (
     CycleError,
     DuplicateNameError,
     IRError,
+    InvalidModelError,
     ModelLoadError,
     UndefinedValueError,
+    UnknownDomainError,
     UnknownDTypeError,
     UnsupportedError,
     VerificationError,
 )
 from ._parser import ParseError, parse_graph, parse_model
 from ._printer import print_graph, print_model
+from ._signature import AttrSpec, FormalParam, OpSignature
 from ._tensor import ExternalLocation, Tensor
 from ._types import (
     Dim, MapType, OpaqueType, OptionalType, SequenceType, Shape, SparseTensorType, TensorType, Type,
 )
+from ._validate import check_opsets, validate
 from ._verify import verify
 from .emit import Snapshot, save, to_onnx
-from .lower import check_opsets, from_onnx, infer_shapes, load
+from .lower import from_onnx, infer_shapes, load, op_signature
 
 __all__ = [
     "Attr", "AttrType", "CycleError", "Snapshot", "DataType", "Dim", "DuplicateNameError", "ExternalLocation",
@@ -45,7 +49,7 @@ __all__ = [
     "OptionalType", "ParseError", "SequenceType", "Shape", "SparseTensorType", "Tensor", "TensorType", "Type",
     "UndefinedValueError", "UnknownDTypeError", "UnsupportedError", "Value", "VerificationError",
     "check_opsets", "from_onnx", "infer_shapes", "load", "parse_graph", "parse_model", "print_graph", "print_model", "save", "structurally_equal", "to_onnx",
-    "verify",
+    "verify", "InvalidModelError", "UnknownDomainError", "validate", "op_signature", "OpSignature", "FormalParam", "AttrSpec",
 ]
 
 

@@ -60,13 +60,17 @@ def save(
     folder = os.path.dirname(os.path.abspath(path))
     if external_data is None:
         external_data = _tensor_bytes(model) > TWO_GB - 64 * 2**20
+    mode = _umask_mode()
     fd, tmp_model = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=folder)
     os.close(fd)
     tmp_data = None
     try:
+        # mkstemp creates files 0600; the written files get what the user's umask gives, as open() would.
+        os.chmod(tmp_model, mode)
         if external_data:
             location = location or os.path.basename(path) + ".data"
             fd, tmp_data = tempfile.mkstemp(prefix=".tmp-", suffix=".data", dir=folder)
+            os.chmod(tmp_data, mode)
             with os.fdopen(fd, "wb") as data_file:
                 proto = _Emitter(_external_writer(data_file, location, size_threshold)).model(model)
                 data_file.flush()
@@ -85,6 +89,13 @@ def save(
         for p in (tmp_model, tmp_data):
             if p is not None and os.path.exists(p):
                 os.unlink(p)
+
+
+def _umask_mode() -> int:
+    """``0o666`` less the process's umask: the mode ``open(path, "w")`` would give a new file."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _tensor_bytes(model: Model) -> int:

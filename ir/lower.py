@@ -8,6 +8,7 @@ and tensors in external data files stay on disk until a pass reads them.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -17,13 +18,14 @@ from onnx import numpy_helper
 
 from ._core import Attr, AttrType, Function, Graph, Model, Node, Value
 from ._dtypes import DataType
-from ._errors import DuplicateNameError, IRError, ModelLoadError, UndefinedValueError
+from ._errors import DuplicateNameError, IRError, InvalidModelError, ModelLoadError, UndefinedValueError
+from ._signature import AttrSpec, FormalParam, OpSignature
 from ._tensor import ExternalLocation, Tensor
 from ._types import (
     MapType, OpaqueType, OptionalType, SequenceType, SparseTensorType, TensorType, Type,
 )
 
-__all__ = ["load", "from_onnx", "infer_shapes", "check_opsets"]
+__all__ = ["load", "from_onnx", "infer_shapes", "op_signature", "schema_domains", "MAX_IR_VERSION", "MAX_OPSET"]
 
 
 def load(path: str | os.PathLike[str]) -> Model:
@@ -31,7 +33,7 @@ def load(path: str | os.PathLike[str]) -> Model:
 
     Raises:
         ModelLoadError: the file is missing, truncated or not an ONNX model.
-        IRError: the model is malformed (names the node or value).
+        InvalidModelError: the model is malformed (names the node or value).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -126,35 +128,68 @@ class _Lowerer:
         dtype = DataType.from_int(tp.data_type, where=where)
         shape = tuple(int(d) for d in tp.dims)
         if any(d < 0 for d in shape):
-            raise IRError(f"{where}: tensor has a negative dimension {list(shape)}")
-        if tp.data_location == onnx.TensorProto.EXTERNAL:
-            info = {e.key: e.value for e in tp.external_data}
-            if "location" not in info:
-                raise IRError(f"{where}: external tensor has no location")
-            rel = info["location"]
-            norm = os.path.normpath(rel)
-            if os.path.isabs(rel) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
-                raise IRError(f"{where}: external data location {rel!r} is outside the model's folder")
-            try:
-                offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
-            except ValueError:
-                raise IRError(f"{where}: external data offset/length are not integers ({info})") from None
-            loc = ExternalLocation(os.path.join(self.base_dir, rel), offset, length)
-            t = Tensor.from_external(loc, dtype, shape, name=tp.name)
-        elif tp.HasField("raw_data") and dtype != DataType.STRING:
-            t = Tensor.from_raw(tp.raw_data, dtype, shape, name=tp.name)
-        elif dtype == DataType.STRING:
-            arr = np.array(list(tp.string_data), dtype=object).reshape(shape)
-            t = Tensor(arr, dtype=dtype, name=tp.name)
-        else:
-            try:
-                arr = numpy_helper.to_array(tp)
-            except Exception as e:
-                raise IRError(f"{where}: cannot decode tensor data ({e})") from None
-            t = Tensor(arr, dtype=dtype, name=tp.name)
+            raise InvalidModelError(f"{where}: tensor has a negative dimension {list(shape)}")
+        if dtype == DataType.UNDEFINED:
+            raise InvalidModelError(f"{where}: tensor has no element type (data_type 0)")
+        try:
+            if tp.data_location == onnx.TensorProto.EXTERNAL:
+                t = Tensor.from_external(self.external(tp, dtype, shape, where), dtype, shape, name=tp.name)
+            elif tp.HasField("raw_data") and dtype != DataType.STRING:
+                t = Tensor.from_raw(tp.raw_data, dtype, shape, name=tp.name)
+            elif dtype == DataType.STRING:
+                t = Tensor(self.strings(tp, shape, where), dtype=dtype, name=tp.name)
+            else:
+                t = Tensor(self.typed_data(tp, dtype, shape, where), dtype=dtype, name=tp.name)
+        except InvalidModelError:
+            raise
+        except IRError as e:  # the tensor's own checks (data size, external file): say where it is
+            raise InvalidModelError(f"{where}: {e}") from None
         t.doc_string = tp.doc_string
         t.metadata_props = {p.key: p.value for p in tp.metadata_props}
         return t
+
+    def external(self, tp: onnx.TensorProto, dtype: DataType, shape: tuple[int, ...], where: str) -> ExternalLocation:
+        info = {e.key: e.value for e in tp.external_data}
+        if "location" not in info:
+            raise InvalidModelError(f"{where}: external tensor has no location")
+        rel = info["location"]
+        norm = os.path.normpath(rel)
+        if os.path.isabs(rel) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+            raise InvalidModelError(f"{where}: external data location {rel!r} is outside the model's folder")
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
+        except ValueError:
+            raise InvalidModelError(f"{where}: external data offset/length are not integers ({info})") from None
+        if dtype == DataType.STRING:
+            raise InvalidModelError(f"{where}: a string tensor cannot live in external data")
+        expected = (_size(shape) * dtype.bitwidth + 7) // 8
+        if offset < 0 or ("length" in info and length != expected):
+            raise InvalidModelError(
+                f"{where}: external data at offset {offset}, length {length} does not fit "
+                f"{dtype.name}{list(shape)} ({expected} bytes)"
+            )
+        return ExternalLocation(os.path.join(self.base_dir, rel), offset, length)
+
+    @staticmethod
+    def strings(tp: onnx.TensorProto, shape: tuple[int, ...], where: str) -> np.ndarray:
+        if len(tp.string_data) != _size(shape):
+            raise InvalidModelError(f"{where}: {len(tp.string_data)} strings for a tensor of shape {list(shape)}")
+        return np.array(list(tp.string_data), dtype=object).reshape(shape)
+
+    @staticmethod
+    def typed_data(tp: onnx.TensorProto, dtype: DataType, shape: tuple[int, ...], where: str) -> np.ndarray:
+        # Count the values first: numpy_helper would build (or fail to build) a huge array.
+        field = _TYPED_FIELD.get(tp.data_type)
+        if field is not None:
+            have, size = len(getattr(tp, field)), _size(shape)
+            if dtype in (DataType.COMPLEX64, DataType.COMPLEX128):
+                size *= 2  # real and imaginary parts
+            if have != size:
+                raise InvalidModelError(f"{where}: {have} values of data for {dtype.name}{list(shape)}")
+        try:
+            return numpy_helper.to_array(tp)
+        except Exception as e:  # onnx raises ValueError, TypeError... on malformed data
+            raise InvalidModelError(f"{where}: cannot decode tensor data ({e})") from None
 
     def type(self, tp: onnx.TypeProto, where: str) -> Type | None:
         which = tp.WhichOneof("value")
@@ -195,7 +230,7 @@ class _Lowerer:
         if ap.ref_attr_name:
             return Attr(ap.name, kind, None, ref_attr_name=ap.ref_attr_name, doc_string=ap.doc_string)
         if kind == AttrType.UNDEFINED:
-            kind = _guess_kind(ap)
+            kind = _guess_kind(ap, at)
         if kind == AttrType.FLOAT:
             v: Any = ap.f
         elif kind == AttrType.INT:
@@ -225,7 +260,7 @@ class _Lowerer:
         elif kind == AttrType.TYPE_PROTOS:
             v = [self.type(t, at) for t in ap.type_protos]
         else:
-            raise IRError(f"{at}: attribute has no value")
+            raise InvalidModelError(f"{at}: attribute has no value")
         return Attr(ap.name, kind, v, doc_string=ap.doc_string)
 
     def sparse(self, sp: onnx.SparseTensorProto, where: str) -> tuple[Tensor, Tensor, list[int]]:
@@ -289,6 +324,10 @@ class _Lowerer:
             for k, name in enumerate(np_.input):
                 ins.append(None if not name else _lookup(scopes, name, f"node {label}: input {k} reads %{name}"))
             attrs = [self.attr(a, scopes, f"node {label}") for a in np_.attribute]
+            if len({a.name for a in attrs}) != len(attrs):
+                names = [a.name for a in attrs]
+                twice = next(n for k, n in enumerate(names) if n in names[:k])
+                raise InvalidModelError(f"node {label}: attribute {twice!r} is given twice")
             node = Node(
                 np_.op_type, ins, attrs, domain=np_.domain, name=np_.name, outputs=outs,
                 overload=getattr(np_, "overload", ""), doc_string=np_.doc_string,
@@ -309,7 +348,7 @@ class _Lowerer:
         for vi in gp.output:
             v = _lookup(scopes, vi.name, f"graph {gname!r}: output reads %{vi.name}") if vi.name else None
             if v is None:
-                raise IRError(f"graph {gname!r}: an output has an empty name")
+                raise InvalidModelError(f"graph {gname!r}: an output has an empty name")
             t = self.type(vi.type, f"output %{vi.name}")
             if t is not None and (v.name in scope or v.type is None):
                 v.type = t
@@ -343,6 +382,26 @@ class _Lowerer:
         return f
 
 
+def _size(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+#: The ``TensorProto`` field holding each element type's values when there is no ``raw_data``.
+_TYPED_FIELD: dict[int, str] = {
+    **{t: "float_data" for t in (onnx.TensorProto.FLOAT, onnx.TensorProto.COMPLEX64)},
+    **{t: "double_data" for t in (onnx.TensorProto.DOUBLE, onnx.TensorProto.COMPLEX128)},
+    onnx.TensorProto.INT64: "int64_data",
+    **{t: "uint64_data" for t in (onnx.TensorProto.UINT32, onnx.TensorProto.UINT64)},
+    **{t: "int32_data" for t in (
+        onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT16,
+        onnx.TensorProto.UINT8, onnx.TensorProto.BOOL, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+    )},
+}
+
+
 def _label(np_: onnx.NodeProto, i: int) -> str:
     op = f"{np_.domain}::{np_.op_type}" if np_.domain not in ("", "ai.onnx") else np_.op_type
     if np_.name:
@@ -373,7 +432,7 @@ def _in_order(g: Graph) -> bool:
     return True
 
 
-def _guess_kind(ap: onnx.AttributeProto) -> AttrType:
+def _guess_kind(ap: onnx.AttributeProto, where: str) -> AttrType:
     for field, kind in [
         ("floats", AttrType.FLOATS), ("ints", AttrType.INTS), ("strings", AttrType.STRINGS),
         ("tensors", AttrType.TENSORS), ("graphs", AttrType.GRAPHS),
@@ -392,7 +451,7 @@ def _guess_kind(ap: onnx.AttributeProto) -> AttrType:
         return AttrType.FLOAT
     if ap.HasField("i"):
         return AttrType.INT
-    raise IRError(f"attribute {ap.name!r} has no value")
+    raise InvalidModelError(f"{where}: attribute has no value")
 
 
 
@@ -463,28 +522,58 @@ def _more_precise(new: Type, old: Type | None) -> bool:
     return better
 
 
-def check_opsets(model: Model) -> None:
-    """Check that every standard-domain op exists in the model's imported opset.
+# -- op schemas, for ir.validate ----------------------------------------------------------------
 
-    Ops of other domains (``com.microsoft``, custom ones) and calls of local functions pass.
+#: The newest IR version and opset of the installed ``onnx``: models above them cannot be checked.
+MAX_IR_VERSION: int = onnx.IR_VERSION
+MAX_OPSET: int = onnx.defs.onnx_opset_version()
 
-    Raises:
-        UnsupportedError: naming the node, the op and the opset.
+_OPTION = {
+    onnx.defs.OpSchema.FormalParameterOption.Single: "single",
+    onnx.defs.OpSchema.FormalParameterOption.Optional: "optional",
+    onnx.defs.OpSchema.FormalParameterOption.Variadic: "variadic",
+}
+_TENSOR_TYPE = {f"tensor({name.lower()})": int(num) for name, num in onnx.TensorProto.DataType.items()}
+
+
+def schema_domains() -> frozenset[str]:
+    """The domains whose ops ONNX's schemas define (``""``, ``ai.onnx.ml``, ...); ``""`` is ``ai.onnx``."""
+    return _SCHEMA_DOMAINS
+
+
+_SCHEMA_DOMAINS = frozenset(s.domain for s in onnx.defs.get_all_schemas_with_history())
+
+
+@functools.lru_cache(maxsize=None)
+def op_signature(op_type: str, domain: str, version: int) -> OpSignature | None:
+    """The signature of ``domain::op_type`` in opset ``version`` of its domain, or ``None``.
+
+    ``None`` when ONNX's schemas do not define the op at that version (or the domain is not one
+    of :func:`schema_domains`). Lookups are cached: validating a model costs one per op type.
     """
-    from ._errors import UnsupportedError
+    try:
+        s = onnx.defs.get_schema(op_type, version, "" if domain == "ai.onnx" else domain)
+    except onnx.defs.SchemaError:
+        return None
 
-    local = {(f.domain, f.name) for f in model.functions}
-    version = model.opset("")
-    for g in model.graph.all_graphs():
-        for n in g:
-            domain = "" if n.domain == "ai.onnx" else n.domain
-            if domain != "" or (domain, n.op_type) in local:
-                continue
-            if version is None:
-                raise UnsupportedError(f"node {n.label()}: the model imports no ONNX opset")
-            try:
-                onnx.defs.get_schema(n.op_type, version, "")
-            except Exception:
-                raise UnsupportedError(
-                    f"node {n.label()}: op {n.op_type!r} is not defined in ONNX opset {version}"
-                ) from None
+    def formal(p: Any) -> FormalParam:
+        types = frozenset(_TENSOR_TYPE[t] for t in p.types if t in _TENSOR_TYPE)
+        param = p.type_str if p.type_str not in _TENSOR_TYPE and "(" not in p.type_str else ""
+        return FormalParam(p.name, _OPTION.get(p.option, "single"), param, types, bool(p.is_homogeneous),
+                           int(p.min_arity))
+
+    return OpSignature(
+        domain=s.domain,
+        op_type=s.name,
+        since_version=int(s.since_version),
+        inputs=tuple(formal(p) for p in s.inputs),
+        outputs=tuple(formal(p) for p in s.outputs),
+        min_inputs=int(s.min_input),
+        max_inputs=int(s.max_input),
+        min_outputs=int(s.min_output),
+        max_outputs=int(s.max_output),
+        attributes={
+            name: AttrSpec(name, AttrType(int(a.type)), bool(a.required)) for name, a in s.attributes.items()
+        },
+        deprecated=bool(s.deprecated),
+    )

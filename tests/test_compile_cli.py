@@ -101,11 +101,15 @@ def test_undefined_value_names_node_and_value(tmp_path: Path) -> None:
     _assert_bad(_cli(str(_write(tmp_path, "u.onnx", _undefined()))), "'reader'", "%ghost")
 
 
-def test_op_missing_from_opset_is_refused_but_custom_domains_pass(tmp_path: Path) -> None:
+def test_op_missing_from_opset_and_unknown_domains_are_refused(tmp_path: Path) -> None:
     _assert_bad(_cli(str(_write(tmp_path, "std.onnx", _unknown_op("")))), "'frob'", "FrobnicateX", "opset 17")
     p = _write(tmp_path, "custom.onnx", _unknown_op("com.example"))
     out = tmp_path / "custom.out.onnx"
-    proc = _cli(str(p), "--pipeline", "dead-flow,simplify", "--no-verify", "-o", str(out))
+    _assert_bad(_cli(str(p), "--target", "x86", "--no-verify", "-o", str(out)),
+                "'frob'", "domain 'com.example' is not provided by target x86", "--allow-domain com.example")
+    assert not out.exists()
+    # A runtime with a custom op library provides the domain: --allow-domain accepts it.
+    proc = _cli(str(p), "--pipeline", "dead-flow,simplify", "--no-verify", "--allow-domain", "com.example", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     m = onnx.load(out)
     assert [(n.domain, n.op_type) for n in m.graph.node] == [("com.example", "FrobnicateX")]

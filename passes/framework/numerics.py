@@ -8,6 +8,7 @@ token types of zeros, position ids counting up.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,14 @@ import numpy as np
 
 import ir
 
-__all__ = ["Comparison", "make_feeds", "run_onnxruntime", "compare_outputs", "model_bytes_or_path"]
+from .base import PassError
+
+__all__ = [
+    "Comparison", "make_feeds", "run_onnxruntime", "compare_outputs", "model_bytes_or_path", "describe_ort_error",
+]
+
+#: Generated verification inputs larger than this (elements per input) are refused, not allocated.
+MAX_FEED_ELEMENTS = 1 << 28
 
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -113,6 +121,11 @@ def make_feeds(
         name, lname = meta.name, meta.name.lower()
         dtype = _ORT_TYPES.get(meta.type, np.float32)
         shape = [_dim(d, i, name, batch, seq, past, bindings) for i, d in enumerate(meta.shape or [])]
+        if int(np.prod(shape, dtype=object)) > MAX_FEED_ELEMENTS:
+            raise PassError(
+                f"cannot generate verification inputs: input {name!r} would have shape {shape}; "
+                "bind its dims with --static-shapes or skip verification with --no-verify"
+            )
         if np.issubdtype(dtype, np.integer):
             if "mask" in lname:
                 arr = np.ones(shape, dtype)
@@ -157,11 +170,71 @@ def session(source: bytes | str | os.PathLike[str], threads: int = 1, *, spinnin
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    # Errors reach the caller as exceptions; onnxruntime's logger would print them to stderr as well.
+    so.log_severity_level = 4
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     src = os.fspath(source) if isinstance(source, os.PathLike) else source
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+# "Load model from PATH failed:", "This is an invalid model.", "[ONNXRuntimeError] : 10 : INVALID_GRAPH :"...
+_ORT_NOISE = re.compile(
+    r"\[ONNXRuntimeError\] : \d+ : \w+ : |Load model from .*? failed: ?|This is an invalid model\. ?|"
+    r"Exception during initialization: |Non-zero status code returned while running "
+)
+_ORT_SOURCE = re.compile(r"(?:/\S+/)?[\w.]+\.(?:cc|h|cpp):\d+ ")
+_ORT_NODES = [
+    # In Node, ("name", Op, "domain", -1) : (...) -> (...) , Error <message>
+    re.compile(r'In Node, \("(?P<name>[^"]*)", (?P<op>[\w.]+), "[^"]*", -?\d+\) : .*? , Error (?P<msg>.*)', re.S),
+    # <Op> node. Name:'<name>' Status Message: <message>
+    re.compile(r"(?P<op>[\w.]+) node\. Name:'(?P<name>[^']*)' Status Message: (?P<msg>.*)", re.S),
+    # Node (<name>) Op (<Op>) [ShapeInferenceError] <message>
+    re.compile(r"Node \((?P<name>[^)]*)\) Op \((?P<op>[\w.]+)\) (?P<msg>.*)", re.S),
+    # Type Error: ... of operator (<Op>) in node (<name>) is invalid.
+    re.compile(r"(?P<msg>Type Error: .*? of operator \((?P<op>[\w.]+)\) in node \((?P<name>[^)]*)\).*)", re.S),
+]
+
+
+def describe_ort_error(exc: BaseException) -> str:
+    """One line for an onnxruntime exception: ``node 'X' (Op): what went wrong``.
+
+    Drops onnxruntime's status prefixes, file paths and C++ signatures, and names the node and
+    its op when the message does.
+    """
+    text = _ORT_NOISE.sub("", str(exc))
+    text = _strip_cpp(text)
+    node = ""
+    for pattern in _ORT_NODES:
+        m = pattern.search(text)
+        if m is not None:
+            node = f"node {m['name']!r} ({m['op']}): " if m["name"] else f"node ({m['op']}): "
+            text = m["msg"]
+            break
+    text = "; ".join(part.strip() for part in text.splitlines() if part.strip())
+    return node + (text or type(exc).__name__)
+
+
+def _strip_cpp(text: str) -> str:
+    """Remove ``/path/file.cc:123 ns::Class::fn(args) `` prefixes (the signature's parentheses may nest)."""
+    out = []
+    while True:
+        m = _ORT_SOURCE.search(text)
+        if m is None:
+            out.append(text)
+            return "".join(out)
+        out.append(text[: m.start()])
+        rest = text[m.end():]
+        # A signature is one token (optionally preceded by a return type) followed by balanced parentheses.
+        sig = re.match(r"(?:[\w:<>,*& ]+? )?[\w:~<>]+\(", rest)
+        if sig is not None and " " not in rest[: sig.end()].rstrip("(").split(" ", 1)[-1]:
+            depth, i = 1, sig.end()
+            while i < len(rest) and depth:
+                depth += {"(": 1, ")": -1}.get(rest[i], 0)
+                i += 1
+            if depth == 0:
+                rest = re.sub(r"^(?: const)? ", "", rest[i:])
+        text = rest
 
 
 def run_onnxruntime(source: bytes | str, feeds: dict[str, np.ndarray], threads: int = 1) -> list[np.ndarray]:

@@ -4,8 +4,10 @@
 
 Loads the model into the IR, runs the target's pipeline (or ``--pipeline``), checks the result
 against the original in onnxruntime, and writes it atomically. Prints a report of what changed.
-Bad input gets one line on stderr and exit code 2; a result outside tolerance is not written
-(exit code 1) unless ``--force``.
+Bad input gets one line on stderr and exit code 2: a malformed model (:func:`ir.validate` runs
+before any pass), or one that onnxruntime cannot load or run. A result outside tolerance is not
+written (exit code 1) unless ``--force``. A bug in the compiler is exit code 3, "internal error"
+with the failing pass and its reproducer. Nothing is written unless the compilation succeeded.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import tempfile
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,9 +29,53 @@ import targets
 
 from ..framework.base import Diagnostic, PassContext, PassError
 from ..framework.manager import PassManager, PassRecord
-from ..framework.numerics import Comparison, compare_outputs, make_feeds, model_bytes_or_path, session
+from ..framework.numerics import (
+    Comparison, compare_outputs, describe_ort_error, make_feeds, model_bytes_or_path, session,
+)
 
-__all__ = ["compile_model", "CompileResult", "CompileReport", "main"]
+__all__ = ["compile_model", "CompileResult", "CompileReport", "InternalError", "main"]
+
+
+class InternalError(Exception):
+    """A bug in the compiler, not in the model: a pass crashed or left a model that does not run.
+
+    Attributes:
+        pass_name: the pass that failed, or ``""`` when no single pass is to blame.
+        reproducer: path of the reproducer (the IR before the failing pass), or ``""``.
+    """
+
+    def __init__(self, message: str, *, pass_name: str = "", reproducer: str = "") -> None:
+        super().__init__(message)
+        self.pass_name = pass_name
+        self.reproducer = reproducer
+
+
+# PassManager's message for a failed pass: "pass 'P' failed: ...; passes already run: ...[; reproducer: PATH (run: ...)]".
+_PASS_FAILURE = re.compile(
+    r"^pass '(?P<name>[^']+)' (?:failed|left an invalid IR): (?P<what>.*?); passes already run: .*?"
+    r"(?:; reproducer: (?P<path>\S+) \(run: .*\))?$",
+    re.DOTALL,
+)
+
+
+def _user_error(e: BaseException | None) -> bool:
+    """Whether a pass stopped for a reason the user can act on (a bad option, a missing file)."""
+    return isinstance(e, (PassError, OSError, targets.TargetError))
+
+
+def _internal(e: PassError) -> InternalError:
+    m = _PASS_FAILURE.match(str(e))
+    if m is None:
+        return InternalError(str(e))
+    return InternalError(m["what"], pass_name=m["name"], reproducer=m["path"] or "")
+
+
+def known_domains(target: targets.Target, extra: tuple[str, ...] | list[str] = ()) -> set[str]:
+    """Op domains besides ONNX's own that ``target``'s runtime provides, plus ``extra``."""
+    known = set(extra)
+    if target.runtime == "onnxruntime" or target.has_contrib_ops:
+        known.add("com.microsoft")
+    return known
 
 
 @dataclass
@@ -149,6 +198,7 @@ def compile_model(
     print_ir_after_change: bool = False,
     verify_batch: int = 2,
     verify_seq: int = 16,
+    allow_domains: tuple[str, ...] | list[str] = (),
 ) -> CompileResult:
     """Compile a model for a target.
 
@@ -162,14 +212,20 @@ def compile_model(
         explain: collect near misses (why a fusion did not fire) into the report.
         options: options for passes (calibration data, error budget...).
         progress: callback taking a message, for long work.
+        allow_domains: custom op domains to accept although the target does not provide them
+            (its runtime has them from a custom op library).
 
     Returns:
         The compiled model and a :class:`CompileReport`.
 
     Raises:
-        ir.IRError: the model is malformed or unsupported.
-        PassError: a bad pipeline, or a pass failed.
+        ir.InvalidModelError: the model is malformed (:func:`ir.validate`), or onnxruntime cannot
+            load or run the original model.
+        ir.IRError: the model is unsupported.
+        PassError: a bad pipeline or option, or a pass refused the model with a reason.
         targets.TargetError: an unknown target.
+        InternalError: a bug in the compiler: a pass crashed (with its reproducer), or the
+            compiled model does not run in onnxruntime while the original does.
     """
     start = time.perf_counter()
     tgt = target if isinstance(target, targets.Target) else targets.get(target)
@@ -188,8 +244,8 @@ def compile_model(
         model = ir.load(source_name)
         original = source_name
     phases: dict[str, float] = {"load": time.perf_counter() - start}
-    ir.check_opsets(model)
-    ir.verify(model)
+    ir.validate(model, known_domains=known_domains(tgt, allow_domains), max_opset=tgt.max_opset, target=tgt.name)
+    phases["validate"] = time.perf_counter() - start - phases["load"]
 
     report = CompileReport(source_name, tgt.name, manager.spec, ops_before=op_counts(model), phases=phases)
     ref_session = feeds = None
@@ -198,15 +254,31 @@ def compile_model(
             original, _ = model_bytes_or_path(model)
         if progress:
             progress("running the original model in onnxruntime")
-        ref_session = session(original)
+        try:
+            ref_session = session(original)
+        except Exception as e:  # onnxruntime raises its own classes, none a subclass of a common one
+            raise ir.InvalidModelError(f"the original model does not load in onnxruntime: {describe_ort_error(e)}") from None
         feeds = make_feeds(model, ref_session.get_inputs(), batch=verify_batch, seq=verify_seq, bindings=static_shapes)
+        names = [o.name for o in ref_session.get_outputs()]
+        try:
+            ref = ref_session.run(None, feeds)
+        except Exception as e:
+            shape = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
+            raise ir.InvalidModelError(
+                f"the original model does not run in onnxruntime (inputs {shape}): {describe_ort_error(e)}"
+            ) from None
 
     ctx = PassContext(target=tgt, static_shapes=dict(static_shapes or {}), explain=explain,
                       options=dict(options or {}), progress=progress)
     if quantize:
         ctx.options.setdefault("quantize", quantize)
     t0 = time.perf_counter()
-    report.passes = manager.run(model, ctx)
+    try:
+        report.passes = manager.run(model, ctx)
+    except PassError as e:
+        if _user_error(e.__cause__):
+            raise
+        raise _internal(e) from e
     phases["passes"] = time.perf_counter() - t0
     for r in report.passes:
         report.stats.update(r.stats)
@@ -217,13 +289,13 @@ def compile_model(
     if verify and ref_session is not None and feeds is not None:
         if progress:
             progress("verifying the compiled model against the original in onnxruntime")
-        names = [o.name for o in ref_session.get_outputs()]
-        ref = ref_session.run(None, feeds)
         compiled, _ = model_bytes_or_path(model)
         try:
             got = session(compiled).run(names, feeds)
-        except Exception as e:
-            raise PassError(f"the compiled model does not run in onnxruntime: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # the original ran on these inputs: the compiler broke the model
+            raise InternalError(
+                f"the compiled model does not run in onnxruntime, although the original does: {describe_ort_error(e)}"
+            ) from None
         cmp = compare_outputs(names, ref, got)
         report.verification = cmp
         shape = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
@@ -276,6 +348,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--texts", help="text file, one sample per line, for calibration")
     p.add_argument("--exclude", default="", help="node names or op types never to quantize (comma separated)")
     p.add_argument("--external-data", action="store_true", help="write tensors to a data file beside the model")
+    p.add_argument("--allow-domain", action="append", default=[], metavar="DOMAIN",
+                   help="accept ops of a custom domain the target does not provide (its runtime loads them "
+                        "from a custom op library); repeatable")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--list-targets", action="store_true", help="list targets with their pipelines and exit")
     p.add_argument("--list-passes", action="store_true", help="list registered passes and exit")
@@ -294,8 +369,33 @@ def _list_targets() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line. Returns the exit code (0 ok, 1 verification failed, 2 bad input)."""
+    """The command line. Returns the exit code.
+
+    0: compiled and written; 1: outside tolerance (not written unless ``--force``); 2: bad input
+    (a malformed model, one onnxruntime cannot run, bad options), one line on stderr; 3: an
+    internal error (a bug: the line names the pass and its reproducer).
+    """
     args = _build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except Exception as e:  # a bug outside any pass: one line, the traceback kept in a file
+        print(f"internal error: {_one_line(f'{type(e).__name__}: {e}')}; traceback: {_save_traceback(e)}",
+              file=sys.stderr)
+        return 3
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _save_traceback(e: BaseException) -> str:
+    fd, path = tempfile.mkstemp(prefix="tfcompile-internal-error-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(traceback.format_exception(e)))
+    return path
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.list_targets:
         print(_list_targets())
         return 0
@@ -327,16 +427,26 @@ def main(argv: list[str] | None = None) -> int:
         result = compile_model(
             args.model, tgt, args.pipeline, verify=not args.no_verify, quantize=args.quantize,
             static_shapes=_parse_bindings(args.static_shapes), explain=args.explain, options=options,
-            progress=progress, print_ir_after_change=args.print_ir_after_change,
+            progress=progress, print_ir_after_change=args.print_ir_after_change, allow_domains=args.allow_domain,
         )
+    except InternalError as e:
+        where = f" in pass {e.pass_name}" if e.pass_name else ""
+        repro = f"; reproducer: {e.reproducer}" if e.reproducer else ""
+        print(f"internal error{where}: {_one_line(str(e))}{repro}", file=sys.stderr)
+        return 3
     except (ir.IRError, PassError, targets.TargetError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        hint = f" (--allow-domain {e.domain} if its runtime provides it)" if isinstance(e, ir.UnknownDomainError) else ""
+        print(f"error: {_one_line(str(e))}{hint}", file=sys.stderr)
         return 2
     report = result.report
     print(report.format(timing=args.timing))
     if args.report:
-        with open(args.report, "w") as f:
-            json.dump(report.to_dict(), f, indent=2)
+        try:
+            with open(args.report, "w") as f:
+                json.dump(report.to_dict(), f, indent=2)
+        except OSError as e:
+            print(f"error: cannot write the report {args.report}: {e}", file=sys.stderr)
+            return 2
     if report.verified_ok is False and not args.force:
         print(f"error: the compiled model is outside tolerance ({report.verification}); not written "
               "(use --force to write it anyway)", file=sys.stderr)
@@ -344,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ir.save(result.model, out, external_data=True if args.external_data else None)
     except (ir.IRError, OSError) as e:
-        print(f"error: cannot write {out}: {e}", file=sys.stderr)
+        print(f"error: cannot write {out}: {_one_line(str(e))}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0
