@@ -111,32 +111,34 @@ def test_replace_all_uses_with_rewires_every_reader() -> None:
     ir.verify(g)
 
 
-def test_replace_all_uses_with_graph_output_keeps_interface_name() -> None:
+def test_replace_all_uses_with_leaves_graph_outputs_and_names() -> None:
     g, x, (a, b, c) = chain()
     y = c.outputs[0]
-    y.type = F32
     new = Node("Sigmoid", [b.outputs[0]], outputs=["tmp"])
     g.insert_after(c, new)
     y.replace_all_uses_with(new.outputs[0])
-    assert g.outputs == [new.outputs[0]]
-    assert new.outputs[0].name == "y", "graph output must keep its name"
-    assert y.name == "tmp"
-    assert new.outputs[0].type == F32
+    assert g.outputs == [y] and y.is_graph_output() and not new.outputs[0].is_graph_output()
+    assert (y.name, new.outputs[0].name) == ("y", "tmp"), "the IR never renames"
+    with pytest.raises(ir.IRError, match="is a graph output"):
+        g.erase(c)
+    ir.verify(g)
+
+
+def test_replace_all_uses_with_graph_outputs_on_request_keeps_names() -> None:
+    g, x, (a, b, c) = chain()
+    new = Node("Sigmoid", [b.outputs[0]], outputs=["tmp"])
+    g.insert_after(c, new)
+    c.outputs[0].replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
+    assert g.outputs == [new.outputs[0]] and new.outputs[0].name == "tmp" and c.outputs[0].name == "y"
+    assert new.outputs[0].is_graph_output() and not c.outputs[0].is_graph_output()
     g.erase(c)
     ir.verify(g)
-    assert_uses_exact(g)
 
 
 def test_replace_all_uses_with_graph_input_does_not_rename_input() -> None:
     g, x, (a, b, c) = chain()
-    c.outputs[0].replace_all_uses_with(x)
-    assert g.outputs == [x] and x.name == "x"
-
-
-def test_replace_all_uses_without_graph_outputs() -> None:
-    g, x, (a, b, c) = chain()
-    c.outputs[0].replace_all_uses_with(x, include_graph_outputs=False)
-    assert g.outputs == [c.outputs[0]]
+    c.outputs[0].replace_all_uses_with(x, replace_graph_outputs=True)
+    assert g.outputs == [x] and x.name == "x" and c.outputs[0].name == "y"
 
 
 def test_subgraph_reads_are_uses() -> None:

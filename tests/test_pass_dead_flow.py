@@ -236,7 +236,7 @@ def test_property_random_models(model: ir.Model) -> None:
 
 
 def test_value_returned_directly_by_a_subgraph_is_live() -> None:
-    # A branch returning an outer value is not a use in the IR; its producer must stay anyway.
+    # A branch returning an outer value uses it (IR semantics), so its producer stays.
     # (onnxruntime refuses such models, so there are no numerics; the verifier checks the scopes.)
     m = lower("""
         <ir_version: 10, opset_import: ["" : 17]>

@@ -318,8 +318,10 @@ def test_property_all_three_passes(model: ir.Model) -> None:
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_values_returned_directly_by_subgraphs_stay() -> None:
-    # onnxruntime refuses such models (no numerics); the verifier run by the manager checks scopes.
+def test_values_returned_directly_by_subgraphs_are_rewired() -> None:
+    # A branch returning an outer value uses it (ir semantics): removing the Identity and sharing
+    # the Relu rewire the branch outputs too. onnxruntime refuses such models (no numerics); the
+    # verifier run by the manager checks scopes.
     m = lower(HEAD + """
         g (bool c, float[2] x) => (float[2] y, float[2] z) {
           a = Relu(x)
@@ -331,5 +333,8 @@ def test_values_returned_directly_by_subgraphs_stay() -> None:
             else_branch = g2 () => (float[2] i) { }>
         }
     """)
+    assert simplify(m) is True
+    assert ops(m) == ["Relu", "Neg", "If"]
+    relu = next(iter(m.graph)).outputs[0]
+    assert [sub.outputs[0] for sub in m.graph.nodes[-1].subgraphs()] == [relu, relu]
     assert simplify(m) is False
-    assert ops(m) == ["Relu", "Relu", "Identity", "Neg", "If"]

@@ -1,7 +1,7 @@
 """Dead-flow elimination: drop nodes and initializers that no graph output depends on.
 
 One reverse sweep per graph over use lists: walking nodes from last to first, a node is dead when
-none of its outputs is read or is a graph output. Erasing it drops its reads (including the reads
+none of its outputs is used (read by a node or returned by a subgraph) or is a graph output. Erasing it drops its reads (including the reads
 made by nodes inside its subgraphs), so its producers are seen as dead when the sweep reaches them.
 A live node's subgraphs are swept when the node is reached, before the producers of the outer
 values they capture, so an outer value read only by dead subgraph nodes dies in the same sweep.
@@ -43,29 +43,26 @@ class DeadFlowPass(Pass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         """Sweep the main graph (and, through live nodes, every subgraph) once."""
         rw = Rewriter()
-        self._sweep(model.graph, rw, set())
+        self._sweep(model.graph, rw)
         return rw.result()
 
-    def _sweep(self, graph: ir.Graph, rw: Rewriter, returned: set[int]) -> None:
-        # A subgraph may return an outer value directly; that is not a use in the IR, so the
-        # outputs of every live graph are collected here, before the sweep reaches their producers.
-        returned.update(id(v) for v in graph.outputs)
+    def _sweep(self, graph: ir.Graph, rw: Rewriter) -> None:
         # Reverse iteration tolerates erasing the node just yielded: its back link stays valid.
         for node in reversed(graph):
-            if _is_dead(node, returned):
+            if _is_dead(node):
                 rw.erase(node)
                 rw.count("removed nodes")
                 continue
             for sub in node.subgraphs():
-                self._sweep(sub, rw, returned)
+                self._sweep(sub, rw)
         if self.remove_initializers:
             for name, value in list(graph.initializers.items()):
-                if value.has_uses() or id(value) in returned or value.is_graph_input():
+                if value.has_uses() or value.is_graph_output() or value.is_graph_input():
                     continue
                 rw.remove_initializer(graph, name)
                 rw.count("removed initializers")
 
 
-def _is_dead(node: ir.Node, returned: set[int]) -> bool:
-    """True when no output of ``node`` is read or returned by a live graph."""
-    return all(o is None or (not o.has_uses() and id(o) not in returned) for o in node.outputs)
+def _is_dead(node: ir.Node) -> bool:
+    """True when no output of ``node`` is used (a subgraph returning it uses it) or a graph output."""
+    return all(o is None or not (o.has_uses() or o.is_graph_output()) for o in node.outputs)

@@ -79,28 +79,25 @@ class FoldConstantsPass(Pass):
         for _ in range(_MAX_ROUNDS):
             _infer_shapes(model, rw)
             folded = 0
-            returned = _returned_by_subgraphs(model)
             for graph in list(model.graph.all_graphs()):
-                folded += self._fold_graph(graph, opset, model.ir_version, rw, ctx, returned)
+                folded += self._fold_graph(graph, opset, model.ir_version, rw, ctx)
             if not folded:
                 break
         return rw.result()
 
     # -- one graph ------------------------------------------------------------------------------
     def _fold_graph(
-        self, graph: ir.Graph, opset: int, ir_version: int, rw: Rewriter, ctx: PassContext, returned: set[int]
+        self, graph: ir.Graph, opset: int, ir_version: int, rw: Rewriter, ctx: PassContext
     ) -> int:
         # Keyed by the value itself (identity hash): ids of values dropped by folding get reused.
         facts: dict[ir.Value, _Fact] = {}
         consumed: list[ir.Value] = []
         folded = 0
         for node in graph:
-            if node.domain not in ("", "ai.onnx") or node.op_type in _NEVER_FOLD or node.subgraphs():
+            if node.domain != "" or node.op_type in _NEVER_FOLD or node.subgraphs():
                 continue
             if not any(o is not None and (o.has_uses() or o.is_graph_output()) for o in node.outputs):
                 continue  # dead: dead-flow removes it, folding would only leave an unused initializer
-            if any(o is not None and id(o) in returned for o in node.outputs):
-                continue  # returned as is by a subgraph, which rewiring cannot reach (not a use)
             if node.op_type == "Constant":
                 arr = _constant_attr(node)
                 if arr is not None:
@@ -115,7 +112,7 @@ class FoldConstantsPass(Pass):
             self._replace(graph, node, results, rw)
             rw.count(f"folded {node.op_type}")
             folded += 1
-        _drop_orphans(consumed, rw, returned)
+        _drop_orphans(consumed, rw)
         return folded
 
     def _evaluate(
@@ -176,12 +173,7 @@ class FoldConstantsPass(Pass):
             graph.add_initializer(v)
 
 
-def _returned_by_subgraphs(model: ir.Model) -> set[int]:
-    """Ids of outer values some subgraph returns directly: live, though not uses in the IR."""
-    return {id(v) for g in model.graph.all_graphs() for v in g.outputs if v.graph is not g}
-
-
-def _drop_orphans(consumed: list[ir.Value], rw: Rewriter, returned: set[int]) -> None:
+def _drop_orphans(consumed: list[ir.Value], rw: Rewriter) -> None:
     """Remove what only folded nodes read: the constants and nodes their results replace.
 
     Only values that lost their last reader to folding are visited, so what was unread before
@@ -190,7 +182,7 @@ def _drop_orphans(consumed: list[ir.Value], rw: Rewriter, returned: set[int]) ->
     work = list(dict.fromkeys(consumed))
     while work:
         v = work.pop()
-        if v.has_uses() or v.is_graph_output() or v.is_graph_input() or id(v) in returned:
+        if v.has_uses() or v.is_graph_output() or v.is_graph_input():
             continue
         if v.is_initializer():
             rw.remove_initializer(v.graph, v.name)
@@ -198,7 +190,7 @@ def _drop_orphans(consumed: list[ir.Value], rw: Rewriter, returned: set[int]) ->
         node = v.producer()
         if node is None or node.graph is None:
             continue
-        if all(o is None or not (o.has_uses() or o.is_graph_output() or id(o) in returned) for o in node.outputs):
+        if all(o is None or not (o.has_uses() or o.is_graph_output()) for o in node.outputs):
             inputs = [x for x in node.inputs if x is not None]
             for sub in node.subgraphs():
                 inputs += sub.captured_values()
@@ -243,7 +235,7 @@ def _is_constant(v: ir.Value) -> bool:
     if v.const_value is not None and not v.is_graph_input():
         return True
     p = v.producer()
-    return p is not None and p.op_type == "Constant" and p.domain in ("", "ai.onnx")
+    return p is not None and p.op_type == "Constant" and p.domain == ""
 
 
 def _static_size(v: ir.Value) -> int:

@@ -41,7 +41,7 @@ _MAX_ROUNDS = 8
 #: Initializers larger than this are not hashed for deduplication.
 _DEDUP_LIMIT = 1 << 20
 #: Domains whose ops are pure functions of their inputs, so equal nodes compute equal values.
-_PURE_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+_PURE_DOMAINS = frozenset({"", "ai.onnx.ml", "com.microsoft"})
 
 
 @dataclass(frozen=True)
@@ -52,43 +52,18 @@ class _Forward:
     src: ir.Value
 
 
-def _returned_by_subgraphs(model: ir.Model) -> set[int]:
-    """Ids of outer values some subgraph returns directly: rewiring cannot reach them (not uses)."""
-    return {id(v) for g in model.graph.all_graphs() for v in g.outputs if v.graph is not g}
-
-
-def _forward_check(node: ir.Node, src: ir.Value | None, returned: set[int]) -> _Forward | NoMatch:
-    """Can ``node``'s first output be replaced by ``src``, keeping graph output names?
-
-    ``returned`` holds the ids of values subgraphs return directly (see :func:`_returned_by_subgraphs`).
-    """
+def _forward_check(node: ir.Node, src: ir.Value | None) -> _Forward | NoMatch:
+    """Can ``node``'s first output be replaced by ``src``, keeping graph output names?"""
     out = node.outputs[0]
     if src is None or out is None:
         return NoMatch("missing input or output")
-    if id(out) in returned:
-        return NoMatch(f"%{out.name} is returned directly by a subgraph", near=True)
     if out.is_graph_output() and (src.producer() is None or src.graph is not out.graph or src.is_graph_output()):
         # The output's name would be lost: src cannot be renamed (interface or outer value).
         return NoMatch(f"%{out.name} is a graph output and %{src.name} cannot take its name", near=True)
     return _Forward(node, src)
 
 
-class _SimplifyRule(Rule):
-    """A rule that knows which values subgraphs return directly (those must stay).
-
-    Args:
-        returned: ids of values returned directly by subgraphs, kept current by the pass.
-    """
-
-    def __init__(self, returned: set[int]) -> None:
-        self.returned = returned
-
-    def _erase_if_unread(self, node: ir.Node, rw: Rewriter) -> None:
-        if not any(o is not None and id(o) in self.returned for o in node.outputs):
-            rw.erase_unused([node])
-
-
-class _ForwardRule(_SimplifyRule):
+class _ForwardRule(Rule):
     """Shared rewrite of the no-op rules: read the input instead, drop the node."""
 
     def rewrite(self, match: _Forward, rw: Rewriter, ctx: PassContext) -> None:
@@ -118,7 +93,7 @@ class IdentityRemoval(_ForwardRule):
     stat = "removed Identity"
 
     def check(self, node: ir.Node, ctx: PassContext) -> Any:
-        return _forward_check(node, node.inputs[0] if node.inputs else None, self.returned)
+        return _forward_check(node, node.inputs[0] if node.inputs else None)
 
 
 class DropoutRemoval(_ForwardRule):
@@ -128,8 +103,7 @@ class DropoutRemoval(_ForwardRule):
     roots = ("Dropout",)
     stat = "removed Dropout"
 
-    def __init__(self, returned: set[int], opset: int) -> None:
-        super().__init__(returned)
+    def __init__(self, opset: int) -> None:
         self.opset = opset
 
     def check(self, node: ir.Node, ctx: PassContext) -> Any:
@@ -143,7 +117,7 @@ class DropoutRemoval(_ForwardRule):
             mask = node.outputs[1]
             if mask.has_uses() or mask.is_graph_output():
                 return NoMatch("the mask output is read", near=True)
-        return _forward_check(node, node.inputs[0], self.returned)
+        return _forward_check(node, node.inputs[0])
 
 
 class NoOpCast(_ForwardRule):
@@ -169,7 +143,7 @@ class NoOpCast(_ForwardRule):
             target = like.dtype
         if int(target) != int(x.dtype):
             return NoMatch("changes the dtype")
-        return _forward_check(node, x, self.returned)
+        return _forward_check(node, x)
 
 
 def _known_shape_and_target(node: ir.Node) -> tuple[ir.Value, tuple[ir.Dim, ...], list[int]] | NoMatch:
@@ -206,7 +180,7 @@ class NoOpReshape(_ForwardRule):
                 return NoMatch(f"input dim {i} is symbolic; cannot prove it is {want}", near=True)
             if have != want:
                 return NoMatch(f"dim {i}: {have} → {want}")
-        return _forward_check(node, x, self.returned)
+        return _forward_check(node, x)
 
 
 class NoOpTranspose(_ForwardRule):
@@ -226,7 +200,7 @@ class NoOpTranspose(_ForwardRule):
                 return NoMatch("default perm reverses the dims")
         elif perm != list(range(len(perm))):
             return NoMatch("perm is not the identity")
-        return _forward_check(node, node.inputs[0], self.returned)
+        return _forward_check(node, node.inputs[0])
 
 
 class NoOpExpand(_ForwardRule):
@@ -243,7 +217,7 @@ class NoOpExpand(_ForwardRule):
         x, shape, target = known
         if not _broadcast_keeps(shape, tuple(target)):
             return NoMatch("may broadcast to a larger shape", near=True)
-        return _forward_check(node, x, self.returned)
+        return _forward_check(node, x)
 
 
 def _broadcast_keeps(shape: tuple[ir.Dim, ...], other: tuple[int, ...]) -> bool:
@@ -283,7 +257,7 @@ class NeutralElement(_ForwardRule):
             if not _broadcast_keeps(x.shape, tuple(arr.shape)):
                 why = NoMatch("the constant broadcasts the result to a larger shape", near=True)
                 continue
-            return _forward_check(node, x, self.returned)
+            return _forward_check(node, x)
         return why
 
 
@@ -294,7 +268,7 @@ class _Merge:
     perm: list[int] | None = None
 
 
-class TransposeMerge(_SimplifyRule):
+class TransposeMerge(Rule):
     """``Transpose(Transpose(x, p1), p2)`` → ``Transpose(x, p1∘p2)``, or ``x`` when that is the identity."""
 
     name = "transpose-merge"
@@ -320,7 +294,7 @@ class TransposeMerge(_SimplifyRule):
             return NoMatch("perms of different ranks")
         composed = [p1[i] for i in p2]
         if composed == list(range(len(composed))):
-            fwd = _forward_check(node, x, self.returned)
+            fwd = _forward_check(node, x)
             return fwd if isinstance(fwd, NoMatch) else _Merge(node, inner, None)
         return _Merge(node, inner, composed)
 
@@ -332,10 +306,10 @@ class TransposeMerge(_SimplifyRule):
         else:
             rw.replace_input(node, 0, inner.inputs[0])
             rw.set_attr(node, "perm", match.perm)
-        self._erase_if_unread(inner, rw)
+        rw.erase_unused([inner])
 
 
-class ReshapeMerge(_SimplifyRule):
+class ReshapeMerge(Rule):
     """``Reshape(Reshape(x, s1), s2)`` → ``Reshape(x, s2)`` when ``s2`` does not copy dims (no 0)."""
 
     name = "reshape-merge"
@@ -356,7 +330,7 @@ class ReshapeMerge(_SimplifyRule):
 
     def rewrite(self, match: _Merge, rw: Rewriter, ctx: PassContext) -> None:
         rw.replace_input(match.node, 0, match.inner.inputs[0])
-        self._erase_if_unread(match.inner, rw)
+        rw.erase_unused([match.inner])
 
 
 @register_pass
@@ -378,30 +352,25 @@ class SimplifyPass(Pass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         """Apply the rules and the deduplications until none changes the model."""
         rw = Rewriter()
-        returned: set[int] = set()
         rules: list[Rule] = [
-            IdentityRemoval(returned), DropoutRemoval(returned, model.opset("") or 1), NoOpCast(returned),
-            NoOpReshape(returned), NoOpTranspose(returned), NoOpExpand(returned), NeutralElement(returned),
-            TransposeMerge(returned), ReshapeMerge(returned),
+            IdentityRemoval(), DropoutRemoval(model.opset("") or 1), NoOpCast(), NoOpReshape(), NoOpTranspose(),
+            NoOpExpand(), NeutralElement(), TransposeMerge(), ReshapeMerge(),
         ]
         for _ in range(_MAX_ROUNDS):
-            # No rewrite touches a returned value (they all refuse to), so the set stays valid all round.
-            returned.clear()
-            returned.update(_returned_by_subgraphs(model))
             # The rules run to their own fixed point; sharing duplicates can enable them again.
             apply_rules(model, rules, ctx, rw, pass_name=self.name)
             shared = 0
             for graph in list(model.graph.all_graphs()):
                 if self.dedup_constants:
-                    shared += _dedup_initializers(graph, rw, returned)
+                    shared += _dedup_initializers(graph, rw)
                 if self.cse:
-                    shared += _eliminate_common_subexpressions(graph, rw, returned)
+                    shared += _eliminate_common_subexpressions(graph, rw)
             if not shared:
                 break
         return rw.result()
 
 
-def _dedup_initializers(graph: ir.Graph, rw: Rewriter, returned: set[int]) -> int:
+def _dedup_initializers(graph: ir.Graph, rw: Rewriter) -> int:
     """Point readers of duplicate initializers at the first equal one and drop the duplicates."""
     seen: dict[tuple[Any, ...], ir.Value] = {}
     shared = 0
@@ -415,7 +384,7 @@ def _dedup_initializers(graph: ir.Graph, rw: Rewriter, returned: set[int]) -> in
         if first is None:
             seen[key] = v
             continue
-        if not v.has_uses() or v.is_graph_output() or id(v) in returned or bytes(first.const_value.raw_bytes()) != raw:
+        if not v.has_uses() or v.is_graph_output() or bytes(first.const_value.raw_bytes()) != raw:
             continue  # unread ones are dead-flow's; a graph output keeps its name
         rw.replace_all_uses_with(v, first)
         rw.remove_initializer(graph, name)
@@ -425,7 +394,7 @@ def _dedup_initializers(graph: ir.Graph, rw: Rewriter, returned: set[int]) -> in
 
 
 def _cse_key(node: ir.Node) -> tuple[Any, ...] | None:
-    domain = node.domain if node.domain != "ai.onnx" else ""
+    domain = node.domain
     if domain not in _PURE_DOMAINS or node.op_type in NONDETERMINISTIC_OPS or node.subgraphs():
         return None
     if not any(o is not None for o in node.outputs):
@@ -436,7 +405,7 @@ def _cse_key(node: ir.Node) -> tuple[Any, ...] | None:
     return (domain, node.op_type, node.overload, attrs, ins, outs)
 
 
-def _eliminate_common_subexpressions(graph: ir.Graph, rw: Rewriter, returned: set[int]) -> int:
+def _eliminate_common_subexpressions(graph: ir.Graph, rw: Rewriter) -> int:
     """Replace each node equal to an earlier one by that one's outputs, in one forward sweep.
 
     Forward order makes chains collapse in the same sweep: once a node's outputs are replaced,
@@ -455,8 +424,6 @@ def _eliminate_common_subexpressions(graph: ir.Graph, rw: Rewriter, returned: se
         pairs = [(o, f) for o, f in zip(node.outputs, first.outputs) if o is not None and f is not None]
         if any(o.is_graph_output() and f.is_graph_output() for o, f in pairs):
             continue  # both names are interface; sharing would lose one
-        if any(id(o) in returned for o, _ in pairs):
-            continue  # a subgraph returns it directly, which rewiring cannot reach
         for o, f in pairs:
             rw.replace_all_uses_with(o, f)
         rw.erase(node)

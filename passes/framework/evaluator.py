@@ -65,7 +65,7 @@ def evaluate(
         One array per node output (``None`` for omitted outputs), or ``None`` when the node
         cannot be evaluated.
     """
-    if node.domain not in ("", "ai.onnx") or node.op_type in NONDETERMINISTIC_OPS or node.subgraphs():
+    if node.domain != "" or node.op_type in NONDETERMINISTIC_OPS or node.subgraphs():
         return None
     if any(a.ref_attr_name for a in node.attributes.values()):
         return None

@@ -43,10 +43,46 @@ class Rewriter:
 
     # -- rewiring -------------------------------------------------------------------------
     def replace_all_uses_with(self, old: ir.Value, new: ir.Value) -> None:
-        """Make every reader of ``old`` (graph outputs included, which keep their names) read ``new``."""
+        """Make every user of ``old`` use ``new``: node inputs, subgraphs returning it, graph outputs.
+
+        A graph output keeps its name (see :meth:`replace_graph_output`): this is the one place
+        where a pass's rewiring renames values, so the model interface never changes.
+
+        Raises:
+            ir.IRError: ``old`` is a graph output and ``new`` cannot take its name.
+        """
         if old is new or not (old.has_uses() or old.is_graph_output()):
             return
+        if old.is_graph_output():
+            self.replace_graph_output(old, new)
         old.replace_all_uses_with(new)
+        self.changes += 1
+
+    def replace_graph_output(self, old: ir.Value, new: ir.Value) -> None:
+        """Make ``old``'s graph output ``new`` instead, under ``old``'s name.
+
+        ``new`` takes the name, and ``old`` takes ``new``'s former one so names stay unique. Only
+        an internal value of the same graph, or a value not yet in any graph, can: a graph input,
+        an initializer, another output or a value of an enclosing graph keeps its own name, so the
+        rewrite is refused (a pass checks for it first, as ``simplify`` does).
+
+        Raises:
+            ir.IRError: ``new`` cannot take the output's name.
+        """
+        g = old.graph
+        if old is new or g is None or not old.is_graph_output():
+            return
+        home = new.graph
+        if home not in (g, None) or new.is_graph_input() or new.is_initializer() or new.is_graph_output():
+            where = "model" if g.parent is None else f"subgraph {g.name!r}"
+            raise ir.IRError(
+                f"rewriter: {where} output %{old.name} cannot become %{new.name}, which keeps its own name "
+                "(a graph input, initializer, output or outer value); the graph's interface would change"
+            )
+        old.name, new.name = new.name, old.name
+        if new.type is None:
+            new.type = old.type
+        g.outputs.replace(old, new)
         self.changes += 1
 
     def replace_input(self, node: ir.Node, index: int, value: ir.Value | None) -> None:

@@ -72,7 +72,7 @@ class Analysis:
         opset = model.opset("") or 17
         cands: list[Candidate] = []
         for node in model.graph:
-            if node.op_type != "Softmax" or node.domain not in ("", "ai.onnx"):
+            if node.op_type != "Softmax" or node.domain != "":
                 continue
             c = find_candidate(node, opset)
             if isinstance(c, str):

@@ -131,7 +131,7 @@ def _walk_layout(v: ir.Value) -> tuple[ir.Value, list[ir.Node]]:
     nodes = []
     while True:
         p = v.producer()
-        if p is None or p.domain not in ("", "ai.onnx"):
+        if p is None or p.domain != "":
             break
         if p.op_type in _LAYOUT_OPS:
             nodes.append(p)
@@ -170,7 +170,7 @@ def _walk_path(v: ir.Value) -> tuple[ir.Value, list[ir.Node], OperandPath]:
                 and all(a in ("interleaved",) or not p.attr(a) for a in p.attributes)):
             # Only the attributes the 3-D rewrite can copy (scale, partial rotary: not fused).
             path.rotary, stage = p, 3
-        elif p.domain not in ("", "ai.onnx"):
+        elif p.domain != "":
             break
         elif p.op_type == "Expand" and stage == 0:
             path.repeat, stage = p, 1

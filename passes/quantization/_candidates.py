@@ -14,7 +14,7 @@ import numpy as np
 
 import ir
 
-__all__ = ["MS", "NORM_OPS", "QATTENTION_ATTRS", "Candidate", "domain_of", "find_candidates",
+__all__ = ["MS", "NORM_OPS", "QATTENTION_ATTRS", "Candidate", "find_candidates",
            "initializer_array", "weight_of"]
 
 MS = "com.microsoft"
@@ -30,11 +30,6 @@ NORM_OPS: dict[tuple[str, str], tuple[int, int | None]] = {
 #: Attention attributes QAttention understands; an Attention with any other one is left float.
 QATTENTION_ATTRS = {"num_heads", "unidirectional", "scale", "mask_filter_value", "do_rotary",
                     "past_present_share_buffer"}
-
-
-def domain_of(node: ir.Node) -> str:
-    """The node's domain, with ``ai.onnx`` spelled ``""``."""
-    return "" if node.domain == "ai.onnx" else node.domain
 
 
 def initializer_array(value: ir.Value | None) -> np.ndarray | None:
@@ -118,7 +113,7 @@ def find_candidates(model: ir.Model, ops: tuple[str, ...], exclude: set[str] = f
     """
     out = []
     for index, node in enumerate(model.graph):
-        op, dom = node.op_type, domain_of(node)
+        op, dom = node.op_type, node.domain
         if op not in ops or (op == "Attention") != (dom == MS) or (op != "Attention" and dom != ""):
             continue
         if op in exclude or node.name in exclude or not node.inputs or not _is_float32(node.inputs[0]):

@@ -16,7 +16,7 @@ import numpy as np
 
 import ir
 
-from ._candidates import MS, NORM_OPS, QATTENTION_ATTRS, Candidate, domain_of, initializer_array, weight_of
+from ._candidates import MS, NORM_OPS, QATTENTION_ATTRS, Candidate, initializer_array, weight_of
 from .quant_math import quantize_weight
 from ..framework.base import PassError
 from ..framework.rewriter import Rewriter
@@ -55,7 +55,7 @@ def _bias_add(node: ir.Node, n: int) -> ir.Node | None:
     if out is None or out.is_graph_output() or len(out.uses()) != 1:
         return None
     add, idx = out.uses()[0]
-    if add.op_type != "Add" or domain_of(add) != "" or len(add.inputs) != 2:
+    if add.op_type != "Add" or add.domain != "" or len(add.inputs) != 2:
         return None
     b = initializer_array(add.inputs[1 - idx])
     if b is None or b.dtype != np.float32 or b.shape not in ((n,), (1, n)):
@@ -86,7 +86,7 @@ def _smooth(graph: ir.Graph, rw: Rewriter, x: ir.Value, readers: list[ir.Node], 
     readers, else inserts ``Mul(x, 1/s)``.
     """
     prod = x.producer()
-    key = (domain_of(prod), prod.op_type) if prod is not None else None
+    key = (prod.domain, prod.op_type) if prod is not None else None
     if (
         prod is not None and key in NORM_OPS and x.index() == 0 and not x.is_graph_output()
         and {n for n, _ in x.uses()} <= set(readers)
@@ -201,8 +201,7 @@ def _rewrite_one(
                 if user is not add:
                     rw.replace_input(user, i, add.outputs[0])
             if y.is_graph_output():
-                y.replace_all_uses_with(add.outputs[0])
-                add.replace_input(0, y)
+                rw.replace_graph_output(y, add.outputs[0])
         rw.count(f"quantized {c.op}")
         _drop_unused(graph, rw, old_weight)
         return
@@ -354,9 +353,7 @@ def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan)
             if user is not diff and user is not mixed:
                 user.replace_input(idx, mixed.outputs[0])
         if y.is_graph_output():
-            y.replace_all_uses_with(mixed.outputs[0])  # graph output only: the readers moved already
-            diff.replace_input(1, y)
-            mixed.replace_input(0, y)
+            rw.replace_graph_output(y, mixed.outputs[0])
     graph.sort()
     return m, flags
 

@@ -48,7 +48,7 @@ import numpy as np
 
 import ir
 
-from ._candidates import NORM_OPS, Candidate, domain_of, find_candidates, weight_of
+from ._candidates import NORM_OPS, Candidate, find_candidates, weight_of
 from ._emit import Plan, apply_plan, build_switch_model, copy_model
 from ..framework.base import Pass, PassContext, PassError, PassResult
 from ..framework.numerics import model_bytes_or_path, session
@@ -300,7 +300,7 @@ def _smooth_groups(model: ir.Model, candidates: list[Candidate]) -> dict[str, li
     for c in candidates:
         x = nodes[c.index].inputs[0]
         p = x.producer() if x is not None else None
-        if p is not None and (domain_of(p), p.op_type) in NORM_OPS and x.index() == 0:  # type: ignore[union-attr]
+        if p is not None and (p.domain, p.op_type) in NORM_OPS and x.index() == 0:  # type: ignore[union-attr]
             groups.setdefault(c.activation, []).append(c)
     return groups
 

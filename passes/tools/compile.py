@@ -172,7 +172,7 @@ def op_counts(model: ir.Model) -> Counter[str]:
     """Node counts by op type (``domain::op`` for non-ONNX domains), subgraphs included."""
     c: Counter[str] = Counter()
     for n in model.graph.all_nodes():
-        c[f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type] += 1
+        c[f"{n.domain}::{n.op_type}" if n.domain else n.op_type] += 1
     return c
 
 
