@@ -284,9 +284,9 @@ class _Validator:
             f = sig.output(k)
             if o is None or f is None:
                 continue
-            if f.type_param:
-                expect = bound[f.type_param][0] if f.homogeneous and f.type_param in bound else None
-            else:
+            if f.type_param and f.homogeneous and f.type_param in bound:
+                expect: int | None = bound[f.type_param][0]
+            else:  # a fixed type, or a parameter that allows one type only (Shape's int64)
                 expect = next(iter(f.tensor_types)) if len(f.tensor_types) == 1 else None
             if expect is None:
                 continue

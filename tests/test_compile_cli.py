@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -216,3 +217,141 @@ def test_minilm_end_to_end(exported, tmp_path: Path, dynamo: bool) -> None:
     assert data["verification"]["ok"] and data["verification"]["max_abs"] <= 1e-4
     assert data["nodes_after"] < data["nodes_before"] / 2
     assert out.is_file()
+
+
+# --------------------------------------------------------------------------------------------- #
+# Exit codes beyond bad input: onnxruntime failures (2), internal errors (3), file modes
+# --------------------------------------------------------------------------------------------- #
+
+FAILING_PASSES = """
+import sys
+from dataclasses import dataclass
+from typing import ClassVar
+from passes import Pass, PassError, Rewriter, register_pass
+from passes.tools.compile import main
+
+@register_pass
+@dataclass(frozen=True)
+class Crash(Pass):
+    name: ClassVar[str] = "crash-it"
+    def run(self, model, ctx):
+        return {}["boom"]
+
+@register_pass
+@dataclass(frozen=True)
+class Refuse(Pass):
+    name: ClassVar[str] = "refuse-it"
+    def run(self, model, ctx):
+        raise PassError("refuse-it needs a calibration file")
+
+@register_pass
+@dataclass(frozen=True)
+class Unrunnable(Pass):
+    name: ClassVar[str] = "unrunnable"
+    def run(self, model, ctx):
+        next(n for n in model.graph if n.op_type == "Relu").op_type = "Frobnicate"
+        return Rewriter().result()
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _assert_internal(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if not ln.startswith("compile: ")]
+    assert len(lines) == 1 and lines[0].startswith("internal error"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def test_a_crashing_pass_is_an_internal_error_with_a_reproducer(tmp_path: Path) -> None:
+    p = _write(tmp_path, "small.onnx", parser.parse_model(SMALL))
+    out = tmp_path / "out.onnx"
+    line = _assert_internal(_cli(str(p), "--pipeline", "dead-flow,crash-it", "-o", str(out), code=FAILING_PASSES),
+                            "internal error in pass crash-it: KeyError", "; reproducer: ")
+    assert not out.exists()
+    repro = Path(line.rsplit("; reproducer: ", 1)[1])
+    assert repro.is_file() and repro.with_name(repro.name + ".traceback").is_file()
+    ir.load(repro)
+
+
+def test_a_pass_refusing_with_a_reason_is_bad_input(tmp_path: Path) -> None:
+    p = _write(tmp_path, "small.onnx", parser.parse_model(SMALL))
+    _assert_bad(_cli(str(p), "--pipeline", "refuse-it", code=FAILING_PASSES), "refuse-it needs a calibration file")
+
+
+def test_a_compiled_model_that_does_not_run_is_an_internal_error(tmp_path: Path) -> None:
+    p = _write(tmp_path, "small.onnx", parser.parse_model(SMALL))
+    out = tmp_path / "out.onnx"
+    _assert_internal(_cli(str(p), "--pipeline", "unrunnable", "-o", str(out), code=FAILING_PASSES),
+                     "the compiled model does not run in onnxruntime, although the original does", "Frobnicate")
+    assert not out.exists()
+
+
+def _in_process(*args: str) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from passes.tools.compile import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_an_unexpected_error_outside_passes_is_an_internal_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from passes.tools import compile as compile_tool
+
+    def boom(model: ir.Model) -> None:
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(compile_tool, "op_counts", boom)
+    p = _write(tmp_path, "small.onnx", parser.parse_model(SMALL))
+    code, _, err = _in_process(str(p), "-o", str(tmp_path / "out.onnx"), "--quiet")
+    assert code == 3 and not (tmp_path / "out.onnx").exists()
+    [line] = err.splitlines()
+    assert line.startswith("internal error: RuntimeError: boom; second line; traceback: ")
+    trace = Path(line.rsplit("; traceback: ", 1)[1])
+    assert "RuntimeError: boom" in trace.read_text()
+    trace.unlink()
+
+
+def test_original_model_that_onnxruntime_cannot_load(tmp_path: Path) -> None:
+    # Valid ONNX (Relu exists in opset 1), but onnxruntime has no kernel for it.
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="old_relu")], "g",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 1)])
+    m.ir_version = 3
+    p = _write(tmp_path, "old.onnx", m)
+    code, _, err = _in_process(str(p), "-o", str(tmp_path / "out.onnx"), "--quiet", "--target", "onnx")
+    assert code == 2 and not (tmp_path / "out.onnx").exists()
+    [line] = err.splitlines()
+    assert line.startswith("error: the original model does not load in onnxruntime: ") and "Relu" in line, line
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_get_the_umask_mode(tmp_path: Path, umask: int) -> None:
+    p = _write(tmp_path, "small.onnx", parser.parse_model(SMALL))
+    old = os.umask(umask)
+    try:
+        code, _, err = _in_process(str(p), "--pipeline", "dead-flow", "-o", str(tmp_path / "out.onnx"), "--quiet",
+                                   "--external-data")
+        m = ir.from_onnx(parser.parse_model(SMALL))
+        ir.save(m, tmp_path / "direct.onnx")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    for name in ("out.onnx", "out.onnx.data", "direct.onnx"):
+        if (tmp_path / name).exists() or name != "out.onnx.data":
+            assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_unwritable_report_is_bad_input(tmp_path: Path) -> None:
+    p = _write(tmp_path, "small.onnx", parser.parse_model(SMALL))
+    code, _, err = _in_process(str(p), "--pipeline", "dead-flow", "-o", str(tmp_path / "out.onnx"), "--quiet",
+                               "--report", str(tmp_path / "no" / "such" / "r.json"))
+    assert code == 2 and err.startswith("error: cannot write the report") and len(err.splitlines()) == 1

@@ -64,10 +64,18 @@ def _user_error(e: BaseException | None) -> bool:
 
 
 def _internal(e: PassError) -> InternalError:
+    """The InternalError for a pass that crashed (``e`` from the PassManager, the crash its cause)."""
     m = _PASS_FAILURE.match(str(e))
+    cause = e.__cause__
+    if isinstance(cause, ir.VerificationError):
+        what = f"left an invalid IR: {cause}"
+    elif cause is not None:
+        what = f"{type(cause).__name__}: {cause}"
+    else:
+        what = m["what"] if m is not None else str(e)
     if m is None:
-        return InternalError(str(e))
-    return InternalError(m["what"], pass_name=m["name"], reproducer=m["path"] or "")
+        return InternalError(what)
+    return InternalError(what, pass_name=m["name"], reproducer=m["path"] or "")
 
 
 def known_domains(target: targets.Target, extra: tuple[str, ...] | list[str] = ()) -> set[str]:
