@@ -670,7 +670,13 @@ class PatternRule(Rule):
         self.root_domain = domains.pop() if len(domains) == 1 else ""  # type: ignore[misc]
         self.roots = tuple(sorted(op for _, op in ops))  # type: ignore[misc]
         self._size = _size(self.outputs[0], set())
-        self._wants = list(inspect.signature(replacement).parameters)[1:]
+        params = list(inspect.signature(replacement).parameters.values())[1:]
+        self._wants = [p.name for p in params]
+        unknown = [p.name for p in params if p.name not in self.variables and p.name not in ("match", "ctx")
+                   and p.default is inspect.Parameter.empty]
+        if unknown:
+            raise TypeError(f"rule {name!r}: the replacement asks for {unknown}, which the pattern does not bind "
+                            f"(it binds {sorted(self.variables)}; give a default to take None)")
         self._opsets: dict[str, int] = {}
         self._model: ir.Model | None = None
 
@@ -715,7 +721,6 @@ class PatternRule(Rule):
 
     def _interior_leak(self, root: ir.Node, matched: list[ir.Node]) -> str:
         members = set(matched)
-        graph = root.graph
         for n in matched:
             if n is root:
                 continue
@@ -725,7 +730,7 @@ class PatternRule(Rule):
                 outside = next((u for u, _ in o.uses() if u not in members), None)
                 if outside is not None:
                     return f"%{o.name} of {n.label()} is also read by {outside.label()}"
-                if o.is_graph_output() or (graph is not None and graph.subgraphs_returning(o)):
+                if o.is_graph_output() or _returned_by_subgraph(o):
                     return f"%{o.name} of {n.label()} is also an output"
         return ""
 
@@ -753,20 +758,34 @@ class PatternRule(Rule):
     def check(self, node: ir.Node, ctx: PassContext) -> Match | NoMatch:
         return self.match(node, ctx)
 
-    def rewrite(self, match: Match, rw: Rewriter, ctx: PassContext) -> None:
-        """Run the replacement against a recorder, then commit it in one step."""
+    def rewrite(self, match: Match, rw: Rewriter, ctx: PassContext) -> bool:
+        """Run the replacement against a recorder, then commit it in one step (``False``: declined)."""
         root = match.root
         graph = root.graph
         assert graph is not None
         olds = [v for v in self._root_values(root)]
         builder = ReplacementBuilder(like=olds[0])
         special = {"match": match, "ctx": ctx}
-        kwargs = {p: special[p] if p in special else match[p] for p in self._wants}
+        kwargs = {p: special[p] if p in special else match[p] for p in self._wants
+                  if p in special or p in self.variables}
         result = self.replacement(builder, **kwargs)
         news = list(result) if isinstance(result, tuple) else [result]
         if len(news) != len(olds) or not all(isinstance(v, ir.Value) for v in news):
             raise TypeError(f"rule {self.name!r}: the replacement returned {result!r}, not {len(olds)} value(s)")
+        for old, new in zip(olds, news):
+            # A model output replaced by a graph input or an initializer would rename the model's
+            # interface: decline, before anything is mutated.
+            if old is not None and old.is_graph_output() and new.producer() is None and not _planned(builder, new) \
+                    and (new.is_graph_input() or new.is_initializer()) and root.graph is not None \
+                    and root.graph.parent is None:
+                ctx.note(self.name, root, "kept: the model output would become a graph input or initializer")
+                return False
         _commit(builder, root, match.nodes, olds, news, rw, self._model)
+        return True
+
+
+def _planned(builder: ReplacementBuilder, v: ir.Value) -> bool:
+    return any(v is c for c in builder.constants)
 
 
 def _build(fn: Callable[..., Any]) -> tuple[Pattern, ...]:
@@ -812,6 +831,14 @@ def _retarget(builder: ReplacementBuilder, placeholder: ir.Value, real: ir.Value
         plan.inputs = [real if v is placeholder else v for v in plan.inputs]
     if news is not None:
         news[:] = [real if v is placeholder else v for v in news]
+
+
+def _returned_by_subgraph(v: ir.Value) -> bool:
+    # TODO(lead): the IR is gaining Value.is_returned_by_subgraph(); use it alone once it lands.
+    if hasattr(v, "is_returned_by_subgraph"):
+        return v.is_returned_by_subgraph()
+    g = v.graph
+    return g is not None and bool(g.subgraphs_returning(v))
 
 
 def _dedup(nodes: list[ir.Node]) -> list[ir.Node]:

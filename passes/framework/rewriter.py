@@ -25,6 +25,7 @@ class Rewriter:
     def __init__(self) -> None:
         self.changes = 0
         self.stats: Counter[str] = Counter()
+        self._created: list[tuple[ir.Graph, ir.Value]] = []
 
     # -- bookkeeping ----------------------------------------------------------------------
     def count(self, stat: str, n: int = 1) -> None:
@@ -192,7 +193,21 @@ class Rewriter:
         if not isinstance(array, (np.ndarray, ir.Tensor)):
             array = np.asarray(array)
         self.changes += 1
-        return graph.constant(array, name=name, dtype=dtype)
+        value = graph.constant(array, name=name, dtype=dtype)
+        self._created.append((graph, value))
+        return value
+
+    def remove_unused_constants(self) -> int:
+        """Drop the initializers this rewriter created that nothing reads any more; returns how many."""
+        dropped = 0
+        for graph, value in self._created:
+            g = value.graph or graph
+            if g.initializers.get(value.name) is value and not value.has_uses() and not value.is_graph_output():
+                g.remove_initializer(value.name)
+                dropped += 1
+        self._created = [(g, v) for g, v in self._created if v.has_uses()]
+        self.changes += dropped
+        return dropped
 
     def remove_initializer(self, graph: ir.Graph, name: str) -> None:
         """Drop an initializer nobody reads."""

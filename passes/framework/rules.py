@@ -59,8 +59,8 @@ class Rule:
         """Return a match object (truthy) or :class:`NoMatch`. Must not mutate the IR."""
         raise NotImplementedError
 
-    def rewrite(self, match: Any, rw: Rewriter, ctx: PassContext) -> None:
-        """Apply the rewrite for ``match`` through ``rw``."""
+    def rewrite(self, match: Any, rw: Rewriter, ctx: PassContext) -> bool | None:
+        """Apply the rewrite for ``match`` through ``rw``; ``False`` declines it (nothing changed)."""
         raise NotImplementedError
 
     def prepare(self, model: ir.Model) -> Rule:
@@ -110,7 +110,8 @@ def apply_rules(
                             if seen is None or m.score > seen[3]:
                                 near[id(node)] = (node, rule.name, m.reason, m.score)
                         continue
-                    rule.rewrite(m, rw, ctx)
+                    if rule.rewrite(m, rw, ctx) is False:
+                        continue
                     rw.count(rule.stat or f"applied {rule.name}")
                     steps += 1
                     changed = True

@@ -41,12 +41,13 @@ import numpy as np
 import ir
 
 from ..framework.base import Pass, PassContext, PassResult
-from ..framework.match import const_array, is_scalar, only_users, operands, producer, scalar, single_use
+from ..framework.match import const_array, only_users, operands, producer, single_use
+from ..framework.pattern import Match, PatternRule
 from ..framework.rules import NoMatch, Rule, apply_rules
 from ..framework.registry import register_pass
 from ..framework.rewriter import Rewriter
 
-__all__ = ["LayerNormFusionPass", "NormFusion", "ResidualSumNormFusion", "SkipNormFusion"]
+__all__ = ["LayerNormFusionPass", "NORM_RULES", "ResidualSumNormFusion", "SkipNormFusion"]
 
 _MS = "com.microsoft"
 _NORMS = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
@@ -103,214 +104,108 @@ def _noop_cast(v: ir.Value | None) -> ir.Node | None:
     return c if int(c.attr("to", -1)) == int(c.inputs[0].dtype) else None
 
 
-@dataclass
-class _Core:
-    """The normalization ``x / Sqrt(ReduceMean(x²) + ε)`` (centred first for LayerNorm)."""
-
-    x: ir.Value
-    eps: float
-    rms: bool
-    nodes: list[ir.Node]
-
-
-def _denominator(s: ir.Value) -> tuple[ir.Value, float, list[ir.Node]] | None:
-    """``s = Sqrt(ReduceMean(sq) + ε)``: the squared value, ε and the nodes."""
-    sq_node = producer(s, "Sqrt")
-    if sq_node is None or not single_use(s):
-        return None
-    add = producer(sq_node.inputs[0], "Add")
-    if add is None or not single_use(sq_node.inputs[0]):
-        return None
-    for var, e in operands(add):
-        eps = scalar(e)
-        mean = producer(var, "ReduceMean")
-        if eps is None or mean is None or not single_use(var) or mean.inputs[0] is None:
-            continue
-        return mean.inputs[0], eps, [sq_node, add, mean]
-    return None
-
-
-def _square_of(sq: ir.Value) -> tuple[ir.Value, ir.Node] | None:
-    """``sq = Pow(d, 2)`` or ``Mul(d, d)``: ``d`` and the node."""
-    p = producer(sq)
-    if p is None or not single_use(sq):
-        return None
-    if p.op_type == "Pow" and is_scalar(p.inputs[1], 2.0) and p.inputs[0] is not None:
-        return p.inputs[0], p
-    if p.op_type == "Mul" and p.inputs[0] is p.inputs[1] and p.inputs[0] is not None:
-        return p.inputs[0], p
-    return None
-
-
-def _core(node: ir.Node | None) -> _Core | NoMatch:
-    """Match the normalization ending at ``node`` (Div, or Mul by a reciprocal)."""
-    if node is None:
-        return NoMatch("no normalization")
-    pairs: list[tuple[ir.Value | None, ir.Value | None, list[ir.Node]]] = []
-    if node.op_type == "Div":
-        pairs.append((node.inputs[0], node.inputs[1], []))
-    elif node.op_type == "Mul":
-        for d, r in operands(node):
-            rec = producer(r)
-            if rec is None or not single_use(r):
-                continue
-            if rec.op_type == "Reciprocal":
-                pairs.append((d, rec.inputs[0], [rec]))
-            elif rec.op_type == "Div" and is_scalar(rec.inputs[0], 1.0):
-                pairs.append((d, rec.inputs[1], [rec]))
-    else:
-        return NoMatch("no normalization")
-    for d, s, extra in pairs:
-        if d is None or s is None or const_array(d) is not None:
-            continue
-        den = _denominator(s)
-        if den is None:
-            continue
-        sq, eps, den_nodes = den
-        squared = _square_of(sq)
-        if squared is None or squared[0] is not d:
-            return NoMatch("the mean is not of the squared normalized input", near=True)
-        sq_node = squared[1]
-        mean2 = den_nodes[2]
-        nodes = [node, *extra, *den_nodes, sq_node]
-        sub = producer(d, "Sub")
-        centred = sub is not None and (m := producer(sub.inputs[1], "ReduceMean")) is not None and m.inputs[0] is sub.inputs[0]
-        if centred:
-            assert sub is not None
-            x = sub.inputs[0]
-            mean1 = producer(sub.inputs[1], "ReduceMean")
-            assert x is not None and mean1 is not None
-            if not only_users(d, {node, sq_node}) or not single_use(sub.inputs[1]):
-                return NoMatch("an intermediate of the LayerNorm is read elsewhere", near=True)
-            if not (_is_last_axis_mean(mean1, _rank(x)) and _is_last_axis_mean(mean2, _rank(x))):
-                return NoMatch("ReduceMean is not over the last axis with keepdims", near=True)
-            return _Core(x, eps, False, [*nodes, sub, mean1])
-        if not _is_last_axis_mean(mean2, _rank(d)):
-            return NoMatch("ReduceMean is not over the last axis with keepdims", near=True)
-        return _Core(d, eps, True, nodes)
-    return NoMatch("the divisor is not Sqrt(ReduceMean(..) + eps)")
-
-
-def _param_consumer(node: ir.Node) -> str | None:
-    """``"Mul"``/``"Add"`` when the node's output is read only by a Mul/Add with a parameter."""
-    out = node.outputs[0]
-    if out is None or not single_use(out):
-        return None
-    user, _ = out.uses()[0]
-    if user.op_type == "Cast" and _noop_cast(user.outputs[0]) is not None and user.outputs[0] is not None:
-        out = user.outputs[0]
-        if not single_use(out):
-            return None
-        user, _ = out.uses()[0]
-    if user.op_type in ("Mul", "Add") and any(v is out and _param(w) for v, w in operands(user)):
-        return user.op_type
-    return None
-
-
-@dataclass
-class _Norm:
-    root: ir.Node
-    core: _Core
-    gamma: ir.Value | None
-    beta: ir.Value | None
-    nodes: list[ir.Node] = field(default_factory=list)
-
-
-# ----------------------------------------------------------------------------------------- #
-# Rules
-# ----------------------------------------------------------------------------------------- #
-
-
 def _simplified_ok(ctx: PassContext) -> bool:
     # onnxruntime's SimplifiedLayerNormalization lives in the default domain but is a contrib op;
     # targets list it among their contrib ops.
     return ctx.target is not None and ctx.target.supports("SimplifiedLayerNormalization", _MS)
 
 
-@dataclass(frozen=True)
-class NormFusion(Rule):
-    """Decomposed LayerNorm → LayerNormalization; decomposed RMSNorm → SimplifiedLayerNormalization
-    (contrib targets) or RMSNormalization (opset 23)."""
+def _mean(op, v, name):
+    """``ReduceMean(v)``, its axes an attribute or (opset 18) a constant input."""
+    return op.ReduceMean(v, _name=name) | op.ReduceMean(v, op.const(), _name=name)
 
-    opset: int = 0
 
-    name: ClassVar[str] = "layer-norm"
-    roots: ClassVar[tuple[str, ...]] = ("Add", "Mul", "Div")
-    stat: ClassVar[str] = "fused LayerNorm"
+def _normalized(op, d, square):
+    """``d / Sqrt(ReduceMean(square) + ε)``, the division as Div or a product with the reciprocal."""
+    std = op.Sqrt(op.Add(_mean(op, square, "var"), op.const(name="eps")))
+    return op.Div(d, std) | op.Mul(d, op.Reciprocal(std)) | op.Mul(d, op.Div(1.0, std))
 
-    def check(self, node: ir.Node, ctx: PassContext) -> _Norm | NoMatch:
-        beta: ir.Value | None = None
-        cur: ir.Node | None = node
-        outer: list[ir.Node] = []
-        if node.op_type == "Add":
-            for y, b in operands(node):
-                inner = producer(y, "Mul", "Div")
-                if inner is not None and _param(b) and single_use(y):
-                    beta, cur, outer = b, inner, [node]
-                    break
-            else:
-                return NoMatch("not a norm")
-        assert cur is not None
-        core = _core(cur)
-        gamma: ir.Value | None = None
-        if isinstance(core, NoMatch) and cur.op_type == "Mul":
-            for n, g in operands(cur):
-                if not _param(g) or not single_use(n):
-                    continue
-                inner = producer(n)
-                cast = _noop_cast(n)
-                if cast is not None and single_use(cast.inputs[0]):
-                    inner = producer(cast.inputs[0])
-                c = _core(inner)
-                if not isinstance(c, NoMatch):
-                    core, gamma = c, g
-                    outer = [*outer, cur, *([cast] if cast is not None else [])]
-                    break
-                core = c if c.near else core
-        if isinstance(core, NoMatch):
-            return core
-        # Leave a partial match to the larger one rooted at the γ Mul or β Add that follows.
-        follower = _param_consumer(node)
-        if node.op_type != "Add" and (
-            (follower == "Mul" and gamma is None) or (follower == "Add" and not core.rms)
-        ):
-            return NoMatch("part of a larger norm")
-        if core.rms and beta is not None:
-            return NoMatch("RMSNorm followed by a bias is not a fusable form", near=True)
-        hidden = _param_len(gamma) or _param_len(beta)
-        shape = core.x.shape
-        if hidden is None and shape is not None and isinstance(shape[-1], int):
-            hidden = shape[-1]
-        if gamma is None and hidden is None:
-            return NoMatch("no γ and the hidden size is unknown", near=True)
-        if core.rms:
-            if not _simplified_ok(ctx) and self.opset < 23:
-                return NoMatch(f"RMSNormalization needs opset 23, the model imports {self.opset}", near=True)
-        elif self.opset < 17:
-            return NoMatch(f"LayerNormalization needs opset 17, the model imports {self.opset}", near=True)
-        return _Norm(node, core, gamma, beta, [*outer, *core.nodes])
 
-    def rewrite(self, match: _Norm, rw: Rewriter, ctx: PassContext) -> None:
-        root = match.root
-        out = root.outputs[0]
-        assert out is not None and root.graph is not None
-        x = match.core.x
-        gamma = match.gamma
-        if gamma is None:
-            hidden = _param_len(match.beta) or x.shape[-1]  # type: ignore[index]
-            dtype = x.dtype.numpy() if x.dtype is not None else np.float32  # type: ignore[union-attr]
-            gamma = rw.constant(root.graph, np.ones([hidden], dtype=dtype), name="norm_gamma")
-        attrs = {"axis": -1, "epsilon": float(match.core.eps)}
-        if not match.core.rms:
-            inputs = [x, gamma] + ([match.beta] if match.beta is not None else [])
-            new = rw.make("LayerNormalization", inputs, attrs, before=root, types=[out.type])
-        elif _simplified_ok(ctx):
-            new = rw.make("SimplifiedLayerNormalization", [x, gamma], {**attrs, "stash_type": 1},
-                          before=root, types=[out.type])
-        else:
-            new = rw.make("RMSNormalization", [x, gamma], attrs, before=root, types=[out.type])
-        rw.replace_all_uses_with(out, new.outputs[0])
-        rw.erase(match.nodes)
+def layer_norm(op, x):
+    d = op.Sub(x, _mean(op, x, "mean"))
+    return _normalized(op, d, op.Pow(d, 2.0) | op.Mul(d, d))
+
+
+def rms_norm(op, x):
+    return _normalized(op, x, op.Pow(x, 2.0) | op.Mul(x, x))
+
+
+def _hidden(m: Match) -> int | None:
+    """The normalized size: the input's last dim, else the length of the γ that follows."""
+    shape = m.x.shape
+    if shape is not None and isinstance(shape[-1], int):
+        return shape[-1]
+    out = m.root.outputs[0]
+    user = out.uses()[0][0] if out is not None and len(out.uses()) == 1 else None
+    if user is not None and user.op_type == "Cast" and user.outputs[0] is not None and _noop_cast(user.outputs[0]):
+        user = user.outputs[0].uses()[0][0] if len(user.outputs[0].uses()) == 1 else None
+    gammas = [v for v in (user.inputs if user is not None and user.op_type == "Mul" else ()) if _param(v)]
+    return _param_len(gammas[0]) if gammas else None
+
+
+def check_norm(m: Match, ctx: PassContext) -> bool | str:
+    if any(n is not None and not _is_last_axis_mean(n, _rank(m.x)) for n in (m.node("mean"), m.node("var"))):
+        return "ReduceMean is not over the last axis with keepdims"
+    if m.const("eps") is None or m.const("eps").size != 1:
+        return "ε is not a scalar constant"
+    if m.rule.name == "rms-norm" and (sub := producer(m.x, "Sub")) is not None and producer(sub.inputs[1], "ReduceMean"):
+        return NoMatch("a centred norm is a LayerNorm")
+    if _hidden(m) is None:
+        return "no γ and the hidden size is unknown"
+    if m.rule.name == "layer-norm":
+        return m.opset() >= 17 or f"LayerNormalization needs opset 17, the model imports {m.opset()}"
+    return _simplified_ok(ctx) or m.opset() >= 23 or f"RMSNormalization needs opset 23, the model imports {m.opset()}"
+
+
+def fused_norm(op, x, eps, match, ctx):
+    dtype = x.dtype.numpy() if x.dtype is not None else np.float32
+    ones = op.const(np.ones([_hidden(match)], dtype=dtype))
+    attrs = {"axis": -1, "epsilon": float(match.const("eps").reshape(-1)[0])}
+    if match.rule.name == "layer-norm":
+        return op.LayerNormalization(x, ones, **attrs)
+    if _simplified_ok(ctx):
+        return op.SimplifiedLayerNormalization(x, ones, **attrs, stash_type=1)
+    return op.RMSNormalization(x, ones, **attrs)
+
+
+def _norm(op, x, g):
+    return (op.LayerNormalization(x, g, _name="norm") | op.SimplifiedLayerNormalization(x, g, _name="norm")
+            | op.RMSNormalization(x, g, _name="norm"))
+
+
+def times_gamma(op, x, g, gamma):
+    n = _norm(op, x, g)
+    return op.Mul(n | op.Cast(n, _name="cast"), gamma)
+
+
+def plus_beta(op, x, gamma, beta):
+    return op.Add(op.LayerNormalization(x, gamma, _name="norm"), beta)
+
+
+def check_affine(m: Match, ctx: PassContext) -> bool | str:
+    """γ and β are 1-D parameters of the normalized size; γ folds only into a norm with unit weight."""
+    param = m.gamma if m.rule.name == "norm-gamma" else m.beta
+    if not _param(param) or _param_len(param) != _param_len(m.node("norm").inputs[1]):
+        return NoMatch("not a per-channel parameter")
+    cast = m.node("cast")
+    if cast is not None and _noop_cast(cast.outputs[0]) is None:
+        return NoMatch("the Cast changes the dtype")
+    ones = const_array(m.g) if m.rule.name == "norm-gamma" else None
+    return m.rule.name != "norm-gamma" or (ones is not None and bool(np.all(ones == 1)))
+
+
+def with_param(op, x, gamma, match, beta=None):
+    norm = match.node("norm")
+    inputs = [x, gamma] if beta is None else [x, gamma, beta]
+    return getattr(op, norm.op_type)(*inputs, **norm.attributes)
+
+
+NORM_RULES = (
+    PatternRule("layer-norm", layer_norm, fused_norm, check=check_norm, stat="fused LayerNorm"),
+    PatternRule("rms-norm", rms_norm, fused_norm, check=check_norm, stat="fused LayerNorm"),
+    PatternRule("norm-gamma", times_gamma, with_param, check=check_affine, stat="folded LayerNorm γ"),
+    PatternRule("norm-beta", plus_beta, with_param, check=check_affine, stat="folded LayerNorm β"),
+)
 
 
 @dataclass
@@ -574,7 +469,8 @@ class LayerNormFusionPass(Pass):
         skip = ctx.target is not None and ctx.target.has_contrib_ops
         if _needs_types(model, skip):
             _infer_types(model, rw)
-        apply_rules(model, [NormFusion(opset=model.opset("") or 0)], ctx, rw, pass_name=self.name)
+        apply_rules(model, NORM_RULES, ctx, rw, pass_name=self.name)
+        rw.remove_unused_constants()
         if skip and apply_rules(model, [SkipNormFusion(), ResidualSumNormFusion()], ctx, rw, pass_name=self.name):
             rw.import_opset(model, _MS)
         return rw.result()
