@@ -71,13 +71,16 @@ _VOCAB = {"minilm": 30522, "bert-base": 30522}
 # --------------------------------------------------------------------------------------------- #
 
 
-def ort_session(model: str | os.PathLike[str] | bytes | Any, *, threads: int = 1) -> Any:
+def ort_session(model: str | os.PathLike[str] | bytes | Any, *, threads: int = 1, optimize: bool = False) -> Any:
     """Build an ``onnxruntime.InferenceSession`` on the CPU provider.
 
     Args:
         model: a path, serialized model bytes, or an ``onnx.ModelProto`` (serialized for you).
         threads: intra-op threads (1 by default so that tests run side by side under xdist and
             results are reproducible).
+        optimize: keep onnxruntime's graph optimizations on. Off by default: a reference run of
+            the original model must not be fused by onnxruntime itself (a wrong fusion of ours
+            could then agree with onnxruntime's), and a compiled model is run as we emitted it.
 
     Returns:
         The session.
@@ -88,6 +91,8 @@ def ort_session(model: str | os.PathLike[str] | bytes | Any, *, threads: int = 1
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
     if not isinstance(model, (str, bytes)):

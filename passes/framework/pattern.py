@@ -293,8 +293,9 @@ class _State:
         self.best: tuple[int, str] = (-1, "")
         self.graph = graph
 
-    def fail(self, reason: str) -> None:
-        depth = len(self.used)
+    def fail(self, reason: str, extra: int = 0) -> None:
+        """Record why matching stopped; ``extra`` counts nodes examined but not yet taken."""
+        depth = len(self.used) + extra
         if depth > self.best[0]:
             self.best = (depth, reason)
 
@@ -495,7 +496,7 @@ def _match_product(pat: Product, value: ir.Value, st: _State) -> Iterator[None]:
         st.fail(f"the product at {_what(value)} has {len(rest)} non-constant factors, the pattern {len(pat.factors)}")
         return
     if not _close(scale, pat.scale, pat.rtol, 1e-12):
-        st.fail(f"the product at {_what(value)} is scaled by {scale:g}, not {pat.scale:g}")
+        st.fail(f"the product at {_what(value)} is scaled by {scale:g}, not {pat.scale:g}", extra=len(nodes))
         return
     for n in nodes:
         st.used.add(n)
