@@ -21,6 +21,22 @@ Write a pass::
             return rw.result()
 
 then run it: ``PassManager("drop-identity,dead-flow").run(model)``.
+
+A fusion is shorter as a pattern rule (``docs/write-a-fusion.md`` is the guide)::
+
+    from passes import PatternRule, register_rules
+
+    def silu(op, x):
+        return op.Mul(x, op.Sigmoid(x))
+
+    def silu_fused(op, x):
+        return op.QuickGelu(x, alpha=1.0, _domain="com.microsoft")
+
+    register_rules("fuse-silu", [PatternRule("silu", silu, silu_fused)])
+
+The layout: :mod:`passes.framework` (pass base, manager, pipelines, registry, rewriter, rules and
+the pattern language), :mod:`passes.cleanup`, :mod:`passes.fusions`, :mod:`passes.quantization`
+(the passes, discovered by the registry) and :mod:`passes.tools` (the ``tfcompile`` commands).
 """
 
 from __future__ import annotations
@@ -29,15 +45,17 @@ from typing import Any
 
 from .framework.base import Diagnostic, Pass, PassContext, PassError, PassResult
 from .framework.manager import PassManager, PassRecord
-from .framework.rules import NoMatch, Rule, apply_rules
+from .framework.pattern import Match, PatternRule, absent_or, capture
+from .framework.rules import NoMatch, Rule, RulesPass, apply_rules, register_rules
 from .framework.pipeline import Fixpoint, format_pipeline, parse_pipeline
 from .framework.registry import get_pass_class, register_pass, registered_passes
 from .framework.rewriter import Rewriter
 
 __all__ = [
-    "Diagnostic", "Fixpoint", "NoMatch", "Pass", "PassContext", "PassError", "PassManager",
-    "PassRecord", "PassResult", "Rewriter", "Rule", "apply_rules", "compile_model", "CompileResult",
-    "format_pipeline", "get_pass_class", "parse_pipeline", "register_pass", "registered_passes",
+    "Diagnostic", "Fixpoint", "Match", "NoMatch", "Pass", "PassContext", "PassError", "PassManager",
+    "PassRecord", "PassResult", "PatternRule", "Rewriter", "Rule", "RulesPass", "absent_or", "apply_rules",
+    "capture", "compile_model", "CompileResult", "format_pipeline", "get_pass_class", "parse_pipeline",
+    "register_pass", "register_rules", "registered_passes",
 ]
 
 

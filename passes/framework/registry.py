@@ -53,9 +53,20 @@ def _load() -> None:
             _LOADED = False
             raise PassError(f"pass module {mod} does not import: {type(e).__name__}: {e}") from e
     for ep in entry_points(group="passes.plugins"):
-        obj = ep.load()
+        try:
+            obj = ep.load()
+        except Exception as e:
+            _LOADED = False
+            raise PassError(f"plugin {ep.name} ({ep.value}) does not import: {type(e).__name__}: {e}") from e
         if isinstance(obj, type) and issubclass(obj, Pass):
             register_pass(obj)
+        elif hasattr(obj, "check") and hasattr(obj, "rewrite") and getattr(obj, "name", ""):
+            from .rules import register_rules  # a single rule becomes a pass of its name
+
+            register_rules(obj.name, [obj], f"plugin rule {obj.name} ({ep.value})")
+        else:
+            _LOADED = False
+            raise PassError(f"plugin {ep.name} ({ep.value}) is neither a Pass class nor a rule")
 
 
 def get_pass_class(name: str) -> type[Pass]:
