@@ -46,9 +46,9 @@ from typing import Any
 from .framework.base import Diagnostic, Pass, PassContext, PassError, PassResult
 from .framework.manager import PassManager, PassRecord
 from .framework.pattern import Match, PatternRule, absent_or, capture
-from .framework.rules import NoMatch, Rule, RulesPass, apply_rules, register_rules
+from .framework.registry import get_pass_class, register_pass, register_rules, registered_passes
+from .framework.rules import NoMatch, Rule, RulesPass, apply_rules
 from .framework.pipeline import Fixpoint, format_pipeline, parse_pipeline
-from .framework.registry import get_pass_class, register_pass, registered_passes
 from .framework.rewriter import Rewriter
 
 __all__ = [

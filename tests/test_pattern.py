@@ -14,7 +14,8 @@ from conftest import ort_run
 from passes import PassContext, PassManager
 from passes.framework.pattern import PatternRule, absent_or, capture
 from passes.framework.rewriter import Rewriter
-from passes.framework.rules import NoMatch, RulesPass, apply_rules, register_rules
+from passes.framework.registry import register_rules
+from passes.framework.rules import NoMatch, RulesPass, apply_rules
 
 X86 = targets.get("x86")
 

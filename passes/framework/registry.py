@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 
 from .base import Pass, PassError
+from .rules import Rule, RulesPass
 
-__all__ = ["register_pass", "get_pass_class", "registered_passes", "builtin_pass_modules", "PASS_PACKAGES"]
+__all__ = ["register_pass", "register_rules", "get_pass_class", "registered_passes", "builtin_pass_modules",
+           "PASS_PACKAGES"]
 
 _REGISTRY: dict[str, type[Pass]] = {}
 _LOADED = False
@@ -61,8 +66,6 @@ def _load() -> None:
         if isinstance(obj, type) and issubclass(obj, Pass):
             register_pass(obj)
         elif hasattr(obj, "check") and hasattr(obj, "rewrite") and getattr(obj, "name", ""):
-            from .rules import register_rules  # a single rule becomes a pass of its name
-
             register_rules(obj.name, [obj], f"plugin rule {obj.name} ({ep.value})")
         else:
             _LOADED = False
@@ -87,3 +90,20 @@ def registered_passes() -> dict[str, type[Pass]]:
     """All registered passes by name."""
     _load()
     return dict(sorted(_REGISTRY.items()))
+
+
+def register_rules(name: str, rules: Sequence[Rule], summary: str = "") -> type[RulesPass]:
+    """Make and register a pass named ``name`` that applies ``rules``; returns the pass class.
+
+    Example::
+
+        register_rules("fuse-silu", [silu_rule], "x * Sigmoid(x) -> QuickGelu")
+        PassManager("fuse-silu,dead-flow").run(model, ctx)
+    """
+    cls_name = "".join(part.title() for part in name.replace("_", "-").split("-")) + "Pass"
+    caller = sys._getframe(1).f_globals.get("__name__", __name__)
+    cls = type(cls_name, (RulesPass,), {
+        "__module__": caller, "__qualname__": cls_name, "__doc__": summary or f"Apply the {name} rules.",
+        "__annotations__": {}, "name": name, "summary": summary, "rules": tuple(rules),
+    })
+    return register_pass(dataclass(frozen=True)(cls))  # type: ignore[return-value]

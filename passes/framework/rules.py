@@ -13,17 +13,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import ir
 
 from .base import Pass, PassContext, PassError, PassResult
-from .registry import register_pass
 from .rewriter import Rewriter
 
-__all__ = ["Rule", "NoMatch", "RulesPass", "apply_rules", "register_rules"]
+__all__ = ["Rule", "NoMatch", "RulesPass", "apply_rules"]
 
 
 @dataclass(frozen=True)
@@ -132,7 +130,7 @@ class RulesPass(Pass):
     """A pass that is a set of rules applied to a fixed point by :func:`apply_rules`.
 
     Subclass it with ``name`` and ``rules`` (or override :meth:`rules_for` when the set depends on
-    the model), or let :func:`register_rules` make one.
+    the model), or let :func:`passes.framework.registry.register_rules` make one.
     """
 
     rules: ClassVar[tuple[Rule, ...]] = ()
@@ -146,20 +144,3 @@ class RulesPass(Pass):
         rw = Rewriter()
         apply_rules(model, self.rules_for(model, ctx), ctx, rw, pass_name=self.name)
         return rw.result()
-
-
-def register_rules(name: str, rules: Sequence[Rule], summary: str = "") -> type[RulesPass]:
-    """Make and register a pass named ``name`` that applies ``rules``; returns the pass class.
-
-    Example::
-
-        register_rules("fuse-silu", [silu_rule], "x * Sigmoid(x) -> QuickGelu")
-        PassManager("fuse-silu,dead-flow").run(model, ctx)
-    """
-    cls_name = "".join(part.title() for part in name.replace("_", "-").split("-")) + "Pass"
-    caller = sys._getframe(1).f_globals.get("__name__", __name__)
-    cls = type(cls_name, (RulesPass,), {
-        "__module__": caller, "__qualname__": cls_name, "__doc__": summary or f"Apply the {name} rules.",
-        "__annotations__": {}, "name": name, "summary": summary, "rules": tuple(rules),
-    })
-    return register_pass(dataclass(frozen=True)(cls))  # type: ignore[return-value]

@@ -9,7 +9,7 @@ MatMul measured slower at decode and is left as exported.
 from __future__ import annotations
 
 from ..framework.pattern import PatternRule
-from ..framework.rules import register_rules
+from ..framework.registry import register_rules
 
 __all__ = ["ACTIVATION_RULES", "ActivationFusionPass"]
 

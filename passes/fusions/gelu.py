@@ -23,7 +23,8 @@ import math
 
 from ..framework.match import producer
 from ..framework.pattern import Match, PatternRule, capture
-from ..framework.rules import NoMatch, register_rules
+from ..framework.registry import register_rules
+from ..framework.rules import NoMatch
 
 __all__ = ["GELU_RULES"]
 
