@@ -108,7 +108,9 @@ def apply_rules(
                             if seen is None or m.score > seen[3]:
                                 near[id(node)] = (node, rule.name, m.reason, m.score)
                         continue
-                    if rule.rewrite(m, rw, ctx) is False:
+                    with rw.transaction():  # a rewrite that raises half-way leaves no trace
+                        applied = rule.rewrite(m, rw, ctx)
+                    if applied is False:
                         continue
                     rw.count(rule.stat or f"applied {rule.name}")
                     steps += 1
