@@ -31,7 +31,7 @@ def producer(value: ir.Value | None, *op_types: str, domain: str = "") -> ir.Nod
         return None
     if op_types and node.op_type not in op_types:
         return None
-    if (node.domain if node.domain != "ai.onnx" else "") != domain:
+    if node.domain != domain:
         return None
     return node
 
@@ -43,7 +43,7 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     if value.const_value is not None and not value.is_graph_input():
         return value.const_value.numpy()
     node = value.producer()
-    if node is None or node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+    if node is None or node.op_type != "Constant" or node.domain:
         return None
     for key, a in node.attributes.items():
         if key == "value" and isinstance(a.value, ir.Tensor):

@@ -224,6 +224,7 @@ class PatternBuilder:
 
 
 def _norm_domain(domain: str) -> str:
+    # The IR spells the default domain ""; a user may write "ai.onnx" in a pattern.
     return "" if domain == "ai.onnx" else domain
 
 
@@ -385,7 +386,7 @@ def _close(a: float, b: float, rtol: float, atol: float) -> bool:
 def _match_node(pat: NodeOutput, value: ir.Value, st: _State) -> Iterator[None]:
     np_ = pat.node
     node = value.producer()
-    if node is None or node.op_type != np_.op_type or _norm_domain(node.domain) != np_.domain:
+    if node is None or node.op_type != np_.op_type or node.domain != np_.domain:
         want = np_.op_type if not np_.domain else f"{np_.domain}::{np_.op_type}"
         st.fail(f"expected {want}, got {_what(value)}")
         return
@@ -448,7 +449,7 @@ def _match_all(pats: Sequence[Pattern | None], values: Sequence[ir.Value | None]
 def _flatten_product(value: ir.Value, st: _State) -> tuple[list[ir.Value], list[ir.Node], float] | None:
     """Leaves of the Mul/Div-by-constant tree rooted at ``value``'s producer (interior values read once)."""
     root = value.producer()
-    if root is None or root.op_type not in ("Mul", "Div") or _norm_domain(root.domain) or root in st.used:
+    if root is None or root.op_type not in ("Mul", "Div") or root.domain or root in st.used:
         return None
     nodes: list[ir.Node] = []
     leaves: list[ir.Value] = []
@@ -458,7 +459,7 @@ def _flatten_product(value: ir.Value, st: _State) -> tuple[list[ir.Value], list[
         v, is_root = stack.pop()
         p = v.producer()
         interior = is_root or (len(v.uses()) == 1 and not v.is_graph_output())
-        if p is None or not interior or p.op_type not in ("Mul", "Div") or _norm_domain(p.domain) \
+        if p is None or not interior or p.op_type not in ("Mul", "Div") or p.domain \
                 or p.graph is not st.graph or p in st.used or len(p.inputs) != 2 or None in p.inputs:
             leaves.append(v)
             continue
@@ -688,7 +689,7 @@ class PatternRule(Rule):
         """A copy of this rule bound to the model it runs on (opset imports, for ``requires`` and commit)."""
         bound = copy.copy(self)
         bound._model = model
-        bound._opsets = {_norm_domain(k): v for k, v in model.opset_imports.items()}
+        bound._opsets = dict(model.opset_imports)
         return bound
 
     # -- matching ---------------------------------------------------------------------------
@@ -731,7 +732,7 @@ class PatternRule(Rule):
                 outside = next((u for u, _ in o.uses() if u not in members), None)
                 if outside is not None:
                     return f"%{o.name} of {n.label()} is also read by {outside.label()}"
-                if o.is_graph_output() or _returned_by_subgraph(o):
+                if o.is_graph_output() or o.is_returned_by_subgraph():
                     return f"%{o.name} of {n.label()} is also an output"
         return ""
 
@@ -774,12 +775,13 @@ class PatternRule(Rule):
         if len(news) != len(olds) or not all(isinstance(v, ir.Value) for v in news):
             raise TypeError(f"rule {self.name!r}: the replacement returned {result!r}, not {len(olds)} value(s)")
         for old, new in zip(olds, news):
-            # A model output replaced by a graph input or an initializer would rename the model's
-            # interface: decline, before anything is mutated.
-            if old is not None and old.is_graph_output() and new.producer() is None and not _planned(builder, new) \
-                    and (new.is_graph_input() or new.is_initializer()) and root.graph is not None \
-                    and root.graph.parent is None:
-                ctx.note(self.name, root, "kept: the model output would become a graph input or initializer")
+            # A graph output can hand its name only to a new or internal value of its graph (see
+            # Rewriter.replace_graph_output); otherwise the interface would change: decline, before
+            # anything is mutated.
+            if old is not None and old.is_graph_output() and not _planned(builder, new) and (
+                    new.graph not in (old.graph, None) or new.is_graph_input() or new.is_initializer()
+                    or new.is_graph_output()):
+                ctx.note(self.name, root, f"kept: graph output %{old.name} cannot become %{new.name}, which keeps its name")
                 return False
         _commit(builder, root, match.nodes, olds, news, rw, self._model)
         return True
@@ -832,14 +834,6 @@ def _retarget(builder: ReplacementBuilder, placeholder: ir.Value, real: ir.Value
         plan.inputs = [real if v is placeholder else v for v in plan.inputs]
     if news is not None:
         news[:] = [real if v is placeholder else v for v in news]
-
-
-def _returned_by_subgraph(v: ir.Value) -> bool:
-    # TODO(lead): the IR is gaining Value.is_returned_by_subgraph(); use it alone once it lands.
-    if hasattr(v, "is_returned_by_subgraph"):
-        return v.is_returned_by_subgraph()
-    g = v.graph
-    return g is not None and bool(g.subgraphs_returning(v))
 
 
 def _dedup(nodes: list[ir.Node]) -> list[ir.Node]:

@@ -99,8 +99,7 @@ def apply_rules(
             for node in graph:
                 if node.graph is not graph:
                     continue
-                domain = node.domain if node.domain != "ai.onnx" else ""
-                for rule in by_root.get((domain, node.op_type), ()):
+                for rule in by_root.get((node.domain, node.op_type), ()):
                     m = rule.check(node, ctx)
                     if isinstance(m, NoMatch) or not m:
                         if ctx.explain and isinstance(m, NoMatch) and m.near:
