@@ -97,7 +97,7 @@ class _Builder:
         if v is not None:
             return v
         if name in self.values:
-            v = self.constant(np.asarray(self.values[name], dtype=np.float32))
+            v = self.constant(_as_array(self.values[name]))
         else:
             x = self.graph.add_input(ir.Value(name, ir.TensorType(ir.DataType.FLOAT, self.shape)))
             v = x
@@ -134,8 +134,7 @@ class _Builder:
         if pat.name and pat.name in self.vars:
             return self.vars[pat.name]
         if pat.name and pat.name in self.values:
-            arr = np.asarray(self.values[pat.name])
-            arr = arr.astype(np.float32) if arr.dtype.kind == "f" else arr
+            arr = _as_array(self.values[pat.name])
         elif pat.value is not None:
             arr = np.asarray(pat.value, dtype=np.float32)
         else:
@@ -192,6 +191,12 @@ class _Builder:
             out = self.node("Div", [out, self.constant(np.array(1.0 / scale, dtype=np.float32))]).outputs[0]
         self.notes.append(f"product as {how}, order {list(order)}")
         return out  # type: ignore[return-value]
+
+
+def _as_array(x: Any) -> np.ndarray:
+    """A user's value as a tensor: floats as float32, other dtypes (bool, int64) as given."""
+    arr = np.asarray(x)
+    return arr.astype(np.float32) if arr.dtype.kind == "f" else arr
 
 
 @st.composite

@@ -27,14 +27,12 @@ import ir
 from ..framework.base import Pass, PassContext, PassResult
 from ..framework.evaluator import NONDETERMINISTIC_OPS, attribute_key
 from ..framework.match import const_array, producer
+from ..framework.pattern import Match, PatternRule
 from ..framework.rules import NoMatch, Rule, apply_rules
 from ..framework.registry import register_pass
 from ..framework.rewriter import Rewriter
 
-__all__ = [
-    "SimplifyPass", "IdentityRemoval", "DropoutRemoval", "NoOpCast", "NoOpReshape", "NoOpTranspose",
-    "NoOpExpand", "NeutralElement", "TransposeMerge", "ReshapeMerge",
-]
+__all__ = ["SimplifyPass", "NO_OP_RULES", "TransposeMerge", "ReshapeMerge"]
 
 #: Rounds of rules then deduplication before giving up on a fixed point.
 _MAX_ROUNDS = 8
@@ -42,33 +40,6 @@ _MAX_ROUNDS = 8
 _DEDUP_LIMIT = 1 << 20
 #: Domains whose ops are pure functions of their inputs, so equal nodes compute equal values.
 _PURE_DOMAINS = frozenset({"", "ai.onnx.ml", "com.microsoft"})
-
-
-@dataclass(frozen=True)
-class _Forward:
-    """Match of a no-op: ``node``'s first output is ``src``'s value."""
-
-    node: ir.Node
-    src: ir.Value
-
-
-def _forward_check(node: ir.Node, src: ir.Value | None) -> _Forward | NoMatch:
-    """Can ``node``'s first output be replaced by ``src``, keeping graph output names?"""
-    out = node.outputs[0]
-    if src is None or out is None:
-        return NoMatch("missing input or output")
-    if out.is_graph_output() and (src.producer() is None or src.graph is not out.graph or src.is_graph_output()):
-        # The output's name would be lost: src cannot be renamed (interface or outer value).
-        return NoMatch(f"%{out.name} is a graph output and %{src.name} cannot take its name", near=True)
-    return _Forward(node, src)
-
-
-class _ForwardRule(Rule):
-    """Shared rewrite of the no-op rules: read the input instead, drop the node."""
-
-    def rewrite(self, match: _Forward, rw: Rewriter, ctx: PassContext) -> None:
-        rw.replace_all_uses_with(match.node.outputs[0], match.src)
-        rw.erase(match.node)
 
 
 def _ints_attr(node: ir.Node, name: str) -> list[int] | None | NoMatch:
@@ -85,143 +56,90 @@ def _rank(v: ir.Value | None) -> int | None:
     return None if shape is None else len(shape)
 
 
-class IdentityRemoval(_ForwardRule):
-    """``Identity(x)`` → ``x``."""
-
-    name = "identity"
-    roots = ("Identity",)
-    stat = "removed Identity"
-
-    def check(self, node: ir.Node, ctx: PassContext) -> Any:
-        return _forward_check(node, node.inputs[0] if node.inputs else None)
+def _forward(op, x):
+    """The replacement of every no-op: its input (a graph output keeps its name, or the rule declines)."""
+    return x
 
 
-class DropoutRemoval(_ForwardRule):
-    """``Dropout(x)`` in inference mode, its mask unread → ``x``."""
-
-    name = "dropout"
-    roots = ("Dropout",)
-    stat = "removed Dropout"
-
-    def __init__(self, opset: int) -> None:
-        self.opset = opset
-
-    def check(self, node: ir.Node, ctx: PassContext) -> Any:
-        if self.opset < 7 and node.attr("is_test", 0) == 0:
-            return NoMatch("opset < 7 Dropout without is_test=1 is in training mode", near=True)
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            mode = const_array(node.inputs[2])
-            if mode is None or mode.size != 1 or bool(mode.reshape(-1)[0]):
-                return NoMatch("training_mode is not a constant false", near=True)
-        if len(node.outputs) > 1 and node.outputs[1] is not None:
-            mask = node.outputs[1]
-            if mask.has_uses() or mask.is_graph_output():
-                return NoMatch("the mask output is read", near=True)
-        return _forward_check(node, node.inputs[0])
+def _no_op(name: str, pattern: Any, check: Any = None, stat: str = "") -> PatternRule:
+    return PatternRule(name, pattern, _forward, check=check, stat=stat)
 
 
-class NoOpCast(_ForwardRule):
-    """``Cast(x, to=dtype(x))`` and ``CastLike(x, y)`` with equal dtypes → ``x``."""
-
-    name = "no-op-cast"
-    roots = ("Cast", "CastLike")
-    stat = "removed no-op Cast"
-
-    def check(self, node: ir.Node, ctx: PassContext) -> Any:
-        x = node.inputs[0]
-        if x is None or x.dtype is None:
-            return NoMatch("input dtype unknown")
-        if node.op_type == "Cast":
-            a = node.attributes.get("to")
-            if a is None or a.ref_attr_name:
-                return NoMatch("no literal 'to' attribute")
-            target = a.value
-        else:
-            like = node.inputs[1] if len(node.inputs) > 1 else None
-            if like is None or like.dtype is None:
-                return NoMatch("target dtype unknown")
-            target = like.dtype
-        if int(target) != int(x.dtype):
-            return NoMatch("changes the dtype")
-        return _forward_check(node, x)
+def check_dropout(m: Match, ctx: PassContext) -> Any:
+    node = m.root
+    if m.opset() < 7 and node.attr("is_test", 0) == 0:
+        return NoMatch("opset < 7 Dropout without is_test=1 is in training mode", near=True)
+    if m.mode is not None:
+        mode = const_array(m.mode)
+        if mode is None or mode.size != 1 or bool(mode.reshape(-1)[0]):
+            return NoMatch("training_mode is not a constant false", near=True)
+    return True
 
 
-def _known_shape_and_target(node: ir.Node) -> tuple[ir.Value, tuple[ir.Dim, ...], list[int]] | NoMatch:
-    """For ``Reshape``/``Expand(x, s)``: ``x``, its known shape, and the constant ``s`` as ints."""
-    x = node.inputs[0]
-    s = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
-    if x is None or s is None or x.shape is None:
+def check_cast(m: Match, ctx: PassContext) -> Any:
+    x = m.x
+    if x.dtype is None:
+        return NoMatch("input dtype unknown")
+    if m.root.op_type == "Cast":
+        a = m.root.attributes.get("to")
+        if a is None or a.ref_attr_name:
+            return NoMatch("no literal 'to' attribute")
+        target = a.value
+    else:
+        if m.like.dtype is None:
+            return NoMatch("target dtype unknown")
+        target = m.like.dtype
+    return int(target) == int(x.dtype) or NoMatch("changes the dtype")
+
+
+def _target_shape(m: Match) -> tuple[tuple[ir.Dim, ...], list[int]] | NoMatch:
+    """For ``Reshape``/``Expand(x, s)``: the known shape of ``x`` and the constant ``s`` as ints."""
+    if m.x.shape is None:
         return NoMatch("shape operand not constant or input rank unknown")
-    return x, x.shape, [int(d) for d in s.reshape(-1)]
+    return m.x.shape, [int(d) for d in m.const("shape").reshape(-1)]
 
 
-class NoOpReshape(_ForwardRule):
-    """``Reshape(x, s)`` where ``s`` resolves to the known shape of ``x`` → ``x``."""
-
-    name = "no-op-reshape"
-    roots = ("Reshape",)
-    stat = "removed no-op Reshape"
-
-    def check(self, node: ir.Node, ctx: PassContext) -> Any:
-        known = _known_shape_and_target(node)
-        if isinstance(known, NoMatch):
-            return known
-        x, shape, target = known
-        if len(target) != len(shape) or target.count(-1) > 1:
-            return NoMatch("changes the rank")
-        a = node.attributes.get("allowzero")
-        if a is not None and a.ref_attr_name:
-            return NoMatch("allowzero refers to a function attribute")
-        allowzero = node.attr("allowzero", 0)
-        for i, (want, have) in enumerate(zip(target, shape)):
-            if want == -1 or (want == 0 and not allowzero):
-                continue  # -1 takes what is left (all other dims match), 0 copies the dim
-            if not isinstance(have, int):
-                return NoMatch(f"input dim {i} is symbolic; cannot prove it is {want}", near=True)
-            if have != want:
-                return NoMatch(f"dim {i}: {have} → {want}")
-        return _forward_check(node, x)
+def check_reshape(m: Match, ctx: PassContext) -> Any:
+    known = _target_shape(m)
+    if isinstance(known, NoMatch):
+        return known
+    shape, target = known
+    if len(target) != len(shape) or target.count(-1) > 1:
+        return NoMatch("changes the rank")
+    a = m.root.attributes.get("allowzero")
+    if a is not None and a.ref_attr_name:
+        return NoMatch("allowzero refers to a function attribute")
+    allowzero = m.root.attr("allowzero", 0)
+    for i, (want, have) in enumerate(zip(target, shape)):
+        if want == -1 or (want == 0 and not allowzero):
+            continue  # -1 takes what is left (all other dims match), 0 copies the dim
+        if not isinstance(have, int):
+            return NoMatch(f"input dim {i} is symbolic; cannot prove it is {want}", near=True)
+        if have != want:
+            return NoMatch(f"dim {i}: {have} → {want}")
+    return True
 
 
-class NoOpTranspose(_ForwardRule):
-    """``Transpose(x, perm=identity)`` → ``x``."""
-
-    name = "no-op-transpose"
-    roots = ("Transpose",)
-    stat = "removed no-op Transpose"
-
-    def check(self, node: ir.Node, ctx: PassContext) -> Any:
-        perm = _ints_attr(node, "perm")
-        if isinstance(perm, NoMatch):
-            return perm
-        if perm is None:
-            rank = _rank(node.inputs[0])
-            if rank is None or rank > 1:
-                return NoMatch("default perm reverses the dims")
-        elif perm != list(range(len(perm))):
-            return NoMatch("perm is not the identity")
-        return _forward_check(node, node.inputs[0])
+def check_transpose(m: Match, ctx: PassContext) -> Any:
+    perm = _ints_attr(m.root, "perm")
+    if isinstance(perm, NoMatch):
+        return perm
+    if perm is None:
+        rank = _rank(m.x)
+        return (rank is not None and rank <= 1) or NoMatch("default perm reverses the dims")
+    return perm == list(range(len(perm))) or NoMatch("perm is not the identity")
 
 
-class NoOpExpand(_ForwardRule):
-    """``Expand(x, s)`` when broadcasting ``x`` to ``s`` provably keeps the shape of ``x`` → ``x``."""
-
-    name = "no-op-expand"
-    roots = ("Expand",)
-    stat = "removed no-op Expand"
-
-    def check(self, node: ir.Node, ctx: PassContext) -> Any:
-        known = _known_shape_and_target(node)
-        if isinstance(known, NoMatch):
-            return known
-        x, shape, target = known
-        if not _broadcast_keeps(shape, tuple(target)):
-            return NoMatch("may broadcast to a larger shape", near=True)
-        return _forward_check(node, x)
+def check_expand(m: Match, ctx: PassContext) -> Any:
+    known = _target_shape(m)
+    if isinstance(known, NoMatch):
+        return known
+    return _broadcast_keeps(*known) or NoMatch("may broadcast to a larger shape", near=True)
 
 
-def _broadcast_keeps(shape: tuple[ir.Dim, ...], other: tuple[int, ...]) -> bool:
+def _broadcast_keeps(shape: tuple[ir.Dim, ...], other: Any) -> bool:
     """True when broadcasting ``shape`` with the static ``other`` gives ``shape`` back."""
+    other = tuple(other)
     if len(other) > len(shape):
         return False
     for want, have in zip(reversed(other), reversed(shape)):
@@ -230,35 +148,34 @@ def _broadcast_keeps(shape: tuple[ir.Dim, ...], other: tuple[int, ...]) -> bool:
     return True
 
 
-class NeutralElement(_ForwardRule):
-    """``x + 0``, ``0 + x``, ``x - 0``, ``x * 1``, ``1 * x``, ``x / 1`` → ``x`` when shape and dtype stay."""
+_NEUTRAL = {"Add": 0.0, "Sub": 0.0, "Mul": 1.0, "Div": 1.0}
 
-    name = "neutral-element"
-    roots = ("Add", "Sub", "Mul", "Div")
-    stat = "removed neutral arithmetic"
 
-    _NEUTRAL: ClassVar[dict[str, float]] = {"Add": 0.0, "Sub": 0.0, "Mul": 1.0, "Div": 1.0}
+def check_neutral(m: Match, ctx: PassContext) -> Any:
+    arr, x = m.const("c"), m.x
+    if arr.dtype == object or arr.dtype == np.bool_ or not np.all(arr == _NEUTRAL[m.root.op_type]):
+        return NoMatch("no neutral constant operand")
+    if x.shape is None or x.dtype is None or ir.DataType.from_numpy(arr.dtype) != x.dtype:
+        return NoMatch("the other operand's shape or dtype is unknown", near=True)
+    return _broadcast_keeps(x.shape, arr.shape) or NoMatch("the constant broadcasts the result to a larger shape",
+                                                           near=True)
 
-    def check(self, node: ir.Node, ctx: PassContext) -> Any:
-        if len(node.inputs) != 2:
-            return NoMatch("not binary")
-        a, b = node.inputs
-        pairs = [(a, b), (b, a)] if node.op_type in ("Add", "Mul") else [(a, b)]
-        why: NoMatch = NoMatch("no neutral constant operand")
-        for x, c in pairs:
-            arr = const_array(c)
-            if x is None or arr is None or arr.dtype == object or arr.dtype == np.bool_:
-                continue
-            if not np.all(arr == self._NEUTRAL[node.op_type]):
-                continue
-            if x.shape is None or x.dtype is None or ir.DataType.from_numpy(arr.dtype) != x.dtype:
-                why = NoMatch("the other operand's shape or dtype is unknown", near=True)
-                continue
-            if not _broadcast_keeps(x.shape, tuple(arr.shape)):
-                why = NoMatch("the constant broadcasts the result to a larger shape", near=True)
-                continue
-            return _forward_check(node, x)
-        return why
+
+def _neutral(op, x):
+    c = op.const(name="c")
+    return op.Add(x, c) | op.Sub(x, c) | op.Mul(x, c) | op.Div(x, c)  # Add and Mul: both orders
+
+
+NO_OP_RULES = (
+    _no_op("identity", lambda op, x: op.Identity(x), stat="removed Identity"),
+    _no_op("dropout", lambda op, x, ratio, mode: op.Dropout(x) | op.Dropout(x, ratio) | op.Dropout(x, ratio, mode),
+           check_dropout, "removed Dropout"),
+    _no_op("no-op-cast", lambda op, x, like: op.Cast(x) | op.CastLike(x, like), check_cast, "removed no-op Cast"),
+    _no_op("no-op-reshape", lambda op, x: op.Reshape(x, op.const(name="shape")), check_reshape, "removed no-op Reshape"),
+    _no_op("no-op-transpose", lambda op, x: op.Transpose(x), check_transpose, "removed no-op Transpose"),
+    _no_op("no-op-expand", lambda op, x: op.Expand(x, op.const(name="shape")), check_expand, "removed no-op Expand"),
+    _no_op("neutral-element", _neutral, check_neutral, "removed neutral arithmetic"),
+)
 
 
 @dataclass(frozen=True)
@@ -294,8 +211,12 @@ class TransposeMerge(Rule):
             return NoMatch("perms of different ranks")
         composed = [p1[i] for i in p2]
         if composed == list(range(len(composed))):
-            fwd = _forward_check(node, x)
-            return fwd if isinstance(fwd, NoMatch) else _Merge(node, inner, None)
+            out = node.outputs[0]
+            if out is not None and out.is_graph_output() and (x is None or x.producer() is None or x.graph is not out.graph
+                                                              or x.is_graph_output()):
+                return NoMatch(f"%{out.name} is a graph output and %{x.name if x else '?'} cannot take its name",
+                               near=True)
+            return _Merge(node, inner, None)
         return _Merge(node, inner, composed)
 
     def rewrite(self, match: _Merge, rw: Rewriter, ctx: PassContext) -> None:
@@ -352,10 +273,7 @@ class SimplifyPass(Pass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         """Apply the rules and the deduplications until none changes the model."""
         rw = Rewriter()
-        rules: list[Rule] = [
-            IdentityRemoval(), DropoutRemoval(model.opset("") or 1), NoOpCast(), NoOpReshape(), NoOpTranspose(),
-            NoOpExpand(), NeutralElement(), TransposeMerge(), ReshapeMerge(),
-        ]
+        rules: list[Rule] = [*NO_OP_RULES, TransposeMerge(), ReshapeMerge()]
         for _ in range(_MAX_ROUNDS):
             # The rules run to their own fixed point; sharing duplicates can enable them again.
             apply_rules(model, rules, ctx, rw, pass_name=self.name)

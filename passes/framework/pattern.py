@@ -723,11 +723,10 @@ class PatternRule(Rule):
 
     def _interior_leak(self, root: ir.Node, matched: list[ir.Node]) -> str:
         members = set(matched)
+        returned = {id(v) for v in self._root_values(root) if v is not None}
         for n in matched:
-            if n is root:
-                continue
             for o in n.outputs:
-                if o is None:
+                if o is None or (n is root and id(o) in returned):
                     continue
                 outside = next((u for u, _ in o.uses() if u not in members), None)
                 if outside is not None:
@@ -760,8 +759,8 @@ class PatternRule(Rule):
     def check(self, node: ir.Node, ctx: PassContext) -> Match | NoMatch:
         return self.match(node, ctx)
 
-    def rewrite(self, match: Match, rw: Rewriter, ctx: PassContext) -> bool:
-        """Run the replacement against a recorder, then commit it in one step (``False``: declined)."""
+    def rewrite(self, match: Match, rw: Rewriter, ctx: PassContext) -> NoMatch | None:
+        """Run the replacement against a recorder, then commit it in one step (a NoMatch: declined)."""
         root = match.root
         graph = root.graph
         assert graph is not None
@@ -781,10 +780,9 @@ class PatternRule(Rule):
             if old is not None and old.is_graph_output() and not _planned(builder, new) and (
                     new.graph not in (old.graph, None) or new.is_graph_input() or new.is_initializer()
                     or new.is_graph_output()):
-                ctx.note(self.name, root, f"kept: graph output %{old.name} cannot become %{new.name}, which keeps its name")
-                return False
+                return NoMatch(f"%{old.name} is a graph output and %{new.name} cannot take its name", near=True)
         _commit(builder, root, match.nodes, olds, news, rw, self._model)
-        return True
+        return None
 
 
 def _planned(builder: ReplacementBuilder, v: ir.Value) -> bool:

@@ -57,8 +57,9 @@ class Rule:
         """Return a match object (truthy) or :class:`NoMatch`. Must not mutate the IR."""
         raise NotImplementedError
 
-    def rewrite(self, match: Any, rw: Rewriter, ctx: PassContext) -> bool | None:
-        """Apply the rewrite for ``match`` through ``rw``; ``False`` declines it (nothing changed)."""
+    def rewrite(self, match: Any, rw: Rewriter, ctx: PassContext) -> NoMatch | bool | None:
+        """Apply the rewrite for ``match`` through ``rw``; returning a :class:`NoMatch` (or ``False``)
+        declines it, which the rule must do before mutating anything."""
         raise NotImplementedError
 
     def prepare(self, model: ir.Model) -> Rule:
@@ -103,13 +104,13 @@ def apply_rules(
                     m = rule.check(node, ctx)
                     if isinstance(m, NoMatch) or not m:
                         if ctx.explain and isinstance(m, NoMatch) and m.near:
-                            seen = near.get(id(node))
-                            if seen is None or m.score > seen[3]:
-                                near[id(node)] = (node, rule.name, m.reason, m.score)
+                            _keep_nearest(near, node, rule.name, m)
                         continue
                     with rw.transaction():  # a rewrite that raises half-way leaves no trace
                         applied = rule.rewrite(m, rw, ctx)
-                    if applied is False:
+                    if isinstance(applied, NoMatch) or applied is False:  # declined before mutating
+                        if ctx.explain and isinstance(applied, NoMatch) and applied.near:
+                            _keep_nearest(near, node, rule.name, applied)
                         continue
                     rw.count(rule.stat or f"applied {rule.name}")
                     steps += 1
@@ -124,6 +125,13 @@ def apply_rules(
         if node.graph is not None:
             ctx.note(pass_name, node, f"{rule_name}: {reason}")
     return steps
+
+
+def _keep_nearest(near: dict[int, tuple[ir.Node, str, str, float]], node: ir.Node, rule: str, m: NoMatch) -> None:
+    """Remember ``m`` for ``node`` unless another rule came nearer there."""
+    seen = near.get(id(node))
+    if seen is None or m.score > seen[3]:
+        near[id(node)] = (node, rule, m.reason, m.score)
 
 
 @dataclass(frozen=True)
