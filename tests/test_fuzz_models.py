@@ -423,7 +423,7 @@ def m_duplicate_names(m: onnx.ModelProto, draw: Draw) -> str:
 @mutation
 def m_missing_external_data(m: onnx.ModelProto, draw: Draw) -> Case:
     """A > 2 GB model whose weights live in external files: missing, too short, or outside the folder."""
-    how = draw(st.sampled_from(["missing", "short", "outside", "bad-length", "no-location"]))
+    how = draw(st.sampled_from(["missing", "short", "outside", "bad-length", "no-location", "length-vs-dims"]))
     files: dict[str, bytes] = {}
     big = [t for t in m.graph.initializer if len(t.raw_data) >= 1024] or list(m.graph.initializer)
     for k, t in enumerate(big[: draw(st.integers(1, 3))]):
@@ -431,9 +431,12 @@ def m_missing_external_data(m: onnx.ModelProto, draw: Draw) -> Case:
             t.ClearField(f)
         t.data_location = TensorProto.EXTERNAL
         length = 3 * 2**30 if how != "bad-length" else -5
+        if how != "length-vs-dims":  # 3 GB of float32 each, as a large model's weights would be
+            t.data_type = TensorProto.FLOAT
+            t.dims[:] = [3 * 2**28]
         loc = {"missing": "weights.bin", "short": "weights.bin", "outside": "../weights.bin",
-               "bad-length": "weights.bin", "no-location": None}[how]
-        entries = {"offset": str(k * 2**30), "length": str(length)}
+               "bad-length": "weights.bin", "no-location": None, "length-vs-dims": "weights.bin"}[how]
+        entries = {"offset": str(k * length), "length": str(length)}
         if loc is not None:
             entries["location"] = loc
         del t.external_data[:]
