@@ -188,3 +188,16 @@ def test_reproducer_carries_large_tensors_taken_by_reference(tmp_path) -> None:
         PassManager("test-crash", reproducer_dir=str(tmp_path)).run(m)
     again = ir.load(tmp_path / "reproducer-test-crash.onnx")
     np.testing.assert_array_equal(again.graph.initializers["big"].const_value.numpy(), w)
+
+
+def test_with_options_sets_typed_pass_fields_and_refuses_unknown_ones() -> None:
+    from passes.framework.pipeline import with_options
+
+    items = with_options(parse_pipeline("dead-flow,fixpoint(quantize),quantize"), "quantize",
+                         {"min_cosine": "0.99", "exclude": ["a", "b"]})
+    quantizes = [items[1].items[0], items[2]]
+    assert all(q.min_cosine == 0.99 and q.exclude == ("a", "b") for q in quantizes)
+    with pytest.raises(PassError, match="has no option 'budget'"):
+        with_options(parse_pipeline("quantize"), "quantize", {"budget": 1})
+    with pytest.raises(PassError, match="option 'min_cosine'"):
+        with_options(parse_pipeline("quantize"), "quantize", {"min_cosine": "high"})

@@ -15,7 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 import ir
 import targets
 from conftest import ROOT, feeds_for, ort_session
-from passes import PassContext, PassManager, registered_passes
+from passes import PassContext, PassManager, parse_pipeline, registered_passes
+from passes.framework.pipeline import with_options
 from passes.framework.numerics import model_bytes_or_path
 from passes.quantization.quant_math import cosine_rows, dynamic_quantize_linear, outlier_channels, quantize_weight, smooth_factors
 from passes.quantization.quantize import QuantizePass, find_candidates
@@ -47,8 +48,8 @@ def _npz(tmp_path: pathlib.Path, arch: str, n: int = 3) -> str:
 def _quantize(path: str | pathlib.Path, target: str, pipeline: str = "quantize", **options: object
               ) -> tuple[ir.Model, PassContext, object]:
     model = ir.load(str(path))
-    ctx = PassContext(target=targets.get(target), options=dict(options))
-    records = PassManager(pipeline, check_modified=True).run(model, ctx)
+    ctx = PassContext(target=targets.get(target))
+    records = PassManager(with_options(parse_pipeline(pipeline), "quantize", dict(options)), check_modified=True).run(model, ctx)
     return model, ctx, records[0]
 
 
@@ -290,7 +291,7 @@ def test_impossible_budget_leaves_the_model_float_and_says_so(tmp_path: pathlib.
     assert rec.modified is False and rec.stats == {"kept float": 2}
     notes = [str(d) for d in ctx.diagnostics]
     assert any("cannot be met" in n and "left in float" in n for n in notes), notes
-    assert [r["decision"] for r in ctx.options["quantize_report"]] == ["kept float", "kept float"]
+    assert [r["decision"] for r in rec.rows] == ["kept float", "kept float"]
 
 
 def test_budget_keeps_the_sensitive_op_float(tmp_path: pathlib.Path) -> None:
@@ -314,7 +315,7 @@ def test_budget_keeps_the_sensitive_op_float(tmp_path: pathlib.Path) -> None:
     np.savez(tmp_path / "c.npz", x=x)
     model, ctx, rec = _quantize(path, "x86-avx2", min_cosine=0.995, calibration=str(tmp_path / "c.npz"),
                                 )
-    report = {r["name"].split("'")[1]: r for r in ctx.options["quantize_report"]}
+    report = {r["name"].split("'")[1]: r for r in rec.rows}
     assert report["benign"]["decision"] == "quantized" and report["sensitive"]["decision"] == "kept float"
     assert report["sensitive"]["error"] > report["benign"]["error"]
     assert rec.stats["quantized MatMul"] == 1 and rec.stats["kept float"] == 1
@@ -368,7 +369,7 @@ def test_exclude_by_name_and_op_type(tmp_path: pathlib.Path) -> None:
     model, ctx, rec = _quantize(path, "x86-avx2", min_cosine=0.5, exclude=["mm1"])
     assert rec.stats["quantized MatMul"] == 2 and "mm1" in {n.name for n in model.graph}
     model, ctx, rec = _quantize(path, "x86-avx2", min_cosine=0.5, exclude=["MatMul"])
-    assert rec.modified is False and ctx.options["quantize_report"] == []
+    assert rec.modified is False and rec.rows == []
 
 
 def test_pass_options_parse_from_a_pipeline_string() -> None:
@@ -398,7 +399,7 @@ def test_unfused_exports_within_budget(exported, tmp_path: pathlib.Path, arch: s
     assert sum(v for k, v in rec.stats.items() if k.startswith("quantized")) > 0, ctx.diagnostics
     held_out = feeds_for(arch, batch=4, seq=16, seed=99)
     assert _worst_cosine(path, model, held_out) >= 0.99
-    rows = ctx.options["quantize_report"]
+    rows = rec.rows
     assert len(rows) == len(find_candidates(ir.load(str(path)), targets.get(target).quantization.ops))
     assert sum(r["decision"] == "quantized" for r in rows) == sum(
         v for k, v in rec.stats.items() if k.startswith("quantized"))

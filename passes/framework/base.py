@@ -26,10 +26,12 @@ class PassResult:
     Attributes:
         modified: whether the model changed (recorded by the :class:`~passes.Rewriter`, not claimed).
         stats: counters for the report, e.g. ``{"fused Attention": 6}``.
+        rows: a table for the report, one dict per decision (the quantize pass's per-op choices).
     """
 
     modified: bool
     stats: Counter[str] = field(default_factory=Counter)
+    rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -53,15 +55,17 @@ class PassContext:
         static_shapes: symbolic dimension bindings, e.g. ``{"batch": 1, "seq": 128}``.
         explain: collect near-miss diagnostics (why a fusion did not fire).
         diagnostics: notes collected by passes.
-        options: free-form options for passes (calibration data, budgets...).
         progress: optional callback ``progress(message)`` for long work.
+
+    A pass's own settings (a budget, calibration files) are its typed dataclass fields, set in the
+    pipeline string or with :func:`passes.framework.pipeline.with_options`; what it decided comes
+    back in its :class:`PassResult`. The context holds only what every pass may read.
     """
 
     target: Target | None = None
     static_shapes: dict[str, int] = field(default_factory=dict)
     explain: bool = False
     diagnostics: list[Diagnostic] = field(default_factory=list)
-    options: dict[str, Any] = field(default_factory=dict)
     progress: Any = None
 
     def note(self, pass_name: str, node: ir.Node | str, message: str) -> None:

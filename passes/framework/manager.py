@@ -8,7 +8,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 import ir
 
@@ -28,6 +28,8 @@ class PassRecord:
     seconds: float
     modified: bool
     stats: dict[str, int] = field(default_factory=dict)
+    #: The pass's report table (:attr:`PassResult.rows`).
+    rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 class PassManager:
@@ -113,7 +115,7 @@ class PassManager:
                     f"pass {p.name!r} reported modified={result.modified} but the IR "
                     f"{'changed' if changed else 'did not change'}"
                 )
-        self.records.append(PassRecord(p.spec(), seconds, result.modified, dict(result.stats)))
+        self.records.append(PassRecord(p.spec(), seconds, result.modified, dict(result.stats), list(result.rows)))
         if self.print_ir_after_change and result.modified:
             print(f"// ----- IR after {p.spec()} -----", file=self.out)
             print(ir.print_model(model), file=self.out)

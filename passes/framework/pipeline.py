@@ -22,7 +22,7 @@ from typing import Any, Union
 from .base import Pass, PassError
 from .registry import get_pass_class
 
-__all__ = ["Fixpoint", "Pipeline", "parse_pipeline", "format_pipeline"]
+__all__ = ["Fixpoint", "Pipeline", "parse_pipeline", "format_pipeline", "with_options"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,38 @@ def format_pipeline(items: Pipeline) -> str:
         else:
             out.append(it.spec())
     return ",".join(out)
+
+
+def with_options(items: Pipeline, pass_name: str, options: dict[str, Any]) -> Pipeline:
+    """``items`` with ``options`` set on every pass named ``pass_name`` (inside fixpoints too).
+
+    The options are that pass's typed dataclass fields; strings are converted as in a pipeline
+    string, other values are taken as given.
+
+    Raises:
+        PassError: the pass has no such option, or a value does not convert.
+    """
+    out: Pipeline = []
+    for it in items:
+        if isinstance(it, Fixpoint):
+            out.append(dataclasses.replace(it, items=tuple(with_options(list(it.items), pass_name, options))))
+        elif it.name == pass_name and options:
+            fields = {f.name for f in dataclasses.fields(it)}
+            hints = typing.get_type_hints(type(it))
+            kwargs: dict[str, Any] = {}
+            for key, value in options.items():
+                if key not in fields:
+                    raise PassError(f"pass {pass_name!r} has no option {key!r} (options: {', '.join(sorted(fields))})")
+                if isinstance(value, list):
+                    value = tuple(value)
+                try:
+                    kwargs[key] = _convert(value, hints.get(key, str)) if isinstance(value, str) else value
+                except (TypeError, ValueError) as e:
+                    raise PassError(f"option {key!r} of pass {pass_name!r}: {e}") from None
+            out.append(dataclasses.replace(it, **kwargs))
+        else:
+            out.append(it)
+    return out
 
 
 class _Parser:

@@ -2,8 +2,8 @@
 
 Three sources, best first:
 
-1. ``options["calibration"]``: an ``.npz`` of model inputs (one array per input name, batch first);
-2. ``options["tokenizer"]`` + ``options["texts"]``: real text tokenized with the model's
+1. ``calibration``: an ``.npz`` of model inputs (one array per input name, batch first);
+2. ``tokenizer`` + ``texts``: real text tokenized with the model's
    ``tokenizer.json`` (the ``tokenizers`` package, imported only here and only then), padded per
    batch;
 3. generated inputs (:func:`passes.framework.numerics.make_feeds`), with a warning: quantization decisions
@@ -112,13 +112,14 @@ def tokenize(
 
 
 def calibration_batches(
-    model: ir.Model, input_meta: list[Any], options: dict[str, Any], *, limit: int, batch: int = 8
+    model: ir.Model, input_meta: list[Any], *, calibration: str = "", tokenizer: str = "", texts: str | list[str] = "",
+    limit: int, batch: int = 8,
 ) -> CalibrationSet:
-    """The calibration inputs the options ask for (see the module docstring), at most ``limit`` samples."""
-    path = options.get("calibration")
+    """The calibration inputs asked for (see the module docstring), at most ``limit`` samples."""
+    path = calibration
     if path:
         return CalibrationSet(_from_npz(str(path), input_meta, batch, limit), f"calibration file {path}", False)
-    tok, texts = options.get("tokenizer"), options.get("texts")
+    tok = tokenizer
     if tok and texts:
         lines = texts if isinstance(texts, list) else read_texts(str(texts))
         if not lines:

@@ -4,7 +4,7 @@ What it does, in order:
 
 1. **Candidates** come from the target's :class:`~targets.QuantPolicy`: ``MatMul`` and ``Gemm`` with a
    constant 2-D float weight, and ``com.microsoft::Attention`` (packed ``[H, 3H]`` QKV weight).
-   Names or op types in ``options["exclude"]`` are skipped.
+   Names or op types in the ``exclude`` option are skipped.
 2. **Calibration** inputs (see :mod:`passes.quantization.calibration`): an ``.npz``, real text through the
    model's tokenizer, or generated inputs (with a warning).
 3. **Remedies** for activation outliers are tried on the fully quantized model and the best one is
@@ -29,7 +29,7 @@ What it does, in order:
      ``DequantizeLinear(B_q, scale, zero_point, axis)`` on the weight, around the float ``MatMul``:
      standard ONNX any runtime runs.
 
-The per-op table goes to ``ctx.options["quantize_report"]`` (a list of dicts); counters go to the
+The per-op table goes to the result's ``rows`` (a list of dicts); counters go to the
 pass result's stats.
 
 This module holds the pass and its decisions (steps 3 and 4); the candidates are found in
@@ -66,8 +66,11 @@ class QuantizePass(Pass):
     """Quantize MatMul/Gemm/Attention weights to int8 where the accuracy budget allows.
 
     Attributes:
-        min_cosine: the budget: the worst calibration sample's cosine to the float model
-            (``ctx.options["min_cosine"]`` overrides it).
+        min_cosine: the budget: the worst calibration sample's cosine to the float model.
+        exclude: node names or op types never to quantize.
+        calibration: an ``.npz`` of model inputs to calibrate on.
+        tokenizer: a tokenizer folder, with ``texts``, to calibrate on real text.
+        texts: a text file, one sample per line.
         per_channel: per-output-channel weight scales; ``None`` follows the target's policy.
         reduce_range: 7-bit weights; ``None`` follows the target's policy.
         max_calibration: calibration samples to use at most.
@@ -88,6 +91,10 @@ class QuantizePass(Pass):
     summary: ClassVar[str] = "int8 weights per op under an accuracy budget (dynamic activations)"
 
     min_cosine: float = 0.999
+    exclude: tuple[str, ...] = ()
+    calibration: str = ""
+    tokenizer: str = ""
+    texts: str = ""
     # Optional[...] rather than ``bool | None``: the pipeline parser reads typing.Union options.
     per_channel: Optional[bool] = None  # noqa: UP007
     reduce_range: Optional[bool] = None  # noqa: UP007
@@ -114,10 +121,9 @@ class QuantizePass(Pass):
         if self.outliers not in ("auto", "on", "off"):
             raise PassError(f"quantize: outliers must be auto, on or off, not {self.outliers!r}")
         ops = tuple(o for o in policy.ops if policy.format == "integer-ops" or o != "Attention")
-        exclude = set(ctx.options.get("exclude") or ())
-        min_cos = float(ctx.options.get("min_cosine", self.min_cosine))
+        exclude = set(self.exclude)
+        min_cos = float(self.min_cosine)
         report: list[dict[str, Any]] = []
-        ctx.options["quantize_report"] = report
         candidates = find_candidates(model, ops, exclude)
         if not candidates:
             return PassResult(False)
@@ -133,7 +139,7 @@ class QuantizePass(Pass):
             for c in candidates:
                 report.append({"name": c.name, "op": c.op, "shape": list(c.weight_shape), "decision": "quantized",
                                "error": None, "smoothed": False})
-            return rw.result()
+            return _with_rows(rw.result(), report)
         plan, scores = self._decide(model, ctx, candidates, base, min_cos)
         for c in candidates:
             err = scores.get(c.index)
@@ -144,13 +150,13 @@ class QuantizePass(Pass):
                 "smoothed": c.activation in plan.smooth and c.index in plan.chosen,
             })
         if not plan.chosen:
-            return PassResult(False, stats=Counter({"kept float": len(candidates)}))
+            return PassResult(False, stats=Counter({"kept float": len(candidates)}), rows=report)
         rw = apply_plan(model, candidates, plan)
         rw.count("kept float", len(candidates) - len(plan.chosen))
         smoothed = {c.activation for c in candidates if c.index in plan.chosen and c.activation in plan.smooth}
         if smoothed:
             rw.count("smoothed activations", len(smoothed))
-        return rw.result()
+        return _with_rows(rw.result(), report)
 
     # -- decisions ------------------------------------------------------------------------
     def _decide(
@@ -159,7 +165,8 @@ class QuantizePass(Pass):
         t0 = time.perf_counter()
         source, _ = model_bytes_or_path(model)
         meta = session(source, 1).get_inputs()
-        calib = calibration_batches(model, meta, ctx.options, limit=self.max_calibration)
+        calib = calibration_batches(model, meta, calibration=self.calibration, tokenizer=self.tokenizer,
+                                    texts=self.texts, limit=self.max_calibration)
         if calib.generated:
             ctx.note(self.name, "calibration", "no --calibration or --tokenizer/--texts given: deciding on generated "
                      "inputs, which may not show the activation ranges of real data")
@@ -311,3 +318,8 @@ def _activation_absmax(model: ir.Model, ev: Evaluator, names: list[str]) -> dict
     present = {v.name for v in m.graph.outputs}
     m.graph.outputs.extend(by_name[n] for n in names if n not in present)
     return ev.activation_absmax(model_bytes_or_path(m)[0], names)
+
+
+def _with_rows(result: PassResult, rows: list[dict[str, Any]]) -> PassResult:
+    result.rows = rows
+    return result

@@ -29,6 +29,7 @@ import targets
 
 from ..framework.base import Diagnostic, PassContext, PassError
 from ..framework.manager import PassManager, PassRecord
+from ..framework.pipeline import Fixpoint, Pipeline, parse_pipeline, with_options
 from ..framework.numerics import (
     Comparison, compare_outputs, describe_ort_error, make_feeds, model_bytes_or_path, session,
 )
@@ -101,7 +102,7 @@ class CompileReport:
     verified_ok: bool | None = None
     verify_setup: str = ""
     diagnostics: list[Diagnostic] = field(default_factory=list)
-    #: Per-op quantization decisions (``ctx.options["quantize_report"]`` of the quantize pass).
+    #: Per-op quantization decisions (the ``rows`` of the quantize pass's result).
     quantization: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
@@ -218,7 +219,8 @@ def compile_model(
         quantize: ``"int8"`` to append the target's quantization passes.
         static_shapes: bindings of symbolic dims, e.g. ``{"batch": 1, "seq": 128}``.
         explain: collect near misses (why a fusion did not fire) into the report.
-        options: options for passes (calibration data, error budget...).
+        options: options of the quantize pass by field name (``min_cosine``, ``calibration``,
+            ``tokenizer``, ``texts``, ``exclude``...), set on every ``quantize`` in the pipeline.
         progress: callback taking a message, for long work.
         allow_domains: custom op domains to accept although the target does not provide them
             (its runtime has them from a custom op library).
@@ -240,7 +242,8 @@ def compile_model(
     if quantize not in (None, "int8"):
         raise PassError(f"--quantize supports int8 only, not {quantize!r}")
     spec = pipeline or default_pipeline(tgt, quantize)
-    manager = PassManager(spec, verify=True, check_modified=check_modified, print_ir_after_change=print_ir_after_change)
+    items = with_options(parse_pipeline(spec), "quantize", dict(options or {}))
+    manager = PassManager(items, verify=True, check_modified=check_modified, print_ir_after_change=print_ir_after_change)
 
     if isinstance(model_or_path, ir.Model):
         model, source_name, original = model_or_path, model_or_path.graph.name or "model", None
@@ -276,10 +279,7 @@ def compile_model(
                 f"the original model does not run in onnxruntime (inputs {shape}): {describe_ort_error(e)}"
             ) from None
 
-    ctx = PassContext(target=tgt, static_shapes=dict(static_shapes or {}), explain=explain,
-                      options=dict(options or {}), progress=progress)
-    if quantize:
-        ctx.options.setdefault("quantize", quantize)
+    ctx = PassContext(target=tgt, static_shapes=dict(static_shapes or {}), explain=explain, progress=progress)
     t0 = time.perf_counter()
     try:
         report.passes = manager.run(model, ctx)
@@ -292,7 +292,7 @@ def compile_model(
         report.stats.update(r.stats)
     report.ops_after = op_counts(model)
     report.diagnostics = list(ctx.diagnostics)
-    report.quantization = list(ctx.options.get("quantize_report") or [])
+    report.quantization = [row for r in report.passes if r.spec.split("{")[0] == "quantize" for row in r.rows]
 
     if verify and ref_session is not None and feeds is not None:
         if progress:
@@ -309,7 +309,8 @@ def compile_model(
         shape = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
         report.verify_setup = f"onnxruntime, inputs {shape}"
         if quantize:
-            min_cos = float(ctx.options.get("min_cosine", 0.999))
+            budgets = [p.min_cosine for p in _passes(manager.pipeline) if p.name == "quantize"]
+            min_cos = float(min(budgets, default=0.999))
             report.verified_ok = cmp.cosine >= min_cos - 1e-3
         else:
             report.verified_ok = cmp.ok(atol=1e-4, rtol=1e-4, min_cosine=0.99999)
@@ -466,6 +467,14 @@ def _main(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {out}")
     return 0
+
+
+def _passes(items: Pipeline) -> list[Any]:
+    """Every pass of a pipeline, fixpoints flattened."""
+    out: list[Any] = []
+    for it in items:
+        out.extend(_passes(list(it.items)) if isinstance(it, Fixpoint) else [it])
+    return out
 
 
 def _default_output(model_path: str, target_name: str) -> str:
