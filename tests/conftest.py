@@ -53,6 +53,7 @@ __all__ = [
     "ort_run",
     "ort_session",
     "export_cached",
+    "zoo_export_cached",
     "lower_text",
     "run_ir",
 ]
@@ -261,6 +262,28 @@ def export_cached(
     return model_path
 
 
+def zoo_export_cached(cache_dir: pathlib.Path, name: str, *, dynamo: bool = False) -> pathlib.Path:
+    """Export the zoo architecture ``name`` (:mod:`passes.tools.zoo`) into ``cache_dir`` once.
+
+    Same locking and atomic rename as :func:`export_cached`. Returns the export folder, holding
+    ``model.onnx`` and ``reference.npz`` (the padded feeds and torch's output).
+    """
+    key = f"zoo-{name}-{'dynamo' if dynamo else 'script'}"
+    final = cache_dir / key
+    if (final / "reference.npz").is_file():
+        return final
+    with _locked(cache_dir / f"{key}.lock"):
+        if (final / "reference.npz").is_file():
+            return final
+        from passes.tools import zoo
+
+        work = cache_dir / f".{key}.{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        zoo.export_arch(name, work, dynamo=dynamo)
+        os.replace(work, final)
+    return final
+
+
 def _shared_cache_dir(factory: pytest.TempPathFactory, worker: str | None) -> pathlib.Path:
     base = factory.getbasetemp()
     # Under xdist every worker's basetemp is <root>/popen-gwN: share <root>/exports between them.
@@ -290,6 +313,17 @@ def exported(export_cache_dir: pathlib.Path) -> Callable[..., pathlib.Path]:
 
     def get(arch: str, dynamo: bool = False, attn: str = "sdpa", external_data: bool = False) -> pathlib.Path:
         return export_cached(export_cache_dir, arch, dynamo=dynamo, attn=attn, external_data=external_data)
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def zoo_exported(export_cache_dir: pathlib.Path) -> Callable[..., pathlib.Path]:
+    """``zoo_exported(name, dynamo=False) -> folder`` of a zoo export, cached per session (see
+    :func:`zoo_export_cached`). Not marked slow automatically: mark the heavy cases yourself."""
+
+    def get(name: str, dynamo: bool = False) -> pathlib.Path:
+        return zoo_export_cached(export_cache_dir, name, dynamo=dynamo)
 
     return get
 

@@ -25,6 +25,7 @@ from ._attention_mask import MaskRun, MaskVerdict, classify_mask, padding_patter
 from ._attention_match import AttentionMatch, Candidate, find_candidate
 from ._attention_probe import Probe, ProbeError, float_dtype, input_feeds, int_dtype
 from ..framework.base import PassContext
+from ..framework.match import const_array
 from ..framework.rules import NoMatch
 
 __all__ = ["Analysis"]
@@ -47,6 +48,38 @@ def _ratio(got: np.ndarray, ref: np.ndarray) -> float | None:
     if np.max(np.abs(g - c * r)) <= 1e-4 * (1.0 + np.max(np.abs(c * r))):
         return c
     return None
+
+
+_MAX_WINDOW_PROBE = 1024
+# Ops whose integer constant operand may be a position offset (a window) in a mask's arithmetic.
+_OFFSET_OPS = frozenset({"Add", "Sub", "Less", "LessOrEqual", "Greater", "GreaterOrEqual"})
+
+
+def _window_length(probe_model: ir.Model) -> int | None:
+    """A sequence length past any sliding window of a probe's mask, or ``None`` when none shows.
+
+    A window shows as an integer scalar constant (> 1) that the mask arithmetic adds or compares,
+    or as a constant mask buffer of ≥ 2 dims that the mask slices (GPT-Neo's banded ``bias``);
+    the caller probes at the longest length up to two past it that the layers run at.
+    """
+    best = None
+    for node in probe_model.graph:
+        if node.domain != "" or node.op_type not in _OFFSET_OPS | {"Slice", "Gather"}:
+            continue
+        for i, v in enumerate(node.inputs):
+            arr = const_array(v) if v is not None else None
+            if arr is None:
+                continue
+            if node.op_type in ("Slice", "Gather"):
+                length = min(arr.shape[-2:]) if i == 0 and arr.ndim >= 2 else None
+            elif arr.size == 1 and np.issubdtype(arr.dtype, np.integer):
+                value = abs(int(arr.reshape(-1)[0]))
+                length = value if 1 < value < 2**31 else None
+            else:
+                length = None
+            if length is not None and (best is None or length > best):
+                best = length
+    return best
 
 
 def _graph_input_dims(model: ir.Model) -> tuple[int | None, int | None]:
@@ -96,9 +129,16 @@ class Analysis:
     def _check_batch(self, cands: list[Candidate]) -> None:
         rng = np.random.default_rng(1234)
         static_b, static_s = _graph_input_dims(self.model)
+        xs = list({id(c.x): c.x for c in cands}.values())
+        # The layers' inputs fix what the model's own inputs imply (a vision encoder's sequence is
+        # its patch count, whatever the probe would pick): their static dims win.
+        for x in xs:
+            shape = x.shape
+            if shape is not None and len(shape) == 3:
+                static_b = shape[0] if isinstance(shape[0], int) else static_b
+                static_s = shape[1] if isinstance(shape[1], int) else static_s
         sizes = [(static_b or b, static_s or s) for b, s in _PROBE_SIZES]
         sizes = list(dict.fromkeys(sizes))
-        xs = list({id(c.x): c.x for c in cands}.values())
 
         # Past lengths of the probes (a KV cache): distinct from the sizes, and 0 (the prefill).
         has_past = any(c.has_past for c in cands)
@@ -157,6 +197,42 @@ class Analysis:
         cuts = xs + [c.scores_mm.outputs[0] for c, *_ in live] + [c.ctx_mm.outputs[0] for c, *_ in live]
         probe = Probe(self.model, outputs, cuts=cuts)
         graph_inputs = [v for v in probe.inputs if v.is_graph_input()]
+
+        def sized_feeds(b: int, s: int, past: int, fixed: dict[int, np.ndarray]) -> tuple[dict, dict, dict]:
+            feeds = input_feeds(graph_inputs, b, s, rng, fixed=fixed, past=past if has_past else None)
+            scores, ctxs = {}, {}
+            for x in xs:
+                hidden = x_data[id(x)].shape[-1]
+                feeds[id(x)] = (rng.standard_normal((b, s, hidden)) * 0.5).astype(float_dtype(x))
+            for c, n, d, _ in live:
+                scores[id(c)] = (rng.standard_normal((b, n, s, s + past)) * 2.0).astype(float_dtype(c.x))
+                ctxs[id(c)] = rng.standard_normal((b, n, s, d)).astype(float_dtype(c.x))
+                feeds[id(c.scores_mm.outputs[0])] = scores[id(c)]
+                feeds[id(c.ctx_mm.outputs[0])] = ctxs[id(c)]
+            return feeds, scores, ctxs
+
+        # A sliding window is invisible at sequences shorter than it: probe past the largest
+        # position offset (or mask buffer) the mask holds, at the longest length the model runs.
+        window = _window_length(probe.model)
+        # (With a static sequence no longer than the window, the window never applies.)
+        if window is not None and static_s is None and window > max(s for _, s, _ in runs):
+            reason = (f"the mask holds position offsets or a mask buffer up to {window} positions (a sliding "
+                      f"window?), longer than a probe checks ({_MAX_WINDOW_PROBE}); kept as it is")
+            if window <= _MAX_WINDOW_PROBE:
+                reason = f"the mask holds position offsets up to {window} (a sliding window?) and the layers do " \
+                         f"not run at that length; kept as it is"
+                for length in range(window + 2, window - 1, -1):
+                    try:
+                        probe.run(sized_feeds(1, length, 0, {})[0])
+                    except ProbeError:
+                        continue  # e.g. a position buffer that ends at this length
+                    runs.append((1, length, 0))
+                    reason = ""
+                    break
+            if reason:
+                for c, *_ in live:
+                    self.results[id(c.softmax)] = NoMatch(reason, near=True)
+                return
         mask_inputs = [
             v for v in graph_inputs
             if v.shape is not None and len(v.shape) == 2
@@ -179,16 +255,7 @@ class Analysis:
                     pat = padding_patterns(b, s + past, rng)
                     fixed[id(m)] = pat.astype(bool) if m.dtype == ir.DataType.BOOL else pat.astype(int_dtype(m))
                 for _variant in range(2):  # two different token ids: the mask must not depend on them
-                    feeds = input_feeds(graph_inputs, b, s, rng, fixed=fixed, past=past if has_past else None)
-                    scores, ctxs = {}, {}
-                    for x in xs:
-                        hidden = x_data[id(x)].shape[-1]
-                        feeds[id(x)] = (rng.standard_normal((b, s, hidden)) * 0.5).astype(float_dtype(x))
-                    for c, n, d, _ in live:
-                        scores[id(c)] = (rng.standard_normal((b, n, s, s + past)) * 2.0).astype(float_dtype(c.x))
-                        ctxs[id(c)] = rng.standard_normal((b, n, s, d)).astype(float_dtype(c.x))
-                        feeds[id(c.scores_mm.outputs[0])] = scores[id(c)]
-                        feeds[id(c.ctx_mm.outputs[0])] = ctxs[id(c)]
+                    feeds, scores, ctxs = sized_feeds(b, s, past, fixed)
                     outs = probe.run(feeds)
                     k = 0
                     for c, n, d, _ in live:
@@ -273,6 +340,8 @@ class Analysis:
                 y = np.repeat(y, rep, axis=1)
             if name == "key":
                 y = y.transpose(0, 1, 3, 2)
+            if name != "query" and nkv == 1 and got.ndim == 4 and got.shape[1] == 1:
+                y = y[:, :1]  # one K/V head that the MatMul broadcasts over the query heads (Falcon)
             cg = _ratio(got, y)
             if cg is None:
                 return {

@@ -126,6 +126,38 @@ def _softmax_axis_ok(node: ir.Node, opset: int) -> bool:
     return axis in (-1, 3)
 
 
+def _copied_input(p: ir.Node) -> ir.Value | None:
+    """The input a Concat or Slice merely copies, else ``None``.
+
+    A one-input Concat (a base decoder exported with ``use_cache`` on joins each new K/V to an
+    empty cache, and the exporter folds the empty part away), a Concat with an empty operand
+    and a Slice of the whole axis (the partial-rotary code path with the full head rotated:
+    ``cat(rotate(q[..., :d]), q[..., d:])``, Phi-3).
+    """
+    if p.op_type == "Concat":
+        axis = p.attr("axis")
+        full = [x for x in p.inputs if x is None or not _empty_along(x, axis)]
+        return full[0] if len(full) == 1 and full[0] is not None else None
+    if p.op_type == "Slice" and len(p.inputs) >= 4:
+        starts, ends, axes = (const_array(p.inputs[i]) for i in (1, 2, 3))
+        steps = const_array(p.inputs[4]) if len(p.inputs) > 4 and p.inputs[4] is not None else None
+        shape = p.inputs[0].shape
+        if starts is None or ends is None or axes is None or shape is None or starts.size != 1 or axes.size != 1:
+            return None
+        axis = int(axes.reshape(-1)[0])
+        dim = shape[axis] if -len(shape) <= axis < len(shape) else None
+        if (isinstance(dim, int) and int(starts.reshape(-1)[0]) == 0 and int(ends.reshape(-1)[0]) >= dim
+                and (steps is None or int(steps.reshape(-1)[0]) == 1)):
+            return p.inputs[0]
+    return None
+
+
+def _empty_along(v: ir.Value, axis: int | None) -> bool:
+    shape = v.shape
+    return (axis is not None and shape is not None and -len(shape) <= axis < len(shape)
+            and shape[axis] == 0)
+
+
 def _walk_layout(v: ir.Value) -> tuple[ir.Value, list[ir.Node]]:
     """Follow reshape/transpose/scalar-scale producers back to the value they rearrange."""
     nodes = []
@@ -136,6 +168,11 @@ def _walk_layout(v: ir.Value) -> tuple[ir.Value, list[ir.Node]]:
         if p.op_type in _LAYOUT_OPS:
             nodes.append(p)
             v = p.inputs[0]
+            continue
+        copied = _copied_input(p)
+        if copied is not None:
+            nodes.append(p)
+            v = copied
             continue
         if p.op_type in ("Mul", "Div") and len(p.inputs) == 2:
             a, b = p.inputs
@@ -193,21 +230,70 @@ def _skip_reshapes(v: ir.Value, nodes: list[ir.Node]) -> ir.Value:
     return v
 
 
+def _head_blocks(p: ir.Node) -> tuple[tuple[str, Any], ir.Node] | None:
+    """A Slice or Gather of whole heads of a packed projection viewed as ``[B, S, G, d]``.
+
+    Falcon's multi-query layout: ``qkv.view(B, S, heads + 2, d)``, then ``[..., :-2, :]`` (the
+    query heads), ``[..., [-2], :]`` (the key) and ``[..., [-1], :]`` (the value). Returns the
+    column segment ``("slice", (start, stop))`` and the Reshape, or ``None`` for another form.
+    """
+    if p.op_type not in ("Slice", "Gather") or not p.inputs or p.inputs[0] is None:
+        return None
+    reshape = producer(p.inputs[0], "Reshape")
+    out, inp = p.inputs[0].shape, reshape.inputs[0].shape if reshape is not None else None
+    if reshape is None or out is None or inp is None or len(out) != 4 or len(inp) != 3:
+        return None
+    groups, d, hidden = out[2], out[3], inp[2]
+    if not all(isinstance(x, int) for x in (groups, d, hidden)) or groups * d != hidden:
+        return None
+    if p.op_type == "Gather":
+        idx = const_array(p.inputs[1])
+        if p.attr("axis", 0) not in (2, -2) or idx is None or idx.size != 1:
+            return None
+        i = int(idx.reshape(-1)[0]) % groups
+        return ("slice", (i * d, (i + 1) * d)), reshape
+    starts, ends = const_array(p.inputs[1]), const_array(p.inputs[2])
+    axes = const_array(p.inputs[3]) if len(p.inputs) > 3 and p.inputs[3] is not None else None
+    steps = const_array(p.inputs[4]) if len(p.inputs) > 4 and p.inputs[4] is not None else None
+    if starts is None or ends is None or axes is None or starts.size != 1 or int(axes.reshape(-1)[0]) not in (2, -2):
+        return None
+    if steps is not None and int(steps.reshape(-1)[0]) != 1:
+        return None
+    lo, hi = (int(a.reshape(-1)[0]) for a in (starts, ends))
+    lo, hi = (max(0, min(groups, x + groups if x < 0 else x)) for x in (lo, hi))
+    return ("slice", (lo * d, hi * d)), reshape
+
+
 def _projection(src: ir.Value) -> Projection | str:
     """Resolve ``src`` as (a column slice of) ``x @ W + b``."""
     nodes: list[ir.Node] = []
     seg: tuple[str, Any] | None = None
     p = src.producer()
-    if p is not None and p.op_type == "Split":
+    blocks = _head_blocks(p) if p is not None else None
+    if blocks is not None:
+        seg, reshape = blocks
+        nodes += [p, reshape]  # type: ignore[list-item]
+        src = reshape.inputs[0]
+    elif p is not None and p.op_type == "Split":
         axis = p.attr("axis", 0)
-        if axis not in (-1, 2):
-            return f"{p.label()} splits axis {axis}, not the hidden axis"
         sizes = const_array(p.inputs[1]) if len(p.inputs) > 1 and p.inputs[1] is not None else None
         if sizes is None and p.attr("split") is not None:
             sizes = np.array(p.attr("split"))
-        seg = ("split", (None if sizes is None else [int(s) for s in sizes], src.index(), len(p.outputs)))
-        nodes.append(p)
-        src = p.inputs[0]
+        if axis in (-1, 2):
+            seg = ("split", (None if sizes is None else [int(s) for s in sizes], src.index(), len(p.outputs)))
+            nodes.append(p)
+            src = p.inputs[0]
+        else:
+            # A packed projection viewed as [B, S, 3, heads, d] (ModernBERT's unbind) splits the
+            # "3" axis: take equal column blocks; the layout probe checks what the operand holds.
+            if sizes is not None and len(set(int(s) for s in sizes.reshape(-1))) > 1:
+                return f"{p.label()} splits axis {axis} in unequal parts, not the hidden axis"
+            seg = ("split", (None, src.index(), len(p.outputs)))
+            nodes.append(p)
+            src, chain = _walk_layout(p.inputs[0])
+            nodes += chain
+            if not chain:
+                return f"{p.label()} splits axis {axis}, not the hidden axis"
     elif p is not None and p.op_type == "Slice":
         starts, ends = const_array(p.inputs[1]), const_array(p.inputs[2])
         axes = const_array(p.inputs[3]) if len(p.inputs) > 3 and p.inputs[3] is not None else None
