@@ -59,19 +59,20 @@ def _window_length(probe_model: ir.Model) -> int | None:
     """A sequence length past any sliding window of a probe's mask, or ``None`` when none shows.
 
     A window shows as an integer scalar constant (> 1) that the mask arithmetic adds or compares,
-    or as a constant mask buffer of ≥ 2 dims that the mask slices (GPT-Neo's banded ``bias``);
+    or as a constant square mask buffer that the mask slices (GPT-Neo's banded ``bias``);
     the caller probes at the longest length up to two past it that the layers run at.
     """
     best = None
     for node in probe_model.graph:
-        if node.domain != "" or node.op_type not in _OFFSET_OPS | {"Slice", "Gather"}:
+        if node.domain != "" or node.op_type not in _OFFSET_OPS | {"Slice"}:
             continue
         for i, v in enumerate(node.inputs):
             arr = const_array(v) if v is not None else None
             if arr is None:
                 continue
-            if node.op_type in ("Slice", "Gather"):
-                length = min(arr.shape[-2:]) if i == 0 and arr.ndim >= 2 else None
+            if node.op_type == "Slice":
+                # A square [.., T, T] buffer (not an embedding table, not ALiBi's [heads, 1, T] slopes).
+                length = arr.shape[-1] if i == 0 and arr.ndim >= 2 and arr.shape[-1] == arr.shape[-2] else None
             elif arr.size == 1 and np.issubdtype(arr.dtype, np.integer):
                 value = abs(int(arr.reshape(-1)[0]))
                 length = value if 1 < value < 2**31 else None
@@ -214,6 +215,7 @@ class Analysis:
         # A sliding window is invisible at sequences shorter than it: probe past the largest
         # position offset (or mask buffer) the mask holds, at the longest length the model runs.
         window = _window_length(probe.model)
+        long_run = 0  # the sequence of the extra probe run (0: none)
         # (With a static sequence no longer than the window, the window never applies.)
         if window is not None and static_s is None and window > max(s for _, s, _ in runs):
             reason = (f"the mask holds position offsets or a mask buffer up to {window} positions (a sliding "
@@ -227,6 +229,7 @@ class Analysis:
                     except ProbeError:
                         continue  # e.g. a position buffer that ends at this length
                     runs.append((1, length, 0))
+                    long_run = length
                     reason = ""
                     break
             if reason:
@@ -271,6 +274,12 @@ class Analysis:
             for entry in pending:
                 c = entry[0]
                 verdict = classify_mask(per_cand[id(c.softmax)], [] if m is None else [m])
+                if long_run and not isinstance(verdict, MaskVerdict):
+                    # Understood on the short runs, not on the long one (its 2 runs are last): a window.
+                    short = classify_mask(per_cand[id(c.softmax)][:-2], [] if m is None else [m])
+                    if isinstance(short, MaskVerdict):
+                        verdict = (f"a {short.kind} mask on short sequences that blocks more keys at {long_run} "
+                                   "positions: a sliding window, which MultiHeadAttention cannot express; kept")
                 if isinstance(verdict, MaskVerdict) or id(c.softmax) not in verdicts:
                     verdicts[id(c.softmax)] = verdict
                 if not isinstance(verdict, MaskVerdict):

@@ -404,7 +404,8 @@ def find_candidate(sm: ir.Node, opset: int) -> Candidate | str:
         break
     users = p.consumers()
     if len(users) != 1 or users[0].op_type != "MatMul" or users[0].inputs[0] is not p:
-        return "the Softmax output does not feed one MatMul with the values"
+        fed = ", ".join(u.label() for u in users[:3]) or "nothing"
+        return f"the Softmax output feeds {fed}, not one MatMul with the values"
     ctx_mm = users[0]
     # The scores MatMul: back from the Softmax through scale and mask ops.
     frontier, seen, found = [logits], set(), []

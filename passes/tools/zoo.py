@@ -159,9 +159,9 @@ ARCHS: tuple[Arch, ...] = (
               vocab_size=_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=_POS, global_attn_every_n_layers=2, local_attention=8, pad_token_id=0,
               eos_token_id=2, bos_token_id=1, cls_token_id=1, sep_token_id=2),
-          expect=Blocks(norms=2, rotary=2, extra_norms=2,
-                        notes="GeGLU, LayerNorm without bias, rotary, local (sliding-window) layer 1; layer 0 "
-                              "has no attention norm")),
+          expect=Blocks(norms=2, rotary=2, extra_norms=1,
+                        notes="GeGLU, LayerNorm without bias, rotary, local (sliding-window ±4) layer 1; layer 0 "
+                              "has no attention norm (one fewer), embedding and final norms")),
     _arch("nomic-bert", lambda: _t().NomicBertConfig(**_TEXT, type_vocab_size=2),
           expect=Blocks(activation="silu", rotary=2, notes="rotary encoder, SwiGLU")),
     # ----------------------------------------------------------------------------- decoders
@@ -245,7 +245,8 @@ ARCHS: tuple[Arch, ...] = (
           expect=Blocks(notes="no mask, layer scale, position embedding interpolation")),
     _arch("clip-vision", lambda: _t().CLIPVisionConfig(**_VIS), model="CLIPVisionModel", inputs="pixels",
           kind="vision", ort_type="clip",
-          expect=Blocks(activation="quick_gelu", extra_norms=2, notes="pre-LN, quick_gelu")),
+          expect=Blocks(activation="quick_gelu", extra_norms=1,
+                        notes="pre-LN, quick_gelu (post_layernorm is on the pooled output, not exported)")),
     _arch("swin", lambda: _t().SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
                                           window_size=4),
           inputs="pixels", kind="vision", ort_type="swin",
