@@ -43,3 +43,35 @@ def test_rule_properties(name: str) -> None:
         check_rule(rule, case)
 
     run()
+
+
+def _code_lines(fn, module, seen: set[int]) -> int:
+    """Lines of ``fn`` without blanks, comments and docstrings, plus the same-module helpers it calls."""
+    import ast
+    import inspect
+    import textwrap
+
+    if fn is None or id(fn) in seen:
+        return 0
+    seen.add(id(fn))
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    doc = {n.value.lineno for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)
+           and isinstance(n.value.value, str)}
+    lines = textwrap.dedent(inspect.getsource(fn)).splitlines()
+    n = sum(1 for i, ln in enumerate(lines, 1) if ln.strip() and not ln.strip().startswith("#") and i not in doc)
+    for node in ast.walk(tree):
+        helper = vars(module).get(node.id) if isinstance(node, ast.Name) else None
+        if inspect.isfunction(helper) and helper.__module__ == module.__name__:
+            n += _code_lines(helper, module, seen)
+    return n
+
+
+@pytest.mark.parametrize("name", sorted(set(RULES) - {r.name for r in NO_OP_RULES}))
+def test_fusion_rules_read_in_one_screen(name: str) -> None:
+    # Pattern, replacement and check with the module's own helpers they call: at most 40 lines.
+    import sys
+
+    rule = RULES[name]
+    module = sys.modules[rule.replacement.__module__]
+    seen: set[int] = set()
+    assert sum(_code_lines(f, module, seen) for f in (*rule.patterns, rule.replacement, rule.check_fn)) <= 40

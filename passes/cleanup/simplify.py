@@ -26,7 +26,7 @@ import ir
 
 from ..framework.base import Pass, PassContext, PassResult
 from ..framework.evaluator import NONDETERMINISTIC_OPS, attribute_key
-from ..framework.match import const_array, producer
+from ..framework.match import const_array, producer, rank
 from ..framework.pattern import Match, PatternRule
 from ..framework.rules import NoMatch, Rule, apply_rules
 from ..framework.registry import register_pass
@@ -49,11 +49,6 @@ def _ints_attr(node: ir.Node, name: str) -> list[int] | None | NoMatch:
     if a.ref_attr_name:
         return NoMatch(f"attribute {name} refers to a function attribute")
     return [int(x) for x in a.value]
-
-
-def _rank(v: ir.Value | None) -> int | None:
-    shape = v.shape if v is not None else None
-    return None if shape is None else len(shape)
 
 
 def _forward(op, x):
@@ -125,8 +120,8 @@ def check_transpose(m: Match, ctx: PassContext) -> Any:
     if isinstance(perm, NoMatch):
         return perm
     if perm is None:
-        rank = _rank(m.x)
-        return (rank is not None and rank <= 1) or NoMatch("default perm reverses the dims")
+        r = rank(m.x)
+        return (r is not None and r <= 1) or NoMatch("default perm reverses the dims")
     return perm == list(range(len(perm))) or NoMatch("perm is not the identity")
 
 
@@ -201,12 +196,12 @@ class TransposeMerge(Rule):
         for p in (p1, p2):
             if isinstance(p, NoMatch):
                 return p
-        rank = _rank(x)
+        r = rank(x)
         if p1 is None or p2 is None:
-            if rank is None:
+            if r is None:
                 return NoMatch("default perm and unknown rank", near=True)
-        p1 = p1 if p1 is not None else list(reversed(range(rank)))  # type: ignore[arg-type]
-        p2 = p2 if p2 is not None else list(reversed(range(rank)))  # type: ignore[arg-type]
+        p1 = p1 if p1 is not None else list(reversed(range(r)))  # type: ignore[arg-type]
+        p2 = p2 if p2 is not None else list(reversed(range(r)))  # type: ignore[arg-type]
         if len(p1) != len(p2):
             return NoMatch("perms of different ranks")
         composed = [p1[i] for i in p2]

@@ -1,6 +1,7 @@
-"""Small matching helpers shared by fusion rules: producers, constants, commutative operands.
+"""Matching helpers for rules and pattern checks: producers, constants, operand orders, shapes.
 
-Matching never mutates the IR.
+Pattern rules (:mod:`passes.framework.pattern`) need these only in their ``check`` hooks;
+hand-written rules walk the graph with them. None of them mutates the IR.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ __all__ = [
     "operands",
     "single_use",
     "only_users",
+    "rank",
+    "is_channel_param",
+    "channel_param_len",
+    "noop_cast",
+    "is_last_axis_reduce",
 ]
 
 
@@ -89,3 +95,51 @@ def single_use(value: ir.Value | None) -> bool:
 def only_users(value: ir.Value, allowed: set[ir.Node]) -> bool:
     """True when every reader of ``value`` is in ``allowed`` and it is not a graph output."""
     return not value.is_graph_output() and all(n in allowed for n, _ in value.uses())
+
+
+def rank(value: ir.Value | None) -> int | None:
+    """The rank of ``value`` when its shape is known."""
+    shape = value.shape if value is not None else None
+    return None if shape is None else len(shape)
+
+
+def is_channel_param(value: ir.Value | None) -> bool:
+    """A per-channel parameter (γ, β, a bias): a 1-D constant, or a 1-D value with no producer."""
+    if value is None:
+        return False
+    arr = const_array(value)
+    if arr is not None:
+        return arr.ndim == 1
+    return value.producer() is None and value.shape is not None and len(value.shape) == 1
+
+
+def channel_param_len(value: ir.Value | None) -> int | None:
+    """The length of a per-channel parameter, when known."""
+    if value is None:
+        return None
+    arr = const_array(value)
+    if arr is not None:
+        return int(arr.size)
+    s = value.shape
+    return s[0] if s is not None and len(s) == 1 and isinstance(s[0], int) else None
+
+
+def noop_cast(value: ir.Value | None) -> ir.Node | None:
+    """The producer of ``value`` when it is a ``Cast`` to the dtype its input already has."""
+    c = producer(value, "Cast")
+    if c is None or c.inputs[0] is None or c.inputs[0].dtype is None:
+        return None
+    return c if int(c.attr("to", -1)) == int(c.inputs[0].dtype) else None
+
+
+def is_last_axis_reduce(node: ir.Node, input_rank: int | None) -> bool:
+    """A ``Reduce*`` over the last axis only, keeping dims (axes as an attribute or an opset-18 input)."""
+    if not node.op_type.startswith("Reduce") or node.attr("keepdims", 1) != 1:
+        return False
+    axes = node.attr("axes")
+    if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
+        arr = const_array(node.inputs[1])
+        axes = None if arr is None else [int(a) for a in arr.reshape(-1)]
+    if axes is None or len(axes) != 1:
+        return False
+    return axes[0] == -1 or (input_rank is not None and axes[0] == input_rank - 1)

@@ -158,12 +158,14 @@ def model_bytes_or_path(model: ir.Model, folder: str | None = None) -> tuple[byt
     return path, folder
 
 
-def session(source: bytes | str | os.PathLike[str], threads: int = 1, *, spinning: bool = True) -> Any:
+def session(source: bytes | str | os.PathLike[str], threads: int = 1, *, spinning: bool = True,
+            optimize: bool = True) -> Any:
     """An onnxruntime CPU session on ``source`` (bytes or a path).
 
     ``spinning=False`` stops idle worker threads from spinning, which matters when several
     sessions take turns on few cores (interleaved benchmarks): a spinning pool steals the next
-    session's CPU.
+    session's CPU. ``optimize=False`` turns onnxruntime's graph optimizations off: verification
+    runs both models as written, so a wrong fusion of ours cannot agree with one of onnxruntime's.
     """
     import onnxruntime as ort
 
@@ -174,6 +176,8 @@ def session(source: bytes | str | os.PathLike[str], threads: int = 1, *, spinnin
     so.log_severity_level = 4
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     src = os.fspath(source) if isinstance(source, os.PathLike) else source
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 

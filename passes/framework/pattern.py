@@ -657,6 +657,8 @@ class PatternRule(Rule):
         self.check_fn = check
         self.requires = dict(requires or {})
         fns = [pattern] if callable(pattern) else list(pattern)
+        #: The pattern functions, for introspection (docs, line counts, generators).
+        self.patterns: tuple[Callable[..., Any], ...] = tuple(fns)
         outs = [_build(fn) for fn in fns]
         if len(outs) == 1:
             self.outputs: tuple[Pattern, ...] = outs[0]

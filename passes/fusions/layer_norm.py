@@ -41,7 +41,10 @@ import numpy as np
 import ir
 
 from ..framework.base import Pass, PassContext, PassResult
-from ..framework.match import const_array, only_users, operands, producer, single_use
+from ..framework.match import (
+    channel_param_len, const_array, is_channel_param, is_last_axis_reduce, noop_cast, only_users, operands, producer, rank,
+    single_use,
+)
 from ..framework.pattern import Match, PatternRule
 from ..framework.rules import NoMatch, Rule, apply_rules
 from ..framework.registry import register_pass
@@ -51,57 +54,6 @@ __all__ = ["LayerNormFusionPass", "NORM_RULES", "ResidualSumNormFusion", "SkipNo
 
 _MS = "com.microsoft"
 _NORMS = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
-
-
-# ----------------------------------------------------------------------------------------- #
-# Matching helpers
-# ----------------------------------------------------------------------------------------- #
-
-
-def _is_last_axis_mean(node: ir.Node, rank: int | None) -> bool:
-    """``ReduceMean`` over the last axis, keeping dims (axes as attribute or opset-18 input)."""
-    if node.op_type != "ReduceMean" or node.attr("keepdims", 1) != 1:
-        return False
-    axes = node.attr("axes")
-    if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
-        arr = const_array(node.inputs[1])
-        axes = None if arr is None else [int(a) for a in arr.reshape(-1)]
-    if axes is None or len(axes) != 1:
-        return False
-    return axes[0] == -1 or (rank is not None and axes[0] == rank - 1)
-
-
-def _rank(v: ir.Value | None) -> int | None:
-    s = v.shape if v is not None else None
-    return None if s is None else len(s)
-
-
-def _param(v: ir.Value | None) -> bool:
-    """A per-channel parameter: a 1-D value with no producer or a constant (γ, β, bias)."""
-    if v is None:
-        return False
-    arr = const_array(v)
-    if arr is not None:
-        return arr.ndim == 1
-    return v.producer() is None and v.shape is not None and len(v.shape) == 1
-
-
-def _param_len(v: ir.Value | None) -> int | None:
-    if v is None:
-        return None
-    arr = const_array(v)
-    if arr is not None:
-        return int(arr.size)
-    s = v.shape
-    return s[0] if s is not None and len(s) == 1 and isinstance(s[0], int) else None
-
-
-def _noop_cast(v: ir.Value | None) -> ir.Node | None:
-    """The producer of ``v`` when it is a Cast to the dtype its input already has."""
-    c = producer(v, "Cast")
-    if c is None or c.inputs[0] is None or c.inputs[0].dtype is None:
-        return None
-    return c if int(c.attr("to", -1)) == int(c.inputs[0].dtype) else None
 
 
 def _simplified_ok(ctx: PassContext) -> bool:
@@ -117,7 +69,7 @@ def _mean(op, v, name):
 
 def _normalized(op, d, square):
     """``d / Sqrt(ReduceMean(square) + ε)``, the division as Div or a product with the reciprocal."""
-    std = op.Sqrt(op.Add(_mean(op, square, "var"), op.const(name="eps")))
+    std = op.Sqrt(op.Add(_mean(op, square, "var"), op.const(name="eps", predicate=lambda a: a.size == 1)))
     return op.Div(d, std) | op.Mul(d, op.Reciprocal(std)) | op.Mul(d, op.Div(1.0, std))
 
 
@@ -132,22 +84,19 @@ def rms_norm(op, x):
 
 def _hidden(m: Match) -> int | None:
     """The normalized size: the input's last dim, else the length of the γ that follows."""
-    shape = m.x.shape
-    if shape is not None and isinstance(shape[-1], int):
-        return shape[-1]
-    out = m.root.outputs[0]
-    user = out.uses()[0][0] if out is not None and len(out.uses()) == 1 else None
-    if user is not None and user.op_type == "Cast" and user.outputs[0] is not None and _noop_cast(user.outputs[0]):
-        user = user.outputs[0].uses()[0][0] if len(user.outputs[0].uses()) == 1 else None
-    gammas = [v for v in (user.inputs if user is not None and user.op_type == "Mul" else ()) if _param(v)]
-    return _param_len(gammas[0]) if gammas else None
+    if m.x.shape is not None and isinstance(m.x.shape[-1], int):
+        return m.x.shape[-1]
+    v = m.root.outputs[0]
+    if len(v.uses()) == 1 and noop_cast(v.uses()[0][0].outputs[0]) is not None:  # through a no-op Cast
+        v = v.uses()[0][0].outputs[0]
+    user = v.uses()[0][0] if len(v.uses()) == 1 else None
+    gammas = [g for g in user.inputs if is_channel_param(g)] if user is not None and user.op_type == "Mul" else []
+    return channel_param_len(gammas[0]) if gammas else None
 
 
 def check_norm(m: Match, ctx: PassContext) -> bool | str:
-    if any(n is not None and not _is_last_axis_mean(n, _rank(m.x)) for n in (m.node("mean"), m.node("var"))):
+    if any(n is not None and not is_last_axis_reduce(n, rank(m.x)) for n in (m.node("mean"), m.node("var"))):
         return "ReduceMean is not over the last axis with keepdims"
-    if m.const("eps") is None or m.const("eps").size != 1:
-        return "ε is not a scalar constant"
     if m.rule.name == "rms-norm" and (sub := producer(m.x, "Sub")) is not None and producer(sub.inputs[1], "ReduceMean"):
         return NoMatch("a centred norm is a LayerNorm")
     if _hidden(m) is None:
@@ -185,10 +134,10 @@ def plus_beta(op, x, gamma, beta):
 def check_affine(m: Match, ctx: PassContext) -> bool | str:
     """γ and β are 1-D parameters of the normalized size; γ folds only into a norm with unit weight."""
     param = m.gamma if m.rule.name == "norm-gamma" else m.beta
-    if not _param(param) or _param_len(param) != _param_len(m.node("norm").inputs[1]):
+    if not is_channel_param(param) or channel_param_len(param) != channel_param_len(m.node("norm").inputs[1]):
         return NoMatch("not a per-channel parameter")
     cast = m.node("cast")
-    if cast is not None and _noop_cast(cast.outputs[0]) is None:
+    if cast is not None and noop_cast(cast.outputs[0]) is None:
         return NoMatch("the Cast changes the dtype")
     ones = const_array(m.g) if m.rule.name == "norm-gamma" else None
     return m.rule.name != "norm-gamma" or (ones is not None and bool(np.all(ones == 1)))
@@ -272,28 +221,28 @@ def _match_residual(node: ir.Node, *, keep_norm: bool) -> _Skip | NoMatch:
     simplified = node.op_type != "LayerNormalization"
     x = node.inputs[0]
     # A no-op Cast between the sum and the norm (Llama's TorchScript export) is looked through.
-    cast = _noop_cast(x)
+    cast = noop_cast(x)
     add = producer(cast.inputs[0] if cast is not None else x, "Add")
     if x is None or add is None:
         return NoMatch("no residual Add")
     if any(o is not None and (o.has_uses() or o.is_graph_output()) for o in node.outputs[1:]):
         return NoMatch("the norm's mean/inv-std outputs are read", near=True)
-    rank = _rank(x)
+    r = rank(x)
     axis = node.attr("axis", -1)
-    if axis != -1 and not (rank is not None and axis == rank - 1):
+    if axis != -1 and not (r is not None and axis == r - 1):
         return NoMatch(f"norm over axis {axis}, not the last one", near=True)
     if node.attr("stash_type", 1) != 1:
         return NoMatch("stash_type is not float32", near=True)
     gamma = node.inputs[1] if len(node.inputs) > 1 else None
     beta = node.inputs[2] if len(node.inputs) > 2 and not simplified else None
-    if not _param(gamma) or (beta is not None and not _param(beta)):
+    if not is_channel_param(gamma) or (beta is not None and not is_channel_param(beta)):
         return NoMatch("γ/β are not 1-D parameters", near=True)
     a, b = add.inputs[0], add.inputs[1]
     if a is None or b is None or const_array(a) is not None or const_array(b) is not None:
         return NoMatch("the Add before the norm adds a constant, not a residual", near=True)
     if _position_lookup(a) or _position_lookup(b):
         return NoMatch("embedding sum with a position lookup (may broadcast); left as LayerNorm", near=True)
-    hidden = _param_len(gamma)
+    hidden = channel_param_len(gamma)
     total = add.outputs[0]
     assert total is not None
     sum_used = not only_users(x, {node}) or (cast is not None and not only_users(total, {cast}))
@@ -308,7 +257,7 @@ def _match_residual(node: ir.Node, *, keep_norm: bool) -> _Skip | NoMatch:
         if inner is None or not single_use(p):
             continue
         for m, bias in operands(inner):
-            if m is None or not _param(bias) or const_array(m) is not None or _param_len(bias) != hidden:
+            if m is None or not is_channel_param(bias) or const_array(m) is not None or channel_param_len(bias) != hidden:
                 continue
             if _position_lookup(m) or bias.producer() is not None:
                 continue

@@ -266,7 +266,7 @@ def compile_model(
         if progress:
             progress("running the original model in onnxruntime")
         try:
-            ref_session = session(original)
+            ref_session = session(original, optimize=False)
         except Exception as e:  # onnxruntime raises its own classes, none a subclass of a common one
             raise ir.InvalidModelError(f"the original model does not load in onnxruntime: {describe_ort_error(e)}") from None
         feeds = make_feeds(model, ref_session.get_inputs(), batch=verify_batch, seq=verify_seq, bindings=static_shapes)
@@ -299,7 +299,7 @@ def compile_model(
             progress("verifying the compiled model against the original in onnxruntime")
         compiled, _ = model_bytes_or_path(model)
         try:
-            got = session(compiled).run(names, feeds)
+            got = session(compiled, optimize=False).run(names, feeds)
         except Exception as e:  # the original ran on these inputs: the compiler broke the model
             raise InternalError(
                 f"the compiled model does not run in onnxruntime, although the original does: {describe_ort_error(e)}"
