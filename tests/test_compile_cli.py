@@ -355,3 +355,42 @@ def test_unwritable_report_is_bad_input(tmp_path: Path) -> None:
     code, _, err = _in_process(str(p), "--pipeline", "dead-flow", "-o", str(tmp_path / "out.onnx"), "--quiet",
                                "--report", str(tmp_path / "no" / "such" / "r.json"))
     assert code == 2 and err.startswith("error: cannot write the report") and len(err.splitlines()) == 1
+
+
+def test_onnxruntime_logs_nothing_of_its_own(tmp_path: Path) -> None:
+    """An allocation overflow in onnxruntime: one line from us, nothing from its process-wide logger."""
+    g = helper.make_graph(
+        [helper.make_node("ConstantOfShape", ["shape"], ["z"], name="fill"),
+         helper.make_node("ReduceSum", ["z"], ["s"], name="sum", keepdims=0),
+         helper.make_node("Add", ["x", "s"], ["y"], name="add")], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(np.array([2**62], np.int64), "shape")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    p = _write(tmp_path, "huge.onnx", m)
+    _assert_bad(_cli(str(p), "-o", str(tmp_path / "o.onnx")),
+                "the original model does not run in onnxruntime", "node 'fill' (ConstantOfShape)", "overflow")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("[ONNXRuntimeError] : 10 : INVALID_GRAPH : Load model from /tmp/m.onnx failed:This is an invalid model. "
+     'In Node, ("node_Shape_2", Shape, "", -1) : ("x": tensor(int64),) -> ("v": tensor(int64),) , '
+     "Error Unrecognized attribute: axis for operator Shape",
+     "node 'node_Shape_2' (Shape): Unrecognized attribute: axis for operator Shape"),
+    ("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Reshape node. Name:'r' "
+     "Status Message: /onnxruntime_src/onnxruntime/core/providers/cpu/tensor/reshape_helper.h:91 "
+     "onnxruntime::ReshapeHelper::ReshapeHelper(const onnxruntime::TensorShape&, onnxruntime::TensorShapeVector&, "
+     "bool) input_shape_size == requested_shape_size was false. The input tensor cannot be reshaped",
+     "node 'r' (Reshape): input_shape_size == requested_shape_size was false. The input tensor cannot be reshaped"),
+    ("[ONNXRuntimeError] : 1 : FAIL : Load model from m.onnx failed:Node (g) Op (Gather) [ShapeInferenceError] "
+     "axis must be in [-r, r-1]", "node 'g' (Gather): [ShapeInferenceError] axis must be in [-r, r-1]"),
+    ("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: ids for the following indices\n"
+     " index: 0 Got: 2 Expected: 1\n Please fix either the inputs/outputs or the model.",
+     "Got invalid dimensions for input: ids for the following indices; index: 0 Got: 2 Expected: 1; "
+     "Please fix either the inputs/outputs or the model."),
+])
+def test_onnxruntime_errors_in_one_line(message: str, expected: str) -> None:
+    from passes.framework.numerics import describe_ort_error
+
+    assert describe_ort_error(RuntimeError(message)) == expected

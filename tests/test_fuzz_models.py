@@ -492,6 +492,22 @@ class Outcome:
         return {0: "compiled", 1: "outside tolerance", 2: "refused"}.get(self.code, f"exit {self.code}")
 
 
+@contextlib.contextmanager
+def _native_stderr() -> Any:
+    """Capture what native code writes to file descriptor 2; the text is in the yielded list afterwards."""
+    sys.stderr.flush()
+    saved, text = os.dup(2), []
+    with tempfile.TemporaryFile(mode="w+") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield text
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.seek(0)
+            text.append(f.read())
+
+
 def run_case(case: Case, folder: pathlib.Path, *, subprocess_: bool = False) -> Outcome:
     """Write ``case`` into ``folder`` and run ``main([...])`` on it (in process, or as a subprocess)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -511,12 +527,13 @@ def run_case(case: Case, folder: pathlib.Path, *, subprocess_: bool = False) -> 
         from passes.tools.compile import main
 
         so, se = io.StringIO(), io.StringIO()
-        try:
-            with contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
-                code = main(args)
-        except BaseException:  # noqa: BLE001 - an escaping exception is exactly what we look for
-            code, se = 99, io.StringIO(se.getvalue() + traceback.format_exc())
-        stdout, stderr = so.getvalue(), se.getvalue()
+        with _native_stderr() as native:  # what onnxruntime's C++ logger would print
+            try:
+                with contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
+                    code = main(args)
+            except BaseException:  # noqa: BLE001 - an escaping exception is exactly what we look for
+                code, se = 99, io.StringIO(se.getvalue() + traceback.format_exc())
+        stdout, stderr = so.getvalue(), "".join(native) + se.getvalue()
     files = sorted(p.name for p in out_dir.iterdir())
     wrote = out.name in files
     leftovers = [f for f in files if f not in (out.name, out.name + ".data")]

@@ -174,6 +174,7 @@ def session(source: bytes | str | os.PathLike[str], threads: int = 1, *, spinnin
     so.inter_op_num_threads = 1
     # Errors reach the caller as exceptions; onnxruntime's logger would print them to stderr as well.
     so.log_severity_level = 4
+    ort.set_default_logger_severity(4)  # allocation failures are logged by the process-wide logger
     if not spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
@@ -220,25 +221,23 @@ def describe_ort_error(exc: BaseException) -> str:
 
 
 def _strip_cpp(text: str) -> str:
-    """Remove ``/path/file.cc:123 ns::Class::fn(args) `` prefixes (the signature's parentheses may nest)."""
+    """Remove ``/path/file.cc:123 [return type] ns::Class::fn(args) `` prefixes (parentheses may nest)."""
     out = []
-    while True:
-        m = _ORT_SOURCE.search(text)
-        if m is None:
-            out.append(text)
-            return "".join(out)
+    while (m := _ORT_SOURCE.search(text)) is not None:
         out.append(text[: m.start()])
-        rest = text[m.end():]
-        # A signature is one token (optionally preceded by a return type) followed by balanced parentheses.
-        sig = re.match(r"(?:[\w:<>,*& ]+? )?[\w:~<>]+\(", rest)
-        if sig is not None and " " not in rest[: sig.end()].rstrip("(").split(" ", 1)[-1]:
+        text = text[m.end():]
+        sig = _CPP_SIGNATURE.match(text)
+        if sig is not None:
             depth, i = 1, sig.end()
-            while i < len(rest) and depth:
-                depth += {"(": 1, ")": -1}.get(rest[i], 0)
+            while i < len(text) and depth:
+                depth += {"(": 1, ")": -1}.get(text[i], 0)
                 i += 1
             if depth == 0:
-                rest = re.sub(r"^(?: const)? ", "", rest[i:])
-        text = rest
+                text = re.sub(r"^(?: const)? ?", "", text[i:])
+    return "".join(out) + text
+
+
+_CPP_SIGNATURE = re.compile(r"(?:[\w:<>*&]+ ){0,3}[\w:~<>]+\(")
 
 
 def run_onnxruntime(source: bytes | str, feeds: dict[str, np.ndarray], threads: int = 1) -> list[np.ndarray]:
