@@ -252,3 +252,13 @@ def test_register_rules_makes_a_pipeline_pass() -> None:
     assert _ops(model) == ["QuickGelu"]
     # A second run finds nothing: the rule is idempotent.
     assert not PassManager("test-fuse-silu", check_modified=True).run(model, PassContext(target=X86))[0].modified
+
+
+def test_float_attributes_compare_as_onnx_stores_them_and_a_wrong_one_is_explained() -> None:
+    rule = PatternRule("hardswish", lambda op, x: op.Mul(x, op.HardSigmoid(x, alpha=1 / 6, beta=absent_or(0.5))),
+                       lambda op, x: op.HardSwish(x))
+    model = _lower("h = HardSigmoid <alpha = 0.16666667> (x)\n y = Mul(x, h)")  # alpha as float32
+    assert _apply(model, rule)[0] == 1 and _ops(model) == ["HardSwish"]
+    model = _lower("h = HardSigmoid <alpha = 0.2> (x)\n y = Mul(x, h)")
+    n, ctx = _apply(model, rule)
+    assert n == 0 and any("attribute alpha=0.2" in d.message for d in ctx.diagnostics)

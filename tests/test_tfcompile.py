@@ -97,3 +97,20 @@ def test_a_plugin_rule_becomes_a_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(registry, "entry_points", lambda group: [ep])
     assert "plugin-double-neg" in registry.registered_passes()
     monkeypatch.setattr(registry, "_LOADED", False)
+
+
+def test_load_registers_a_users_rules_before_compiling(tmp_path: Path) -> None:
+    rules = tmp_path / "my_rules.py"
+    rules.write_text(
+        "from passes import PatternRule, register_rules\n"
+        "register_rules('fuse-my-silu', [PatternRule('my-silu', lambda op, x: op.Mul(x, op.Sigmoid(x)),\n"
+        "    lambda op, x: op.QuickGelu(x, alpha=1.0, _domain='com.microsoft'))])\n")
+    src, out = _tiny(tmp_path / "m.onnx"), tmp_path / "o.onnx"
+    proc = subprocess.run([sys.executable, "-m", "passes.compile", str(src), "--load", str(rules), "--pipeline",
+                           "dead-flow,simplify,fuse-my-silu", "-o", str(out), "--quiet"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert [n.op_type for n in onnx.load(out).graph.node] == ["QuickGelu"]
+    bad = subprocess.run([sys.executable, "-m", "passes.compile", str(src), "--load", str(tmp_path / "nope.py")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--load" in bad.stderr

@@ -218,6 +218,9 @@ def _cases(draw: Any, rule: Any, shape: tuple[int, ...], attrs: Mapping[str, Map
         b.graph.outputs.append(out)
     opsets = {"": opset, **{d: 1 for d in b.domains}}
     model = ir.Model(b.graph, ir_version=10, opset_imports=opsets)
+    # Through the file format, as a user's model arrives: float attributes become float32, etc.
+    model = ir.from_onnx(ir.to_onnx(model))
+    root = next(n for n in model.graph if n.name == root.name)
     ir.infer_shapes(model)
     rng = np.random.default_rng(0)
     feeds = {v.name: rng.standard_normal(shape).astype(np.float32) for v in b.graph.inputs}

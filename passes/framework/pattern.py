@@ -168,6 +168,19 @@ def _norm_attr(v: Any) -> Any:
     return v
 
 
+def _attr_equal(got: Any, want: Any) -> bool:
+    """Attribute equality; floats as ONNX stores them (float32), so ``alpha=1/6`` matches ``0.16666667``."""
+    got, want = _norm_attr(got), _norm_attr(want)
+    if isinstance(want, tuple) and isinstance(got, tuple):
+        return len(got) == len(want) and all(_attr_equal(g, w) for g, w in zip(got, want))
+    if isinstance(want, float) or isinstance(got, float):
+        try:
+            return bool(np.float32(got) == np.float32(want))
+        except (TypeError, ValueError):
+            return False
+    return got == want
+
+
 def _term(x: Any) -> Pattern | None:
     if x is None or isinstance(x, Pattern):
         return x
@@ -410,11 +423,12 @@ def _match_node(pat: NodeOutput, value: ir.Value, st: _State) -> Iterator[None]:
             st.attrs[want.name] = _norm_attr(got)
             captured.append(want.name)
             continue
-        ok = bool(want(got)) if callable(want) else (got is not None and _norm_attr(got) == _norm_attr(want))
+        ok = bool(want(got)) if callable(want) else (got is not None and _attr_equal(got, want))
         if not ok:
             for c in captured:
                 del st.attrs[c]
-            st.fail(f"{node.label()}: attribute {key}={_norm_attr(got)!r} does not fit the pattern")
+            # The node's op type matched: it counts towards how near the match came.
+            st.fail(f"{node.label()}: attribute {key}={_norm_attr(got)!r} does not fit the pattern", extra=1)
             return
     if len(node.inputs) < len(np_.inputs) or (len(node.inputs) > len(np_.inputs)
                                               and any(v is not None for v in node.inputs[len(np_.inputs):])):

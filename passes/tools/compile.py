@@ -363,6 +363,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--list-targets", action="store_true", help="list targets with their pipelines and exit")
     p.add_argument("--list-passes", action="store_true", help="list registered passes and exit")
+    p.add_argument("--load", action="append", default=[], metavar="FILE_OR_MODULE",
+                   help="import a Python file or module that registers passes or rules first (repeatable)")
     return p
 
 
@@ -404,7 +406,30 @@ def _save_traceback(e: BaseException) -> str:
     return path
 
 
+def _load_plugins(items: list[str]) -> None:
+    """Import each ``--load`` item (a ``.py`` file or a module name): its ``register_*`` calls run."""
+    import importlib
+    import importlib.util
+
+    for item in items:
+        try:
+            if item.endswith(".py"):
+                spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(item))[0], item)
+                if spec is None or spec.loader is None or not os.path.isfile(item):
+                    raise FileNotFoundError(f"no such file {item!r}")
+                spec.loader.exec_module(importlib.util.module_from_spec(spec))
+            else:
+                importlib.import_module(item)
+        except Exception as e:
+            raise PassError(f"--load {item}: {type(e).__name__}: {_one_line(str(e))}") from None
+
+
 def _main(args: argparse.Namespace) -> int:
+    try:
+        _load_plugins(args.load)
+    except PassError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.list_targets:
         print(_list_targets())
         return 0
