@@ -33,6 +33,7 @@ over the batch) are left alone, as onnxruntime's own fusion does: the embedding 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -40,7 +41,7 @@ import numpy as np
 
 import ir
 
-from ..framework.base import Pass, PassContext, PassResult
+from ..framework.base import Pass, PassContext, PassError, PassResult
 from ..framework.match import (
     channel_param_len, const_array, is_channel_param, is_last_axis_reduce, noop_cast, only_users, operands, producer, rank,
     single_use,
@@ -412,8 +413,16 @@ class LayerNormFusionPass(Pass):
     name: ClassVar[str] = "fuse-layer-norm"
     summary: ClassVar[str] = "fuse LayerNorm/RMSNorm patterns and residual Adds into (Skip)LayerNormalization"
 
+    #: The residual form, ``skip`` or ``sum``; empty follows the target's ``residual_layer_norm``
+    #: (``--autotune`` measures both).
+    residual: str = ""
+
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         """Norm rules first (so skip fusion sees every norm), then the skip rule, each to a fixed point."""
+        if self.residual not in ("", "skip", "sum"):
+            raise PassError(f"fuse-layer-norm: residual must be skip or sum, not {self.residual!r}")
+        if self.residual and ctx.target is not None:  # the rules read the form off the target
+            ctx = dataclasses.replace(ctx, target=dataclasses.replace(ctx.target, residual_layer_norm=self.residual))
         rw = Rewriter()
         skip = ctx.target is not None and ctx.target.has_contrib_ops
         if _needs_types(model, skip):

@@ -106,6 +106,8 @@ class CompileReport:
     quantization: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
+    #: ``--autotune``: the candidates measured and the winner (:class:`passes.tools.autotune.AutotuneResult`).
+    autotune: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (for ``--report``)."""
@@ -131,6 +133,7 @@ class CompileReport:
             },
             "diagnostics": [str(d) for d in self.diagnostics],
             "quantization": self.quantization,
+            "autotune": None if self.autotune is None else self.autotune.to_dict(),
         }
 
     def format(self, *, timing: bool = False) -> str:
@@ -164,6 +167,8 @@ class CompileReport:
             for q in self.quantization:
                 err = "-" if q.get("error") is None else f"{q['error']:.2e}"
                 lines.append(f"  {q['name'][:70]:<70} {q['decision']:<10} {err:>11}")
+        if self.autotune is not None:
+            lines += ["", "autotune:", self.autotune.table()]
         if self.diagnostics:
             lines += ["", "notes:"] + [f"  {d}" for d in self.diagnostics]
         return "\n".join(lines)
@@ -208,6 +213,8 @@ def compile_model(
     verify_batch: int = 2,
     verify_seq: int = 16,
     allow_domains: tuple[str, ...] | list[str] = (),
+    autotune: bool = False,
+    autotune_options: dict[str, Any] | None = None,
 ) -> CompileResult:
     """Compile a model for a target.
 
@@ -224,6 +231,11 @@ def compile_model(
         progress: callback taking a message, for long work.
         allow_domains: custom op domains to accept although the target does not provide them
             (its runtime has them from a custom op library).
+        autotune: measure candidate programs on this host and keep the fastest within the budget
+            (``options["min_cosine"]``, default 0.999) instead of running one pipeline
+            (:mod:`passes.tools.autotune`; ``pipeline`` and ``quantize`` are then not used).
+        autotune_options: keyword arguments of :func:`passes.tools.autotune.autotune`
+            (``budget_s``, ``batch``, ``seq``, ``threads``, ``use_cache``, ``show_bar``...).
 
     Returns:
         The compiled model and a :class:`CompileReport`.
@@ -241,6 +253,8 @@ def compile_model(
     tgt = target if isinstance(target, targets.Target) else targets.get(target)
     if quantize not in (None, "int8"):
         raise PassError(f"--quantize supports int8 only, not {quantize!r}")
+    if autotune and pipeline:
+        raise PassError("--autotune chooses the pipeline among its candidates; drop --pipeline")
     spec = pipeline or default_pipeline(tgt, quantize)
     items = with_options(parse_pipeline(spec), "quantize", dict(options or {}))
     manager = PassManager(items, verify=True, check_modified=check_modified, print_ir_after_change=print_ir_after_change)
@@ -282,7 +296,16 @@ def compile_model(
     ctx = PassContext(target=tgt, static_shapes=dict(static_shapes or {}), explain=explain, progress=progress)
     t0 = time.perf_counter()
     try:
-        report.passes = manager.run(model, ctx)
+        if autotune:
+            from .autotune import autotune as _autotune
+
+            tuned = _autotune(model, tgt, source=source_name if original == source_name else None,
+                              min_cosine=float((options or {}).get("min_cosine", 0.999)), options=options,
+                              progress=progress, **(autotune_options or {}))
+            model, report.passes, report.autotune = tuned.model, list(tuned.records), tuned
+            report.pipeline = tuned.winner["pipeline"]
+        else:
+            report.passes = manager.run(model, ctx)
     except PassError as e:
         if _user_error(e.__cause__):
             raise
@@ -308,7 +331,9 @@ def compile_model(
         report.verification = cmp
         shape = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
         report.verify_setup = f"onnxruntime, inputs {shape}"
-        if quantize:
+        if report.autotune is not None:
+            report.verified_ok = cmp.cosine >= report.autotune.setup["min_cosine"] - 1e-3
+        elif quantize:
             budgets = [p.min_cosine for p in _passes(manager.pipeline) if p.name == "quantize"]
             min_cos = float(min(budgets, default=0.999))
             report.verified_ok = cmp.cosine >= min_cos - 1e-3
@@ -356,6 +381,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer folder for --texts calibration")
     p.add_argument("--texts", help="text file, one sample per line, for calibration")
     p.add_argument("--exclude", default="", help="node names or op types never to quantize (comma separated)")
+    p.add_argument("--autotune", action="store_true",
+                   help="measure candidate programs (fusion forms, int8, weight-only int8/int4) on this host and "
+                        "keep the fastest within --min-cosine (cached per model, host and compiler)")
+    p.add_argument("--budget-s", type=float, default=300.0, help="time allowed for --autotune trials (default 300)")
+    p.add_argument("--tune-seq", type=int, default=128, help="sequence length of the --autotune timing input")
+    p.add_argument("--tune-batch", type=int, default=1, help="batch size of the --autotune timing input")
     p.add_argument("--external-data", action="store_true", help="write tensors to a data file beside the model")
     p.add_argument("--allow-domain", action="append", default=[], metavar="DOMAIN",
                    help="accept ops of a custom domain the target does not provide (its runtime loads them "
@@ -462,6 +493,9 @@ def _main(args: argparse.Namespace) -> int:
             args.model, tgt, args.pipeline, verify=not args.no_verify, quantize=args.quantize,
             static_shapes=_parse_bindings(args.static_shapes), explain=args.explain, options=options,
             progress=progress, print_ir_after_change=args.print_ir_after_change, allow_domains=args.allow_domain,
+            autotune=args.autotune,
+            autotune_options={"budget_s": args.budget_s, "seq": args.tune_seq, "batch": args.tune_batch,
+                              "show_bar": not args.quiet},
         )
     except InternalError as e:
         where = f" in pass {e.pass_name}" if e.pass_name else ""

@@ -1,0 +1,131 @@
+"""``--autotune``: picks by measurement, never outside the budget, caches per model, host and compiler."""
+
+from __future__ import annotations
+
+import pathlib
+import time
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import ir
+import targets
+from passes.framework.base import PassError
+from passes.tools.autotune import Candidate, autotune, cache_key, candidates
+
+FP32 = Candidate("fp32", "dead-flow")
+FP32_COPY = Candidate("fp32 again", "dead-flow,fold-constants")
+INT4 = Candidate("int4", "quantize-weights{bits=4,block_size=32},dead-flow", quantized=True)
+
+
+@pytest.fixture
+def tiny(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Path:
+    """A two-layer MLP ``[1, seq, 64] -> 256 -> 64`` saved to a file; the decision cache in ``tmp_path``."""
+    monkeypatch.setenv("TFCOMPILE_CACHE_DIR", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((64, 256)).astype(np.float32) * 0.1, "w1"),
+             numpy_helper.from_array(rng.standard_normal(256).astype(np.float32), "b1"),
+             numpy_helper.from_array(rng.standard_normal((256, 64)).astype(np.float32) * 0.1, "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
+             helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "seq", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "seq", 64])], inits)
+    path = tmp_path / "mlp.onnx"
+    path.write_bytes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10).SerializeToString())
+    return path
+
+
+def _slow(name: str, seconds: float = 0.003):
+    def hook(c: Candidate, run):
+        if c.name != name:
+            return run
+
+        def slower(feeds):
+            time.sleep(seconds)
+            return run(feeds)
+
+        return slower
+
+    return hook
+
+
+def _tune(path: pathlib.Path, cands: list[Candidate], **kw):
+    kw.setdefault("use_cache", False)
+    return autotune(ir.load(str(path)), targets.get("x86"), source=str(path), candidate_list=cands, seq=16,
+                    rounds=3, runs=3, **kw)
+
+
+def test_a_candidate_made_slower_is_not_picked(tiny: pathlib.Path) -> None:
+    assert _tune(tiny, [FP32, FP32_COPY], runner_hook=_slow("fp32")).winner["name"] == "fp32 again"
+    res = _tune(tiny, [FP32, FP32_COPY], runner_hook=_slow("fp32 again"))
+    assert res.winner["name"] == "fp32"
+    rows = {r["name"]: r for r in res.rows}
+    assert rows["fp32 again"]["ratio"] > 1.0 and rows["fp32"]["ratio"] == 1.0
+    assert "fastest within the budget" in res.reason and "fp32 |" not in res.table()
+
+
+def test_a_candidate_outside_the_budget_is_never_picked(tiny: pathlib.Path) -> None:
+    # int4 is the fastest here (fp32 is slowed), but its worst cosine is below a budget this tight
+    res = _tune(tiny, [FP32, INT4], min_cosine=0.99999, runner_hook=_slow("fp32"))
+    rows = {r["name"]: r for r in res.rows}
+    assert not rows["int4"]["within_budget"] and rows["int4"]["worst_cosine"] < 0.99999
+    assert rows["int4"]["median_ms"] < rows["fp32"]["median_ms"]
+    assert res.winner["name"] == "fp32"
+    assert "outside the budget: int4" in res.reason
+    # with a looser budget the same measurement picks int4
+    assert _tune(tiny, [FP32, INT4], min_cosine=0.9, runner_hook=_slow("fp32")).winner["name"] == "int4"
+    with pytest.raises(PassError, match="no candidate holds the budget"):
+        _tune(tiny, [INT4], min_cosine=0.99999)
+
+
+def test_cache_key_changes_with_compiler_version_and_cpu_flags() -> None:
+    flags = {"avx2", "avx512f", "avx512_vnni"}
+    key = cache_key("model", flags, "compiler-a", {"seq": 128})
+    assert key == cache_key("model", set(flags), "compiler-a", {"seq": 128})
+    assert key != cache_key("model", flags, "compiler-b", {"seq": 128})
+    assert key != cache_key("model", flags - {"avx512_vnni"}, "compiler-a", {"seq": 128})
+    assert key != cache_key("other model", flags, "compiler-a", {"seq": 128})
+    assert key != cache_key("model", flags, "compiler-a", {"seq": 16})
+
+
+def test_second_run_hits_the_cache(tiny: pathlib.Path) -> None:
+    first = _tune(tiny, [FP32, INT4], use_cache=True, min_cosine=0.9, fingerprint="v1", cpu_flags={"avx2"})
+    assert not first.cached
+
+    def never(c: Candidate, run):
+        raise AssertionError("a cached decision runs no trial")
+
+    t0 = time.perf_counter()
+    second = _tune(tiny, [FP32, INT4], use_cache=True, min_cosine=0.9, fingerprint="v1", cpu_flags={"avx2"},
+                   runner_hook=never)
+    assert second.cached and second.key == first.key and second.winner == first.winner
+    assert time.perf_counter() - t0 < 2.0
+    assert ir.structurally_equal(second.model.graph, first.model.graph) or \
+        [n.op_type for n in second.model.graph] == [n.op_type for n in first.model.graph]
+    # a new compiler or other CPU flags: measured again
+    for kw in ({"fingerprint": "v2", "cpu_flags": {"avx2"}}, {"fingerprint": "v1", "cpu_flags": {"avx2", "avx512_vnni"}}):
+        again = _tune(tiny, [FP32, INT4], use_cache=True, min_cosine=0.9, **kw)
+        assert not again.cached and again.key != first.key
+
+
+def test_candidates_follow_target_capabilities() -> None:
+    x86 = [c.name for c in candidates(targets.get("x86"))]
+    assert len(x86) == 5 and any("residual skip" in n for n in x86) and any("int4" in n for n in x86)
+    assert "fuse-layer-norm{residual=skip}" in candidates(targets.get("x86"))[1].pipeline
+    generic = [c.name for c in candidates(targets.get("onnx"))]  # no contrib ops: no SkipLayerNorm, no MatMulNBits
+    assert len(generic) == 2 and not any("MatMulNBits" in n or "residual" in n.split("(")[-1] for n in generic[1:])
+
+
+def test_cli_autotune_then_cached(tiny: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from passes.tools.compile import main
+
+    out = tiny.with_suffix(".tuned.onnx")
+    argv = [str(tiny), "--target", "x86", "--autotune", "--tune-seq", "8", "--min-cosine", "0.99", "--quiet",
+            "-o", str(out)]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert "autotune:" in first and "winner:" in first and out.is_file()
+    assert main(argv) == 0
+    assert "(cached decision)" in capsys.readouterr().out
+    assert main([*argv, "--pipeline", "dead-flow"]) == 2  # autotune chooses the pipeline
