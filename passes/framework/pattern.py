@@ -334,15 +334,7 @@ def _match(pat: Pattern | None, value: ir.Value | None, st: _State) -> Iterator[
         st.fail("an input the pattern needs is omitted")
         return
     if isinstance(pat, Var):
-        bound = st.values.get(pat.name, _MISSING)
-        if bound is _MISSING:
-            st.values[pat.name] = value
-            yield
-            del st.values[pat.name]
-        elif bound is value:
-            yield
-        else:
-            st.fail(f"{pat.name} is %{bound.name} in one place and %{value.name} in another")
+        yield from _bind(pat.name, value, st)
         return
     if isinstance(pat, Const):
         yield from _match_const(pat, value, st)
@@ -383,13 +375,20 @@ def _match_const(pat: Const, value: ir.Value, st: _State) -> Iterator[None]:
     if pat.name is None:
         yield
         return
-    bound = st.values.get(pat.name, _MISSING)
+    yield from _bind(pat.name, value, st)
+
+
+def _bind(name: str, value: ir.Value, st: _State) -> Iterator[None]:
+    """Bind ``name`` to ``value`` for the rest of the match; a name bound before must be the same value."""
+    bound = st.values.get(name, _MISSING)
     if bound is _MISSING:
-        st.values[pat.name] = value
+        st.values[name] = value
         yield
-        del st.values[pat.name]
+        del st.values[name]
     elif bound is value:
         yield
+    else:
+        st.fail(f"{name} is %{bound.name} in one place and %{value.name} in another")
 
 
 def _close(a: float, b: float, rtol: float, atol: float) -> bool:
