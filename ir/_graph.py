@@ -208,10 +208,6 @@ class Graph:
             names.update(o.name for o in node.outputs if o is not None)
         node._attach_inputs()  # idempotent; re-attaches the uses of a node that was erased
 
-    def subgraphs_returning(self, value: Value) -> list[Graph]:
-        """Subgraphs that return ``value`` directly: the same as ``value.returned_by()``."""
-        return value.returned_by()
-
     def _holder(self, node: Node) -> Node | None:
         """The node of this graph that is ``node`` or holds it in a subgraph (at any depth)."""
         while node._graph is not self:
