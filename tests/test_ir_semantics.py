@@ -303,13 +303,7 @@ def test_a_pass_never_changes_the_model_interface() -> None:
 
 # -- module size ----------------------------------------------------------------------------------
 #: Modules over the limit that are being split right now (the lead empties this set).
-_BEING_SPLIT = {
-    "passes/fusions/attention.py",
-    "passes/quantization/quantize.py",
-    "passes/tools/export.py",
-    "passes/fusions/layer_norm.py",
-    "passes/framework/pattern.py",  # the new pattern language, 819 lines when this test was written
-}
+_BEING_SPLIT: set[str] = set()  # modules allowed over the limit while they are split: none
 _MAX_LINES = 600
 
 

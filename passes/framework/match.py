@@ -88,13 +88,15 @@ def operands(node: ir.Node) -> Iterator[tuple[ir.Value | None, ir.Value | None]]
 
 
 def single_use(value: ir.Value | None) -> bool:
-    """True when exactly one node input reads ``value`` and it is not a graph output."""
-    return value is not None and len(value.uses()) == 1 and not value.is_graph_output()
+    """True when exactly one node input reads ``value`` and it is neither a graph output nor returned by a subgraph."""
+    return (value is not None and len(value.uses()) == 1 and not value.is_graph_output()
+            and not value.is_returned_by_subgraph())
 
 
 def only_users(value: ir.Value, allowed: set[ir.Node]) -> bool:
-    """True when every reader of ``value`` is in ``allowed`` and it is not a graph output."""
-    return not value.is_graph_output() and all(n in allowed for n, _ in value.uses())
+    """True when every reader of ``value`` is in ``allowed`` and it is neither a graph output nor returned by a subgraph."""
+    return (not value.is_graph_output() and not value.is_returned_by_subgraph()
+            and all(n in allowed for n, _ in value.uses()))
 
 
 def rank(value: ir.Value | None) -> int | None:
