@@ -16,7 +16,17 @@ __all__ = ["Pass", "PassResult", "PassContext", "PassError", "Diagnostic"]
 
 
 class PassError(Exception):
-    """An error a user can act on: a bad pipeline, an unknown pass or option, a pass that failed."""
+    """An error a user can act on: a bad pipeline, an unknown pass or option, a pass that failed.
+
+    Attributes:
+        pass_name: the pass that failed, when the pass manager raised this for a pass.
+        reproducer: the reproducer file the pass manager wrote for it ("" when none).
+    """
+
+    def __init__(self, message: str, *, pass_name: str = "", reproducer: str = "") -> None:
+        super().__init__(message)
+        self.pass_name = pass_name
+        self.reproducer = reproducer
 
 
 @dataclass

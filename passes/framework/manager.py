@@ -129,7 +129,7 @@ class PassManager:
 
     def _failure(self, p: Pass, e: Exception, snapshot: ir.Snapshot | None) -> PassError:
         ran = ", ".join(r.spec for r in self.records) or "none"
-        where = ""
+        where = path = ""
         if snapshot is not None:
             folder = self.reproducer_dir or tempfile.mkdtemp(prefix="passes-repro-")
             os.makedirs(folder, exist_ok=True)
@@ -141,4 +141,5 @@ class PassManager:
                 f.write("".join(traceback.format_exception(e)))
             where = f"; reproducer: {path} (run: python -m passes.compile {path} --pipeline '{p.spec()}')"
         kind = "left an invalid IR" if isinstance(e, ir.VerificationError) else "failed"
-        return PassError(f"pass {p.name!r} {kind}: {e}; passes already run: {ran}{where}")
+        return PassError(f"pass {p.name!r} {kind}: {e}; passes already run: {ran}{where}", pass_name=p.name,
+                         reproducer=path)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -51,14 +50,6 @@ class InternalError(Exception):
         self.reproducer = reproducer
 
 
-# PassManager's message for a failed pass: "pass 'P' failed: ...; passes already run: ...[; reproducer: PATH (run: ...)]".
-_PASS_FAILURE = re.compile(
-    r"^pass '(?P<name>[^']+)' (?:failed|left an invalid IR): (?P<what>.*?); passes already run: .*?"
-    r"(?:; reproducer: (?P<path>\S+) \(run: .*\))?$",
-    re.DOTALL,
-)
-
-
 def _user_error(e: BaseException | None) -> bool:
     """Whether a pass stopped for a reason the user can act on (a bad option, a missing file)."""
     return isinstance(e, (PassError, OSError, targets.TargetError))
@@ -66,17 +57,16 @@ def _user_error(e: BaseException | None) -> bool:
 
 def _internal(e: PassError) -> InternalError:
     """The InternalError for a pass that crashed (``e`` from the PassManager, the crash its cause)."""
-    m = _PASS_FAILURE.match(str(e))
     cause = e.__cause__
     if isinstance(cause, ir.VerificationError):
         what = f"left an invalid IR: {cause}"
     elif cause is not None:
         what = f"{type(cause).__name__}: {cause}"
     else:
-        what = m["what"] if m is not None else str(e)
-    if m is None:
+        what = str(e)
+    if not e.pass_name:
         return InternalError(what)
-    return InternalError(what, pass_name=m["name"], reproducer=m["path"] or "")
+    return InternalError(what, pass_name=e.pass_name, reproducer=e.reproducer)
 
 
 def known_domains(target: targets.Target, extra: tuple[str, ...] | list[str] = ()) -> set[str]:
