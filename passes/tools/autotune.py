@@ -89,6 +89,7 @@ class Trial:
     error: str = ""
     compile_s: float = 0.0
     times: list[float] = field(default_factory=list)
+    runs_per_round: int = 1
 
     def row(self) -> dict[str, Any]:
         """A JSON-ready row."""
@@ -335,7 +336,7 @@ def autotune(
     evaluator = Evaluator(ref_src, calib.batches, threads=threads)
     feeds = make_feeds(model, meta, batch=batch, seq=seq)
 
-    trials = [Trial(c) for c in cands]
+    trials = [Trial(c, runs_per_round=runs) for c in cands]
     runners: dict[int, Runner] = {}
     built: dict[int, tuple[ir.Model, list[Any]]] = {}
     bar = _progress_bar(len(cands) + rounds, "autotune", show_bar)
@@ -415,6 +416,14 @@ def _runner(source: bytes | str, threads: int) -> Runner:
     return lambda feeds: sess.run(names, {k: v for k, v in feeds.items() if k in inputs})
 
 
+def _rounds_won(a: Trial, b: Trial) -> tuple[int, int]:
+    """In how many interleaved rounds ``a``'s median beat ``b``'s (a lead that holds in most rounds is not noise)."""
+    n = min(len(a.times), len(b.times)) // max(1, a.runs_per_round)
+    k = max(1, a.runs_per_round)
+    won = sum(np.median(a.times[r * k:(r + 1) * k]) < np.median(b.times[r * k:(r + 1) * k]) for r in range(n))
+    return int(won), n
+
+
 def _reason(trials: list[Trial], best: int, min_cosine: float) -> str:
     w = trials[best]
     others = [tr for i, tr in enumerate(trials) if i != best and tr.median_ms is not None]
@@ -425,6 +434,9 @@ def _reason(trials: list[Trial], best: int, min_cosine: float) -> str:
     if ok_others:
         nxt = min(ok_others, key=lambda tr: tr.median_ms)  # type: ignore[arg-type,return-value]
         text += f"; next within budget: {nxt.candidate.name} at {nxt.median_ms / w.median_ms:.2f}x the winner's time"  # type: ignore[operator]
+        won, n = _rounds_won(w, nxt)
+        text += f", the winner faster in {won}/{n} rounds" + (" (within noise: measure again on a quieter host)"
+                                                             if n and won < 0.75 * n else "")
     if faster_out:
         text += "; faster but outside the budget: " + ", ".join(
             f"{tr.candidate.name} (worst cosine {tr.worst:.5f} < {min_cosine})" for tr in faster_out)
