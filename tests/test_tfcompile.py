@@ -114,3 +114,15 @@ def test_load_registers_a_users_rules_before_compiling(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "passes.compile", str(src), "--load", str(tmp_path / "nope.py")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--load" in bad.stderr
+
+
+def test_compiler_fingerprint_hashes_the_compilers_sources() -> None:
+    import hashlib
+
+    from passes.tools import autotune, embed
+
+    # One function for both caches; by default it hashes this checkout's ir/, passes/ and targets/
+    # (it once hashed an empty file list, so the caches never went stale).
+    assert autotune.compiler_fingerprint is embed.compiler_fingerprint
+    assert embed.compiler_fingerprint() != hashlib.sha256(b"").hexdigest()[:12]
+    assert embed.compiler_fingerprint() == embed.compiler_fingerprint(ROOT)

@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from ._fingerprint import compiler_fingerprint
+
 import ir
 import targets
 
@@ -155,22 +157,6 @@ class AutotuneResult:
 
 
 # -- the key ------------------------------------------------------------------------------------
-
-
-def compiler_fingerprint(root: Path | None = None) -> str:
-    """A hash of the compiler's sources (IR, passes, target profiles): a new compiler, a new cache key.
-
-    The same hash as :func:`passes.tools.embed.compiler_fingerprint`, computed here because that
-    module imports the compile command, which imports this one (the layout test forbids the cycle).
-    """
-    root = root or Path(__file__).resolve().parents[2]
-    h = hashlib.sha256()
-    for pkg in ("ir", "passes", "targets"):
-        for path in sorted((root / pkg).rglob("*")):
-            if path.suffix in (".py", ".toml") and path.is_file():
-                h.update(path.relative_to(root).as_posix().encode())
-                h.update(path.read_bytes())
-    return h.hexdigest()[:12]
 
 
 def host_cpu_flags() -> set[str]:

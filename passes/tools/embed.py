@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from ._fingerprint import compiler_fingerprint
+
 __all__ = ["Embedder", "compiled_model_for", "main"]
 
 
@@ -116,18 +118,6 @@ class Embedder:
                         if len(self.cache) > self.cache_size:
                             self.cache.popitem(last=False)
         return np.stack(out) if out else np.zeros((0, 0), np.float32)  # type: ignore[arg-type]
-
-
-def compiler_fingerprint(root: Path | None = None) -> str:
-    """A hash of the compiler's own sources (IR, passes, target profiles): a new compiler, a new cache key."""
-    root = root or Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for pkg in ("ir", "passes", "targets"):
-        for path in sorted((root / pkg).rglob("*")):
-            if path.suffix in (".py", ".toml") and path.is_file():
-                h.update(path.relative_to(root).as_posix().encode())
-                h.update(path.read_bytes())
-    return h.hexdigest()[:12]
 
 
 def compiled_model_for(model_dir: str, *, target: str = "native", cache_dir: str | None = None,
