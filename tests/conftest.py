@@ -285,6 +285,12 @@ def zoo_export_cached(cache_dir: pathlib.Path, name: str, *, dynamo: bool = Fals
 
 
 def _shared_cache_dir(factory: pytest.TempPathFactory, worker: str | None) -> pathlib.Path:
+    # TFCOMPILE_TEST_EXPORTS: a folder kept across sessions (exports depend only on torch,
+    # transformers and the export code; delete it when those change). CI leaves it unset.
+    if os.environ.get("TFCOMPILE_TEST_EXPORTS"):
+        d = pathlib.Path(os.environ["TFCOMPILE_TEST_EXPORTS"])
+        d.mkdir(parents=True, exist_ok=True)
+        return d
     base = factory.getbasetemp()
     # Under xdist every worker's basetemp is <root>/popen-gwN: share <root>/exports between them.
     root = base.parent if worker is not None else base

@@ -113,6 +113,11 @@ class ContribAttention:
             rot = c.paths[key].rotary
             if rot is not None:  # the same rotation on the 3-D [B,S,heads*d] form: per head, per position
                 attrs = {"interleaved": int(rot.attr("interleaved", 0))}
+                if rot.attr("rotary_embedding_dim"):  # partial rotary on 3-D input needs the head count
+                    heads_here = n if key == "q" or expand_weights else nkv
+                    attrs.update(rotary_embedding_dim=int(rot.attr("rotary_embedding_dim")), num_heads=heads_here)
+                if rot.attr("scale") is not None:
+                    attrs["scale"] = float(rot.attr("scale"))
                 val = make("RotaryEmbedding", [val, *rot.inputs[1:4]], attrs, domain=MS).outputs[0]
             rotated[key] = val
         q, k = rotated["q"], rotated["k"]

@@ -204,8 +204,8 @@ def _walk_path(v: ir.Value) -> tuple[ir.Value, list[ir.Node], OperandPath]:
         if p is None:
             break
         if (p.domain == MS and p.op_type == "RotaryEmbedding" and stage <= 2
-                and all(a in ("interleaved",) or not p.attr(a) for a in p.attributes)):
-            # Only the attributes the 3-D rewrite can copy (scale, partial rotary: not fused).
+                and all(a in ("interleaved", "rotary_embedding_dim", "scale") or not p.attr(a) for a in p.attributes)):
+            # Only the attributes the 3-D rewrite can copy (it sets num_heads for a partial rotary)
             path.rotary, stage = p, 3
         elif p.domain != "":
             break
