@@ -14,12 +14,12 @@ import numpy as np
 import ir
 
 from ._pattern_terms import (
-    _MISSING, COMMUTATIVE, Alternatives, Const, NodeOutput, Pattern, Product, Var, _attr_equal, _norm_attr,
-    _norm_domain, capture,
+    _MISSING, COMMUTATIVE, Alternatives, Const, NodeOutput, Pattern, Product, Through, Var, _attr_equal, _norm_attr,
+    _norm_domain, build_pattern, capture,
 )
 from .match import const_array, single_use
 
-__all__ = ["Match"]
+__all__ = ["Match", "CompiledPattern", "Failure"]
 
 
 # ----------------------------------------------------------------------------------------- #
@@ -31,18 +31,21 @@ class Match:
     """A successful match: the root, the matched nodes and what the variables bound to.
 
     Bound values read as attributes (``m.x``) or items (``m["x"]``); a variable of an alternative
-    that was not taken reads ``None``. ``m.node("mean")`` is the node matched by ``_name="mean"``.
+    that was not taken reads ``None``. ``m.node("mean")`` is the node matched by ``_name="mean"``,
+    ``m.chain("layout")`` the nodes of ``op.through(..., _name="layout")``.
     """
 
-    __slots__ = ("root", "nodes", "values", "attrs", "named", "rule")
+    __slots__ = ("root", "nodes", "values", "attrs", "named", "chains", "rule")
 
-    def __init__(self, root: ir.Node, nodes: list[ir.Node], values: dict[str, Any], attrs: dict[str, Any],
-                 named: dict[str, ir.Node], rule: Any) -> None:  # rule: the PatternRule
+    def __init__(self, root: ir.Node | None, nodes: list[ir.Node], values: dict[str, Any], attrs: dict[str, Any],
+                 named: dict[str, Any], rule: Any) -> None:  # rule: the PatternRule (or CompiledPattern)
         self.root = root
         self.nodes = nodes
         self.values = values
         self.attrs = attrs
-        self.named = named
+        # The matcher records a named chain as a tuple of nodes beside the named nodes.
+        self.named: dict[str, ir.Node] = {k: v for k, v in named.items() if not isinstance(v, tuple)}
+        self.chains: dict[str, list[ir.Node]] = {k: list(v) for k, v in named.items() if isinstance(v, tuple)}
         self.rule = rule
 
     def __getitem__(self, name: str) -> Any:
@@ -63,6 +66,10 @@ class Match:
     def node(self, name: str) -> ir.Node | None:
         """The node matched by the node pattern named ``name`` (``None`` when its alternative was not taken)."""
         return self.named.get(name)
+
+    def chain(self, name: str) -> list[ir.Node] | None:
+        """The nodes of the ``through`` named ``name``, from the use back (``None``: alternative not taken)."""
+        return self.chains.get(name)
 
     def const(self, name: str) -> np.ndarray | None:
         """The constant data bound to ``name``, or ``None``."""
@@ -126,6 +133,9 @@ def _match(pat: Pattern | None, value: ir.Value | None, st: _State) -> Iterator[
     if isinstance(pat, Product):
         yield from _match_product(pat, value, st)
         return
+    if isinstance(pat, Through):
+        yield from _match_through(pat, value, st)
+        return
     raise TypeError(f"not a pattern: {pat!r}")
 
 
@@ -179,9 +189,8 @@ def _close(a: float, b: float, rtol: float, atol: float) -> bool:
 def _match_node(pat: NodeOutput, value: ir.Value, st: _State) -> Iterator[None]:
     np_ = pat.node
     node = value.producer()
-    if node is None or node.op_type != np_.op_type or node.domain != np_.domain:
-        want = np_.op_type if not np_.domain else f"{np_.domain}::{np_.op_type}"
-        st.fail(f"expected {want}, got {_what(value)}")
+    if node is None or not np_.accepts(node.op_type) or node.domain != np_.domain:
+        st.fail(f"expected {np_.describe()}, got {_what(value)}")
         return
     if value.index() != pat.index:
         st.fail(f"expected output {pat.index} of {node.label()}, got output {value.index()}")
@@ -210,7 +219,7 @@ def _match_node(pat: NodeOutput, value: ir.Value, st: _State) -> Iterator[None]:
             # The node's op type matched: it counts towards how near the match came.
             st.fail(f"{node.label()}: attribute {key}={_norm_attr(got)!r} does not fit the pattern", extra=1)
             return
-    if len(node.inputs) < len(np_.inputs) or (len(node.inputs) > len(np_.inputs)
+    if len(node.inputs) < len(np_.inputs) or (len(node.inputs) > len(np_.inputs) and np_.op_types is None
                                               and any(v is not None for v in node.inputs[len(np_.inputs):])):
         st.fail(f"{node.label()} has {len(node.inputs)} inputs, the pattern {len(np_.inputs)}")
     else:
@@ -220,7 +229,7 @@ def _match_node(pat: NodeOutput, value: ir.Value, st: _State) -> Iterator[None]:
             st.named[np_.name] = node
         inputs = node.inputs[: len(np_.inputs)]
         orders = [inputs]
-        if np_.op_type in COMMUTATIVE and len(inputs) == 2 and inputs[0] is not inputs[1]:
+        if node.op_type in COMMUTATIVE and len(inputs) == 2 and inputs[0] is not inputs[1]:
             orders.append((inputs[1], inputs[0]))
         for order in orders:
             yield from _match_all(np_.inputs, order, st)
@@ -308,6 +317,90 @@ def _match_product(pat: Product, value: ir.Value, st: _State) -> Iterator[None]:
         st.used.discard(n)
 
 
+def _match_through(pat: Through, value: ir.Value, st: _State) -> Iterator[None]:
+    """The longest chain of ``pat.ops`` nodes first, then shorter ones (greedy with backtracking)."""
+    chain: list[ir.Node] = []
+    values = [value]
+    while pat.max is None or len(chain) < pat.max:
+        p = values[-1].producer()
+        if p is None or p.op_type not in pat.ops or p.domain != pat.domain or p.graph is not st.graph or p in st.used:
+            break
+        nxt = pat.follow(p) if pat.follow is not None else (p.inputs[0] if p.inputs else None)
+        if nxt is None:
+            break
+        chain.append(p)
+        values.append(nxt)
+    if len(chain) < pat.min:
+        st.fail(f"expected at least {pat.min} of {pat.describe()} before {_what(values[-1])}, found {len(chain)}",
+                extra=len(chain))
+        return
+    prev = st.named.get(pat.name, _MISSING) if pat.name else _MISSING
+    for k in range(len(chain), pat.min - 1, -1):
+        taken = chain[:k]
+        st.used.update(taken)
+        st.extra.extend(taken)
+        if pat.name:
+            st.named[pat.name] = tuple(taken)  # type: ignore[assignment]
+        yield from _match(pat.inner, values[k], st)
+        del st.extra[len(st.extra) - k:]
+        st.used.difference_update(taken)
+    if pat.name:
+        if prev is _MISSING:
+            st.named.pop(pat.name, None)
+        else:
+            st.named[pat.name] = prev
+
+
+class Failure:
+    """Why a :class:`CompiledPattern` did not match: the reason of the attempt that got furthest."""
+
+    __slots__ = ("reason", "score")
+
+    def __init__(self, reason: str, score: float) -> None:
+        self.reason = reason
+        self.score = score  # in [0, 1): how much of the pattern matched
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return f"Failure({self.reason!r}, score={self.score:.2f})"
+
+
+class CompiledPattern:
+    """A pattern function matched on given values, outside a rule (no rewrite, no interior-use check).
+
+    For semantic fusions whose syntactic part is a pattern: ``CompiledPattern(fn).match(value)``
+    gives a :class:`Match` (the first in backtracking order) or a falsy :class:`Failure`.
+    """
+
+    def __init__(self, fn: Any, name: str = "") -> None:
+        self.name = name or getattr(fn, "__name__", "pattern")
+        self.outputs = build_pattern(fn)
+        self.variables: set[str] = set()
+        for o in self.outputs:
+            _variables(o, self.variables, set())
+        self._size = max(_size(self.outputs[0], set()), 1)
+        self._opsets: dict[str, int] = {}
+
+    def match(self, *values: ir.Value | None) -> Match | Failure:
+        """Match the pattern's outputs against ``values`` (one per output the function returned)."""
+        if len(values) != len(self.outputs):
+            raise TypeError(f"pattern {self.name!r} has {len(self.outputs)} outputs, given {len(values)} values")
+        first = next((v for v in values if v is not None), None)
+        st = _State(first.graph if first is not None else None)
+        for _ in _match_all(self.outputs, values, st):
+            root = first.producer() if first is not None else None
+            return Match(root, _dedup([*st.nodes.values(), *st.extra]), dict(st.values), dict(st.attrs),
+                         dict(st.named), self)
+        depth, reason = st.best
+        return Failure(reason or "does not match", min(depth / self._size, 0.99))
+
+
+def _dedup(nodes: list[ir.Node]) -> list[ir.Node]:
+    return list(dict.fromkeys(nodes))
+
+
 def _variables(pat: Pattern | None, out: set[str], seen: set[int]) -> None:
     if pat is None or id(pat) in seen:
         return
@@ -322,6 +415,8 @@ def _variables(pat: Pattern | None, out: set[str], seen: set[int]) -> None:
     elif isinstance(pat, Product):
         for f in pat.factors:
             _variables(f, out, seen)
+    elif isinstance(pat, Through):
+        _variables(pat.inner, out, seen)
     elif isinstance(pat, NodeOutput):
         for key, want in pat.node.attrs.items():
             if isinstance(want, capture):
@@ -334,7 +429,7 @@ def _root_ops(pat: Pattern | None) -> set[tuple[str, str]]:
     if isinstance(pat, Alternatives):
         return set().union(*(_root_ops(o) for o in pat.options))
     if isinstance(pat, NodeOutput):
-        return {(pat.node.domain, pat.node.op_type)}
+        return {(pat.node.domain, op) for op in (pat.node.op_types or (pat.node.op_type,))}
     if isinstance(pat, Product):
         return {("", "Mul"), ("", "Div")}
     raise TypeError("a pattern must return a node's output (or alternatives of them), not a variable or constant")
@@ -348,6 +443,8 @@ def _size(pat: Pattern | None, seen: set[int]) -> int:
         return min(_size(o, set(seen)) for o in pat.options)
     if isinstance(pat, Product):
         return 1 + sum(_size(f, seen) for f in pat.factors)
+    if isinstance(pat, Through):
+        return pat.min + _size(pat.inner, seen)
     if isinstance(pat, NodeOutput):
         if id(pat.node) in seen:
             return 0

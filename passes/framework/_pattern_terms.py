@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -9,8 +10,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "Pattern", "Var", "Const", "Alternatives", "NodeOutput", "Product", "NodePattern", "PatternBuilder",
-    "capture", "absent_or", "COMMUTATIVE", "DEFAULT_RTOL",
+    "Pattern", "Var", "Const", "Alternatives", "NodeOutput", "Product", "Through", "NodePattern", "PatternBuilder",
+    "capture", "absent_or", "build_pattern", "COMMUTATIVE", "DEFAULT_RTOL",
 ]
 
 #: Binary ops whose two operands match in either order.
@@ -92,8 +93,32 @@ class Product(Pattern):
 
 
 @dataclass(frozen=True, eq=False)
+class Through(Pattern):
+    """Zero or more nodes of ``ops`` from the use back to ``inner``, each followed along one data input.
+
+    The data input is input 0, or what ``follow(node)`` returns (``None``: the walk cannot pass
+    that node). Matching is greedy, backtracking to shorter chains when the rest fails.
+    """
+
+    inner: Pattern
+    ops: frozenset[str]
+    domain: str = ""
+    follow: Callable[[Any], Any] | None = None  # (ir.Node) -> ir.Value | None
+    name: str | None = None
+    min: int = 0
+    max: int | None = None
+
+    def describe(self) -> str:
+        return "/".join(sorted(self.ops))
+
+
+@dataclass(frozen=True, eq=False)
 class NodePattern:
-    """One node: op type, domain, input patterns, attribute constraints, outputs, optional name."""
+    """One node: op type, domain, input patterns, attribute constraints, outputs, optional name.
+
+    ``op_types`` (from ``op.any_of``) lets the node be any of a set of op types; its ``inputs``
+    then match a prefix of the node's inputs and the rest are free.
+    """
 
     op_type: str
     domain: str
@@ -101,6 +126,14 @@ class NodePattern:
     attrs: Mapping[str, Any]
     num_outputs: int = 1
     name: str | None = None
+    op_types: frozenset[str] | None = None
+
+    def accepts(self, op_type: str) -> bool:
+        return op_type in self.op_types if self.op_types is not None else op_type == self.op_type
+
+    def describe(self) -> str:
+        what = self.op_type if self.op_types is None else "one of " + "/".join(sorted(self.op_types))
+        return f"{self.domain}::{what}" if self.domain else what
 
 
 @dataclass(frozen=True)
@@ -162,6 +195,33 @@ class PatternBuilder:
         return make
 
     @staticmethod
+    def through(x: Any, ops: Any, *, follow: Callable[[Any], Any] | None = None, domain: str = "", min: int = 0,
+                max: int | None = None, _name: str | None = None) -> Through:
+        """Zero or more nodes whose type is in ``ops`` between the use and ``x`` (``m.chain(_name)``).
+
+        Each node is passed along input 0, or along ``follow(node)`` (return ``None`` to stop
+        there: a step that needs a condition, or whose data is another input). ``min``/``max``
+        bound the number of nodes.
+        """
+        inner = _term(x)
+        if inner is None:
+            raise TypeError("through() of None")
+        names = frozenset([ops] if isinstance(ops, str) else ops) - {""}
+        if not names:
+            raise ValueError("through() needs at least one op type")
+        return Through(inner, names, _norm_domain(domain), follow, _name, min, max)
+
+    @staticmethod
+    def any_of(ops: Any, *inputs: Any, _domain: str = "", _name: str | None = None, **attrs: Any) -> NodeOutput:
+        """A node of any type in ``ops``; ``inputs`` match the first inputs, the others are free."""
+        names = frozenset([ops] if isinstance(ops, str) else ops) - {""}
+        if not names:
+            raise ValueError("any_of() needs at least one op type")
+        node = NodePattern("|".join(sorted(names)), _norm_domain(_domain), tuple(_term(i) for i in inputs), attrs,
+                           1, _name, names)
+        return NodeOutput(node, 0)
+
+    @staticmethod
     def const(value: Any = None, *, rtol: float = DEFAULT_RTOL, atol: float = 0.0, name: str | None = None,
               ndim: int | None = None, predicate: Callable[[np.ndarray], bool] | None = None) -> Const:
         """A constant: close to ``value`` when given, of rank ``ndim``, satisfying ``predicate``; bound to ``name``."""
@@ -190,6 +250,16 @@ class PatternBuilder:
                 rest = terms[:i] + terms[i + 1:]
                 return Alternatives(tuple(PatternBuilder.product(scale, *rest, o, rtol=rtol) for o in t.options))
         return Product(tuple(terms), scale, rtol)
+
+
+def build_pattern(fn: Callable[..., Any]) -> tuple[Pattern, ...]:
+    """Call a pattern function with a builder and one variable per parameter after ``op``."""
+    params = list(inspect.signature(fn).parameters)[1:]
+    out = fn(PatternBuilder(), *(Var(p) for p in params))
+    outs = tuple(out) if isinstance(out, tuple) else (out,)
+    if not all(isinstance(o, Pattern) for o in outs):
+        raise TypeError(f"pattern {getattr(fn, '__name__', fn)} must return pattern values, got {out!r}")
+    return outs
 
 
 def _norm_domain(domain: str) -> str:
