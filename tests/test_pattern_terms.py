@@ -187,6 +187,40 @@ def test_failure_score_grows_with_how_far_the_match_came() -> None:
     assert "expected Exp" in near.reason
 
 
+def _computed(node: ir.Node) -> list[ir.Value]:
+    return [v for v in node.inputs if v is not None and v.producer() is not None and v.producer().op_type != "Constant"]
+
+
+TREE = """k = Constant <value = float {2.0}> ()
+      m1 = MatMul(x, w)   m2 = MatMul(x, w)   s = Mul(m2, k)   a = Add(s, m1)   y = Relu(a)"""
+
+
+def test_lazy_through_searches_a_tree_of_ops_nearest_first() -> None:
+    # follow returns several inputs: a search; lazy: breadth-first, so the MatMul next to the Add
+    # comes before the one behind the Mul, whatever their operand order.
+    def pat(op, p, q):
+        return op.Relu(op.through(op.MatMul(p, q, _name="mm"), ops={"Add", "Mul"}, follow=_computed, lazy=True,
+                                  _name="ops"))
+
+    model = _lower(TREE, inputs="float[2,4] x, float[4,4] w")
+    found = [(m.node("mm").outputs[0].name, [n.op_type for n in m.chain("ops")])
+             for m in CompiledPattern(pat).matches(_out(model))]
+    assert found == [("m1", ["Add"]), ("m2", ["Add", "Mul"])]
+
+
+def test_greedy_through_with_branches_goes_deepest_first_and_a_miss_is_reported() -> None:
+    def pat(op, z):
+        return op.Relu(op.through(z, ops={"Add", "Mul"}, follow=_computed, _name="ops"))
+
+    model = _lower(TREE, inputs="float[2,4] x, float[4,4] w")
+    ends = [m.z.name for m in CompiledPattern(pat).matches(_out(model))]
+    assert ends == ["m2", "s", "m1", "a"]  # along Add's first input to the end, then back, then the other
+    failure: list[Failure] = []
+    got = list(CompiledPattern(lambda op, p: op.Relu(op.through(op.Neg(p), ops={"Add", "Mul"}, follow=_computed)))
+               .matches(_out(model), failure=failure))
+    assert got == [] and "expected Neg" in failure[0].reason
+
+
 @settings(max_examples=40, deadline=None)
 @given(chain=st.lists(st.sampled_from(["Identity", "Transpose", "Reshape", "Neg"]), max_size=6),
        limit=st.one_of(st.none(), st.integers(0, 4)))

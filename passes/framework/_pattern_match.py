@@ -317,38 +317,83 @@ def _match_product(pat: Product, value: ir.Value, st: _State) -> Iterator[None]:
         st.used.discard(n)
 
 
-def _match_through(pat: Through, value: ir.Value, st: _State) -> Iterator[None]:
-    """The longest chain of ``pat.ops`` nodes first, then shorter ones (greedy with backtracking)."""
-    chain: list[ir.Node] = []
-    values = [value]
-    while pat.max is None or len(chain) < pat.max:
-        p = values[-1].producer()
-        if p is None or p.op_type not in pat.ops or p.domain != pat.domain or p.graph is not st.graph or p in st.used:
-            break
-        nxt = pat.follow(p) if pat.follow is not None else (p.inputs[0] if p.inputs else None)
-        if nxt is None:
-            break
-        chain.append(p)
-        values.append(nxt)
-    if len(chain) < pat.min:
-        st.fail(f"expected at least {pat.min} of {pat.describe()} before {_what(values[-1])}, found {len(chain)}",
-                extra=len(chain))
-        return
+def _steps(pat: Through, v: ir.Value, st: _State) -> tuple[ir.Node | None, list[ir.Value]]:
+    """The producer of ``v`` and the data inputs a ``through`` may continue along (none: it stops)."""
+    p = v.producer()
+    if p is None or p.op_type not in pat.ops or p.domain != pat.domain or p.graph is not st.graph or p in st.used:
+        return None, []
+    nxt = pat.follow(p) if pat.follow is not None else (p.inputs[0] if p.inputs else None)
+    if nxt is None:
+        return p, []
+    return p, [nxt] if isinstance(nxt, ir.Value) else [x for x in nxt if x is not None]
+
+
+def _try_inner(pat: Through, chain: list[ir.Node], end: ir.Value, st: _State) -> Iterator[None]:
+    st.used.update(chain)
+    st.extra.extend(chain)
     prev = st.named.get(pat.name, _MISSING) if pat.name else _MISSING
-    for k in range(len(chain), pat.min - 1, -1):
-        taken = chain[:k]
-        st.used.update(taken)
-        st.extra.extend(taken)
-        if pat.name:
-            st.named[pat.name] = tuple(taken)  # type: ignore[assignment]
-        yield from _match(pat.inner, values[k], st)
-        del st.extra[len(st.extra) - k:]
-        st.used.difference_update(taken)
+    if pat.name:
+        st.named[pat.name] = tuple(chain)  # type: ignore[assignment]
+    yield from _match(pat.inner, end, st)
     if pat.name:
         if prev is _MISSING:
             st.named.pop(pat.name, None)
         else:
             st.named[pat.name] = prev
+    del st.extra[len(st.extra) - len(chain):]
+    st.used.difference_update(chain)
+
+
+def _greedy(pat: Through, v: ir.Value, chain: list[ir.Node], st: _State) -> Iterator[tuple[list[ir.Node], ir.Value]]:
+    """Chains from ``v`` back, longest first along each branch (post-order)."""
+    if pat.max is None or len(chain) < pat.max:
+        p, options = _steps(pat, v, st)
+        if p is not None and p not in chain:
+            for nxt in options:
+                yield from _greedy(pat, nxt, [*chain, p], st)
+    yield chain, v
+
+
+def _exact(pat: Through, v: ir.Value, chain: list[ir.Node], depth: int, st: _State
+           ) -> Iterator[tuple[list[ir.Node], ir.Value]]:
+    """Chains of exactly ``depth`` more nodes from ``v`` back, in input order."""
+    if depth == 0:
+        yield chain, v
+        return
+    p, options = _steps(pat, v, st)
+    if p is not None and p not in chain:
+        for nxt in options:
+            yield from _exact(pat, nxt, [*chain, p], depth - 1, st)
+
+
+def _match_through(pat: Through, value: ir.Value, st: _State) -> Iterator[None]:
+    """Greedy: the longest chain first, then shorter ones. Lazy: the shortest first, breadth-first,
+    each value at the chain's end tried once (the nearest way it is reached)."""
+    if not pat.lazy:
+        longest = 0
+        for chain, end in _greedy(pat, value, [], st):
+            longest = max(longest, len(chain))
+            if len(chain) >= pat.min:
+                yield from _try_inner(pat, chain, end, st)
+        if longest < pat.min:
+            st.fail(f"expected at least {pat.min} of {pat.describe()} before {_what(value)}, found {longest}",
+                    extra=longest)
+        return
+    tried: set[int] = set()
+    depth = 0
+    while pat.max is None or depth <= pat.max:
+        reached = False
+        for chain, end in _exact(pat, value, [], depth, st):
+            reached = True
+            if depth < pat.min or id(end) in tried:
+                continue
+            tried.add(id(end))
+            yield from _try_inner(pat, chain, end, st)
+        if not reached:
+            if depth <= pat.min:
+                st.fail(f"expected at least {pat.min} of {pat.describe()} before {_what(value)}", extra=depth)
+            return
+        depth += 1
 
 
 class Failure:
@@ -384,17 +429,24 @@ class CompiledPattern:
         self._opsets: dict[str, int] = {}
 
     def match(self, *values: ir.Value | None) -> Match | Failure:
-        """Match the pattern's outputs against ``values`` (one per output the function returned)."""
+        """The first match of the pattern's outputs against ``values`` (one per output), or why none."""
+        failure: list[Failure] = []
+        return next(self.matches(*values, failure=failure), None) or failure[0]
+
+    def matches(self, *values: ir.Value | None, failure: list[Failure] | None = None) -> Iterator[Match]:
+        """Every match in backtracking order (each a snapshot); when exhausted, ``failure`` gets why
+        the last attempt that got furthest stopped."""
         if len(values) != len(self.outputs):
             raise TypeError(f"pattern {self.name!r} has {len(self.outputs)} outputs, given {len(values)} values")
         first = next((v for v in values if v is not None), None)
         st = _State(first.graph if first is not None else None)
+        root = first.producer() if first is not None else None
         for _ in _match_all(self.outputs, values, st):
-            root = first.producer() if first is not None else None
-            return Match(root, _dedup([*st.nodes.values(), *st.extra]), dict(st.values), dict(st.attrs),
-                         dict(st.named), self)
-        depth, reason = st.best
-        return Failure(reason or "does not match", min(depth / self._size, 0.99))
+            yield Match(root, _dedup([*st.nodes.values(), *st.extra]), dict(st.values), dict(st.attrs),
+                        dict(st.named), self)
+        if failure is not None:
+            depth, reason = st.best
+            failure.append(Failure(reason or "does not match", min(depth / self._size, 0.99)))
 
 
 def _dedup(nodes: list[ir.Node]) -> list[ir.Node]:

@@ -94,10 +94,12 @@ class Product(Pattern):
 
 @dataclass(frozen=True, eq=False)
 class Through(Pattern):
-    """Zero or more nodes of ``ops`` from the use back to ``inner``, each followed along one data input.
+    """Zero or more nodes of ``ops`` from the use back to ``inner``, each followed along a data input.
 
-    The data input is input 0, or what ``follow(node)`` returns (``None``: the walk cannot pass
-    that node). Matching is greedy, backtracking to shorter chains when the rest fails.
+    The data input is input 0, or what ``follow(node)`` returns: a value, a list of values (each
+    tried in turn) or ``None`` (the walk cannot pass that node). Greedy matching tries the longest
+    chain first, backtracking to shorter ones when the rest fails; lazy matching the shortest
+    first, breadth-first.
     """
 
     inner: Pattern
@@ -107,6 +109,7 @@ class Through(Pattern):
     name: str | None = None
     min: int = 0
     max: int | None = None
+    lazy: bool = False
 
     def describe(self) -> str:
         return "/".join(sorted(self.ops))
@@ -196,12 +199,13 @@ class PatternBuilder:
 
     @staticmethod
     def through(x: Any, ops: Any, *, follow: Callable[[Any], Any] | None = None, domain: str = "", min: int = 0,
-                max: int | None = None, _name: str | None = None) -> Through:
+                max: int | None = None, lazy: bool = False, _name: str | None = None) -> Through:
         """Zero or more nodes whose type is in ``ops`` between the use and ``x`` (``m.chain(_name)``).
 
-        Each node is passed along input 0, or along ``follow(node)`` (return ``None`` to stop
-        there: a step that needs a condition, or whose data is another input). ``min``/``max``
-        bound the number of nodes.
+        Each node is passed along input 0, or along ``follow(node)``: return another input, a list
+        of inputs to try each (a search through a tree of ops), or ``None`` to stop there (a step
+        that needs a condition). ``min``/``max`` bound the number of nodes. Greedy (the longest
+        chain first) unless ``lazy`` (the shortest first, breadth-first, each end value once).
         """
         inner = _term(x)
         if inner is None:
@@ -209,7 +213,7 @@ class PatternBuilder:
         names = frozenset([ops] if isinstance(ops, str) else ops) - {""}
         if not names:
             raise ValueError("through() needs at least one op type")
-        return Through(inner, names, _norm_domain(domain), follow, _name, min, max)
+        return Through(inner, names, _norm_domain(domain), follow, _name, min, max, lazy)
 
     @staticmethod
     def any_of(ops: Any, *inputs: Any, _domain: str = "", _name: str | None = None, **attrs: Any) -> NodeOutput:

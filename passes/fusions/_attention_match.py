@@ -1,9 +1,9 @@
 """The attention match: its data types and the syntactic half of matching (no evaluation here).
 
 :func:`find_candidate` starts at a Softmax and follows the data flow loosely (which ops may sit on
-each path, see :mod:`passes.fusions.attention`) to a :class:`Candidate`: the two MatMuls, the Q/K/V
-:class:`Projection` columns, each operand's :class:`OperandPath` (rotary, KV-cache ``Concat``,
-GQA ``Expand``) and the head-merge chain. What those paths compute is checked by evaluation in
+each path: the patterns of :mod:`passes.fusions._attention_pattern`, on the framework's matcher) to
+a :class:`Candidate`: the two MatMuls, the Q/K/V :class:`Projection` columns, each operand's
+:class:`OperandPath` (rotary, KV-cache ``Concat``, GQA ``Expand``) and the head-merge chain. What those paths compute is checked by evaluation in
 :mod:`passes.fusions._attention_check`, which turns a candidate into an :class:`AttentionMatch`;
 the emitters (:mod:`passes.fusions._attention_contrib`, :mod:`passes.fusions._attention_standard`)
 read only these types. :func:`erase_layer` removes what only a rewritten layer read.
@@ -19,17 +19,12 @@ import numpy as np
 import ir
 
 from ._attention_mask import MaskVerdict
+from ._attention_pattern import MS, operand_path, path_nodes, projection, scores_matmuls, walk_layout
 from ..framework.match import const_array, producer, scalar
 from ..framework.rewriter import Rewriter
 
 __all__ = ["MS", "Projection", "OperandPath", "Candidate", "AttentionMatch", "find_candidate", "fused_op",
            "erase_layer"]
-
-MS = "com.microsoft"
-# Ops that only move data between the projections and the attention MatMuls.
-_LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Flatten", "Cast"})
-# Ops that may sit between the scores MatMul and the Softmax (scaling and masking).
-_MASK_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Cast"})
 
 
 @dataclass
@@ -126,108 +121,10 @@ def _softmax_axis_ok(node: ir.Node, opset: int) -> bool:
     return axis in (-1, 3)
 
 
-def _copied_input(p: ir.Node) -> ir.Value | None:
-    """The input a Concat or Slice merely copies, else ``None``.
-
-    A one-input Concat (a base decoder exported with ``use_cache`` on joins each new K/V to an
-    empty cache, and the exporter folds the empty part away), a Concat with an empty operand
-    and a Slice of the whole axis (the partial-rotary code path with the full head rotated:
-    ``cat(rotate(q[..., :d]), q[..., d:])``, Phi-3).
-    """
-    if p.op_type == "Concat":
-        axis = p.attr("axis")
-        full = [x for x in p.inputs if x is None or not _empty_along(x, axis)]
-        return full[0] if len(full) == 1 and full[0] is not None else None
-    if p.op_type == "Slice" and len(p.inputs) >= 4:
-        starts, ends, axes = (const_array(p.inputs[i]) for i in (1, 2, 3))
-        steps = const_array(p.inputs[4]) if len(p.inputs) > 4 and p.inputs[4] is not None else None
-        shape = p.inputs[0].shape
-        if starts is None or ends is None or axes is None or shape is None or starts.size != 1 or axes.size != 1:
-            return None
-        axis = int(axes.reshape(-1)[0])
-        dim = shape[axis] if -len(shape) <= axis < len(shape) else None
-        if (isinstance(dim, int) and int(starts.reshape(-1)[0]) == 0 and int(ends.reshape(-1)[0]) >= dim
-                and (steps is None or int(steps.reshape(-1)[0]) == 1)):
-            return p.inputs[0]
-    return None
-
-
-def _empty_along(v: ir.Value, axis: int | None) -> bool:
-    shape = v.shape
-    return (axis is not None and shape is not None and -len(shape) <= axis < len(shape)
-            and shape[axis] == 0)
-
-
-def _walk_layout(v: ir.Value) -> tuple[ir.Value, list[ir.Node]]:
-    """Follow reshape/transpose/scalar-scale producers back to the value they rearrange."""
-    nodes = []
-    while True:
-        p = v.producer()
-        if p is None or p.domain != "":
-            break
-        if p.op_type in _LAYOUT_OPS:
-            nodes.append(p)
-            v = p.inputs[0]
-            continue
-        copied = _copied_input(p)
-        if copied is not None:
-            nodes.append(p)
-            v = copied
-            continue
-        if p.op_type in ("Mul", "Div") and len(p.inputs) == 2:
-            a, b = p.inputs
-            if scalar(b) is not None:
-                nodes.append(p)
-                v = a
-                continue
-            if p.op_type == "Mul" and scalar(a) is not None:
-                nodes.append(p)
-                v = b
-                continue
-        break
-    return v, nodes
-
-
-def _walk_path(v: ir.Value) -> tuple[ir.Value, list[ir.Node], OperandPath]:
-    """Like :func:`_walk_layout`, also through a GQA ``Expand``, a KV-cache ``Concat`` and a rotary.
-
-    Order (from the operand back): layout/scale, [Expand], layout, [Concat(past, ·)], layout,
-    [RotaryEmbedding], layout, projection. Anything out of that order ends the walk.
-    """
-    path = OperandPath(v)
-    nodes: list[ir.Node] = []
-    stage = 0  # 0: may still see Expand; 1: Concat; 2: RotaryEmbedding; 3: only layout
-    while True:
-        v, chain = _walk_layout(v)
-        nodes += chain
-        p = v.producer()
-        if p is None:
-            break
-        if (p.domain == MS and p.op_type == "RotaryEmbedding" and stage <= 2
-                and all(a in ("interleaved", "rotary_embedding_dim", "scale") or not p.attr(a) for a in p.attributes)):
-            # Only the attributes the 3-D rewrite can copy (it sets num_heads for a partial rotary)
-            path.rotary, stage = p, 3
-        elif p.domain != "":
-            break
-        elif p.op_type == "Expand" and stage == 0:
-            path.repeat, stage = p, 1
-        elif p.op_type == "Concat" and len(p.inputs) == 2 and stage <= 1 and p.attr("axis") in (2, -2):
-            path.concat, stage = p, 2
-            nodes.append(p)
-            v = p.inputs[1]  # type: ignore[assignment]
-            continue
-        else:
-            break
-        nodes.append(p)
-        v = p.inputs[0]  # type: ignore[assignment]
-    return v, nodes, path
-
-
-def _skip_reshapes(v: ir.Value, nodes: list[ir.Node]) -> ir.Value:
-    while (p := producer(v, "Reshape", "Flatten", "Identity")) is not None:
-        nodes.append(p)
-        v = p.inputs[0]
-    return v
+def _operand(v: ir.Value) -> tuple[ir.Value, list[ir.Node], OperandPath]:
+    """The operand path of ``v`` (see :func:`passes.fusions._attention_pattern.operand_path`)."""
+    m = operand_path(v)
+    return m.src, path_nodes(m), OperandPath(v, m.node("rotary"), m.node("concat"), m.node("repeat"))
 
 
 def _head_blocks(p: ir.Node) -> tuple[tuple[str, Any], ir.Node] | None:
@@ -290,7 +187,7 @@ def _projection(src: ir.Value) -> Projection | str:
                 return f"{p.label()} splits axis {axis} in unequal parts, not the hidden axis"
             seg = ("split", (None, src.index(), len(p.outputs)))
             nodes.append(p)
-            src, chain = _walk_layout(p.inputs[0])
+            src, chain = walk_layout(p.inputs[0])
             nodes += chain
             if not chain:
                 return f"{p.label()} splits axis {axis}, not the hidden axis"
@@ -305,49 +202,18 @@ def _projection(src: ir.Value) -> Projection | str:
         seg = ("slice", (int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0])))
         nodes.append(p)
         src = p.inputs[0]
-    base = _skip_reshapes(src, nodes)
-    p = base.producer()
-    if p is None:
-        return f"%{src.name} is not computed by a projection"
-    mm, bias, trans_b = None, None, False
-    if p.op_type == "Add":
-        for a, b in ((p.inputs[0], p.inputs[1]), (p.inputs[1], p.inputs[0])):
-            arr = const_array(b)
-            if producer(a, "MatMul") is not None and arr is not None and arr.ndim <= 1:
-                mm, bias = a.producer(), b
-                break
-        if mm is None:
-            return f"{p.label()} is not a projection bias add"
-        nodes.append(p)
-    elif p.op_type == "MatMul":
-        mm = p
-    elif p.op_type == "Gemm":
-        if p.attr("alpha", 1.0) != 1.0 or p.attr("beta", 1.0) != 1.0 or p.attr("transA", 0):
-            return f"{p.label()} scales or transposes its input"
-        w = const_array(p.inputs[1])
-        if w is None or w.ndim != 2:
-            return f"{p.label()} has no constant weight"
-        if len(p.inputs) > 2 and p.inputs[2] is not None:
-            b = const_array(p.inputs[2])
-            if b is None or b.ndim > 1:
-                return f"{p.label()} has no constant 1-D bias"
-            bias = p.inputs[2]
-        trans_b = bool(p.attr("transB", 0))
-        nodes.append(p)
-        flat = p.inputs[0]
-        reshape = producer(flat, "Reshape", "Flatten")
-        if reshape is None:
-            return f"{p.label()} reads a 2-D input that is not a flattened [B,S,H] tensor"
-        nodes.append(reshape)
-        x = reshape.inputs[0]
-        return _finish_projection(x, p.inputs[1], bias, trans_b, seg, nodes)
-    else:
-        return f"%{src.name} comes from {p.label()}, not from a MatMul projection"
-    nodes.append(mm)
-    w = const_array(mm.inputs[1])
-    if w is None or w.ndim != 2:
-        return f"{mm.label()} has no constant 2-D weight"
-    return _finish_projection(mm.inputs[0], mm.inputs[1], bias, False, seg, nodes)
+    m = projection(src)
+    if isinstance(m, str):
+        return m
+    nodes += m.chain("reshapes")
+    gemm = m.node("gemm")
+    if gemm is not None:
+        nodes += [gemm, m.node("flat")]
+        return _finish_projection(m.x, m.gemm_weight, m.gemm_bias, bool(m.trans_b), seg, nodes)
+    if m.node("bias_add") is not None:
+        nodes.append(m.node("bias_add"))
+    nodes.append(m.node("mm"))
+    return _finish_projection(m.x, m.weight, m.bias, False, seg, nodes)
 
 
 def _finish_projection(
@@ -407,29 +273,15 @@ def find_candidate(sm: ir.Node, opset: int) -> Candidate | str:
         fed = ", ".join(u.label() for u in users[:3]) or "nothing"
         return f"the Softmax output feeds {fed}, not one MatMul with the values"
     ctx_mm = users[0]
-    # The scores MatMul: back from the Softmax through scale and mask ops.
-    frontier, seen, found = [logits], set(), []
-    for _ in range(8):
-        nxt = []
-        for v in frontier:
-            q = v.producer() if v is not None else None
-            if q is None or id(q) in seen:
-                continue
-            seen.add(id(q))
-            if q.op_type == "MatMul":
-                found.append(q)
-            elif q.op_type in _MASK_OPS:
-                nxt.extend(x for x in q.inputs if x is not None and const_array(x) is None)
-        frontier = nxt
     reason = "no MatMul of query and key projections feeds the Softmax"
-    for mm in found:
-        qsrc, qchain, qpath = _walk_path(mm.inputs[0])
-        ksrc, kchain, kpath = _walk_path(mm.inputs[1])
+    for mm in scores_matmuls(logits):
+        qsrc, qchain, qpath = _operand(mm.inputs[0])
+        ksrc, kchain, kpath = _operand(mm.inputs[1])
         qp, kp = _projection(qsrc), _projection(ksrc)
         if isinstance(qp, str) or isinstance(kp, str):
             reason = f"scores {mm.label()}: " + (qp if isinstance(qp, str) else kp)  # type: ignore[operator]
             continue
-        vsrc, vchain, vpath = _walk_path(ctx_mm.inputs[1])
+        vsrc, vchain, vpath = _operand(ctx_mm.inputs[1])
         vp = _projection(vsrc)
         if isinstance(vp, str):
             return f"values of {ctx_mm.label()}: {vp}"
