@@ -256,3 +256,42 @@ def test_empty_op_sets_are_refused_at_construction(bad) -> None:
         CompiledPattern(lambda op, x: op.Relu(op.through(x, ops=bad)))
     with pytest.raises(ValueError):
         CompiledPattern(lambda op, x: op.any_of(bad, x))
+
+
+PATH_MODEL = """<ir_version: 10, opset_import: ["" : 17, "com.microsoft" : 1]>
+    g (float[1,3,8] x, int64[1,3] pos, float[8,2] cos, float[8,2] sin, float[1,2,5,4] past) => (float[1,4,8,4] y)
+      <float[8,8] w = {""" + ", ".join(["0.5"] * 64) + """}, float[4] nw = {1, 1, 1, 1}, int64[4] hs = {0, 0, 2, 4}, int64[5] es = {1, 2, 2, 8, 4}, int64[4] rs = {1, 4, 8, 4},
+       int64[1] ax = {2}> {
+      p = MatMul(x, w)   h = Reshape(p, hs)   n = SimplifiedLayerNormalization <axis = -1> (h, nw)
+      t = Transpose <perm = [0, 2, 1, 3]> (n)   r = com.microsoft.RotaryEmbedding <interleaved = 0> (t, pos, cos, sin)
+      c = Concat <axis = 2> (past, r)   u = Unsqueeze(c, ax)   e = Expand(u, es)   y = Reshape(e, rs) }"""
+
+
+def test_attention_operand_path_is_a_pattern_of_optional_steps_in_order() -> None:
+    from passes.fusions._attention_pattern import operand_path, path_nodes, projection
+
+    model = ir.from_onnx(onnx.parser.parse_model(PATH_MODEL))
+    before = str(model.graph)
+    m = operand_path(_out(model))
+    assert [m.node(k).op_type for k in ("repeat", "concat", "rotary", "norm")] == [
+        "Expand", "Concat", "RotaryEmbedding", "SimplifiedLayerNormalization"]
+    assert m.src.name == "p" and m.past.name == "past"
+    assert [n.op_type for n in path_nodes(m)] == ["Reshape", "Expand", "Unsqueeze", "Concat", "RotaryEmbedding",
+                                                  "Transpose", "SimplifiedLayerNormalization", "Reshape"]
+    proj = projection(m.src)
+    assert not isinstance(proj, str) and proj.x.name == "x" and proj.weight.name == "w" and proj.bias is None
+    assert str(model.graph) == before
+
+
+def test_attention_operand_path_stops_at_a_step_out_of_order() -> None:
+    from passes.fusions._attention_pattern import operand_path, projection
+
+    # A head repeat below the rotary is not a GQA repeat of the cache: the walk ends there, and the
+    # projection says what it found instead.
+    text = PATH_MODEL.replace("r = com.microsoft.RotaryEmbedding <interleaved = 0> (t, pos, cos, sin)",
+                              "t2 = Expand(t, es)   r = com.microsoft.RotaryEmbedding <interleaved = 0> (t2, pos, cos, sin)")
+    model = ir.from_onnx(onnx.parser.parse_model(text))
+    m = operand_path(_out(model))
+    assert m.node("rotary") is not None and m.node("norm") is None and m.src.name == "t2"
+    why = projection(m.src)
+    assert isinstance(why, str) and "comes from Expand" in why and "not from a MatMul projection" in why

@@ -333,6 +333,10 @@ class Analysis:
             w, b = proj.arrays()
             # einsum, not BLAS: tiny products, and BLAS thread pools stall on a loaded machine.
             y = np.einsum("bsh,hk->bsk", x.astype(np.float64), w.astype(np.float64), optimize=False) + b
+            if path.norm is not None:  # q/k RMSNorm (Qwen3, OLMo-2); MultiHeadAttention gets it in front
+                y = path.normed(y, d)
+                if isinstance(y, str):
+                    return f"the {name} {y}"
             y = y.reshape(B, S, heads_n, d).transpose(0, 2, 1, 3)
             pre = 1.0
             if path.rotary is not None:

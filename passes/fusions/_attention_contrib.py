@@ -15,6 +15,7 @@ import numpy as np
 import ir
 
 from ._attention_match import MS, AttentionMatch, erase_layer
+from ..framework.match import const_array
 from ..framework.rewriter import Rewriter
 
 __all__ = ["ContribAttention"]
@@ -110,11 +111,25 @@ class ContribAttention:
         assert q is not None and k is not None and v is not None
         rotated = {}
         for key, val in (("q", q), ("k", k)):
+            heads_here = n if key == "q" or expand_weights else nkv
+            norm = c.paths[key].norm
+            if norm is not None:  # the q/k RMSNorm first, over each head or all columns as in the model
+                w = const_array(norm.inputs[1])
+                assert w is not None
+                attrs = {"axis": -1, "epsilon": float(norm.attr("epsilon", 1e-5))}
+                if w.size == d:
+                    view = make("Reshape", [val, const(np.array([0, 0, heads_here, d], np.int64), "attention_heads")])
+                    normed = make("SimplifiedLayerNormalization", [view.outputs[0], norm.inputs[1]], attrs).outputs[0]
+                    val = make("Reshape", [normed, const(np.array([0, 0, heads_here * d], np.int64),
+                                                         "attention_merged_heads")]).outputs[0]
+                else:  # over the projection; K's weights repeated per head repeat its norm weight too
+                    weight = norm.inputs[1] if w.size == heads_here * d else const(
+                        np.repeat(w.reshape(nkv, d), rep, axis=0).reshape(-1), "attention_norm_weight")
+                    val = make("SimplifiedLayerNormalization", [val, weight], attrs).outputs[0]
             rot = c.paths[key].rotary
             if rot is not None:  # the same rotation on the 3-D [B,S,heads*d] form: per head, per position
                 attrs = {"interleaved": int(rot.attr("interleaved", 0))}
                 if rot.attr("rotary_embedding_dim"):  # partial rotary on 3-D input needs the head count
-                    heads_here = n if key == "q" or expand_weights else nkv
                     attrs.update(rotary_embedding_dim=int(rot.attr("rotary_embedding_dim")), num_heads=heads_here)
                 if rot.attr("scale") is not None:
                     attrs["scale"] = float(rot.attr("scale"))

@@ -56,18 +56,37 @@ class OperandPath:
     """What sits between a projection and an attention MatMul operand, besides layout and scale.
 
     Walking back from the operand: an optional GQA head repeat (``Expand``), an optional KV-cache
-    ``Concat(past, new)`` on the sequence axis, an optional ``RotaryEmbedding`` (Q and K). What
-    the path computes is checked by evaluation, not trusted from this structure.
+    ``Concat(past, new)`` on the sequence axis, an optional ``RotaryEmbedding`` and an optional
+    RMSNorm (``SimplifiedLayerNormalization`` over each head or the whole projection; Q and K).
+    What the path computes is checked by evaluation, not trusted from this structure.
     """
 
     operand: ir.Value
     rotary: ir.Node | None = None
     concat: ir.Node | None = None
     repeat: ir.Node | None = None
+    norm: ir.Node | None = None
 
     @property
     def past(self) -> ir.Value | None:
         return self.concat.inputs[0] if self.concat is not None else None
+
+    def normed(self, y: np.ndarray, head_dim: int) -> np.ndarray | str:
+        """``y`` (``[B, S, columns]``, float64) through the path's RMSNorm, or why it cannot be.
+
+        Over each head when the norm weight has ``head_dim`` entries (Qwen3), over all the
+        columns when it has as many (OLMo-2).
+        """
+        assert self.norm is not None
+        w = const_array(self.norm.inputs[1])
+        shape = y.shape
+        if w is None or w.size not in (head_dim, shape[-1]):
+            return (f"norm {self.norm.label()} has a weight of {None if w is None else w.size} entries, neither the "
+                    f"head size {head_dim} nor the projection's {shape[-1]} columns")
+        y = y.reshape(*shape[:-1], -1, w.size)
+        eps = float(self.norm.attr("epsilon", 1e-5))
+        y = y / np.sqrt(np.mean(y * y, axis=-1, keepdims=True) + eps) * w.astype(np.float64)
+        return y.reshape(shape)
 
 
 @dataclass
@@ -97,6 +116,10 @@ class Candidate:
     def has_rotary(self) -> bool:
         return any(p.rotary is not None for p in self.paths.values())
 
+    @property
+    def has_norm(self) -> bool:
+        return any(p.norm is not None for p in self.paths.values())
+
 
 @dataclass
 class AttentionMatch:
@@ -124,7 +147,7 @@ def _softmax_axis_ok(node: ir.Node, opset: int) -> bool:
 def _operand(v: ir.Value) -> tuple[ir.Value, list[ir.Node], OperandPath]:
     """The operand path of ``v`` (see :func:`passes.fusions._attention_pattern.operand_path`)."""
     m = operand_path(v)
-    return m.src, path_nodes(m), OperandPath(v, m.node("rotary"), m.node("concat"), m.node("repeat"))
+    return m.src, path_nodes(m), OperandPath(v, m.node("rotary"), m.node("concat"), m.node("repeat"), m.node("norm"))
 
 
 def _head_blocks(p: ir.Node) -> tuple[tuple[str, Any], ir.Node] | None:
@@ -298,8 +321,8 @@ def find_candidate(sm: ir.Node, opset: int) -> Candidate | str:
                 break
         if len(chain) < 2:
             return f"the output of {ctx_mm.label()} is not merged back to [B,S,H] by Transpose/Reshape"
-        if qpath.concat is not None or qpath.repeat is not None or vpath.rotary is not None:
-            return "the query path concatenates or repeats heads, or the values are rotated"
+        if qpath.concat is not None or qpath.repeat is not None or vpath.rotary is not None or vpath.norm is not None:
+            return "the query path concatenates or repeats heads, or the values are rotated or normed"
         if (kpath.concat is None) != (vpath.concat is None):
             return "only one of key and value is concatenated with a past"
         return Candidate(sm, mm, ctx_mm, qp, kp, vp, qchain + kchain + vchain, chain,
@@ -310,7 +333,7 @@ def find_candidate(sm: ir.Node, opset: int) -> Candidate | str:
 
 def fused_op(m: AttentionMatch) -> str:
     """``Attention`` (packed QKV, raw mask) when it expresses the layer, else ``MultiHeadAttention``."""
-    if m.cand.has_past or m.cand.has_rotary or m.group > 1:
+    if m.cand.has_past or m.cand.has_rotary or m.cand.has_norm or m.group > 1:
         return "MultiHeadAttention"
     return "Attention"
 

@@ -2,7 +2,7 @@
 
 :mod:`passes.fusions._attention_match` resolves each attention operand with these: the operand
 path back to its projection (layout ops, scalar scales, an optional GQA ``Expand``, KV-cache
-``Concat`` and ``RotaryEmbedding``) and the projection itself (``MatMul`` with an optional bias
+``Concat``, ``RotaryEmbedding`` and a q/k ``SimplifiedLayerNormalization``) and the projection itself (``MatMul`` with an optional bias
 ``Add``, or a ``Gemm`` of a flattened input). They are plain pattern functions
 (:class:`~passes.framework._pattern_match.CompiledPattern`); the segment of a packed projection
 and what the paths compute are decided by shapes and by evaluation, not here.
@@ -103,8 +103,13 @@ def _layout_walk(op, src):
 
 def _operand_path(op, src, past):
     # From the operand back: layout, [Expand], layout, [Concat(past, ·)], layout, [RotaryEmbedding],
-    # layout, the projection. An optional step is an alternative with the walk going on without it.
-    s3 = _layout(op, src, "l3")
+    # layout, [RMSNorm], layout, the projection. An optional step is an alternative with the walk
+    # going on without it.
+    s4 = _layout(op, src, "l4")
+    # Qwen3 / OLMo-2: an RMSNorm of q and k over each head (or the whole projection) before rotary.
+    norm = op.SimplifiedLayerNormalization(s4, op.const(name="norm_weight", ndim=1), axis=absent_or(-1),
+                                           _name="norm")
+    s3 = _layout(op, norm | s4, "l3")
     # Only the rotary attributes the 3-D rewrite can copy (it sets num_heads for a partial rotary).
     rotary = op.any_of({"RotaryEmbedding"}, s3, _domain=MS, _name="rotary", num_heads=_unset,
                        is_packed_batching=_unset)
@@ -154,15 +159,15 @@ def walk_layout(v: ir.Value) -> tuple[ir.Value, list[ir.Node]]:
 
 
 def operand_path(v: ir.Value) -> Match:
-    """The operand path of attention MatMul input ``v``: ``src``, the chains ``l0``..``l3`` and the
-    nodes ``repeat``, ``concat``, ``rotary`` (each ``None`` when absent)."""
+    """The operand path of attention MatMul input ``v``: ``src``, the chains ``l0``..``l4`` and the
+    nodes ``repeat``, ``concat``, ``rotary``, ``norm`` (each ``None`` when absent)."""
     return _first(_PATH, v)
 
 
 def path_nodes(m: Match) -> list[ir.Node]:
     """The nodes of an operand path from the operand back, in walk order."""
     nodes: list[ir.Node] = []
-    for chain, node in (("l0", "repeat"), ("l1", "concat"), ("l2", "rotary"), ("l3", None)):
+    for chain, node in (("l0", "repeat"), ("l1", "concat"), ("l2", "rotary"), ("l3", "norm"), ("l4", None)):
         nodes += m.chain(chain) or []
         if node is not None and m.node(node) is not None:
             nodes.append(m.node(node))  # type: ignore[arg-type]

@@ -68,8 +68,8 @@ def standard_form_unsupported(m: AttentionMatch, opset: int) -> str | None:
     c = m.cand
     if is_standard_form(m):
         return "already in the standard-op form"
-    if c.has_past or c.has_rotary or m.group > 1:
-        return ("the standard-op form covers self-attention without a KV cache, rotary or grouped "
+    if c.has_past or c.has_rotary or c.has_norm or m.group > 1:
+        return ("the standard-op form covers self-attention without a KV cache, rotary, q/k norm or grouped "
                 "K/V heads")
     if m.mask.causal and opset < 14:
         return f"a causal mask needs Trilu (opset 14); the model imports opset {opset}"
