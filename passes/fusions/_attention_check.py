@@ -9,7 +9,11 @@ match (:func:`passes.fusions._attention_match.find_candidate`) gives candidates;
    scale;
 2. the region between the scores and the Softmax on several sizes and 0/1 masks, classified by
    :mod:`passes.fusions._attention_mask` (which also gives the post-MatMul scale), and the head
-   merge against ``transpose(0,2,1,3) + reshape``.
+   merge against ``transpose(0,2,1,3) + reshape``. A region that adds graph values to the scores
+   (:func:`bias_terms`: ALiBi, relative position biases, a sliding-window mask) is read again
+   with their sum taken off (:func:`~passes.fusions._attention_mask.classify_biased`), on a third
+   run per size with the same graph inputs and other hidden states and scores: the sum must not
+   change (a bias that depends on the query or key values is no ``attention_bias``).
 
 Each Softmax ends with an :class:`~passes.fusions._attention_match.AttentionMatch` or a
 :class:`~passes.framework.rules.NoMatch` saying why (a near miss for ``--explain``).
@@ -21,14 +25,14 @@ import numpy as np
 
 import ir
 
-from ._attention_mask import MaskRun, MaskVerdict, classify_mask, padding_patterns
+from ._attention_mask import MaskRun, MaskVerdict, classify_biased, classify_mask, padding_patterns
 from ._attention_match import AttentionMatch, Candidate, find_candidate
 from ._attention_probe import Probe, ProbeError, float_dtype, input_feeds, int_dtype
 from ..framework.base import PassContext
 from ..framework.match import const_array
 from ..framework.rules import NoMatch
 
-__all__ = ["Analysis"]
+__all__ = ["Analysis", "bias_terms", "softcap_reason"]
 
 # Probe sizes (batch, sequence): distinct from each other and from typical head counts.
 _PROBE_SIZES = ((2, 7), (3, 5), (1, 6))
@@ -83,6 +87,23 @@ def _window_length(probe_model: ir.Model) -> int | None:
     return best
 
 
+def _terms_cover(outs: list[np.ndarray], cands: list[Candidate], terms: dict[int, tuple[ir.Value, ...]],
+                 length: int) -> bool:
+    """True when every layer's bias terms (laid out after its logits and head merge) span ``length`` keys."""
+    k = 0
+    for c in cands:
+        k += len(c.merge_chain)
+        n = len(terms[id(c.softmax)])
+        shapes = [a.shape for a in outs[k : k + n]]
+        k += n
+        try:
+            if shapes and np.broadcast_shapes(*shapes)[-1:] != (length,):
+                return False
+        except ValueError:
+            return False
+    return True
+
+
 def _graph_input_dims(model: ir.Model) -> tuple[int | None, int | None]:
     """Static batch and sequence sizes when a 2-D graph input fixes them."""
     b = s = None
@@ -94,6 +115,66 @@ def _graph_input_dims(model: ir.Model) -> tuple[int | None, int | None]:
             if isinstance(shape[1], int):
                 s = shape[1]
     return b, s
+
+
+# Ops of the region between the scores MatMul and the Softmax (scale, mask, bias and their reshapes).
+_REGION_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Cast", "Reshape"})
+
+
+def bias_terms(c: Candidate) -> tuple[ir.Value, ...]:
+    """The values an ``Add`` of the scores region adds to the scores (not constants: scalars shift nothing).
+
+    The region is the nodes on a path from the scores MatMul to the Softmax; a term is an Add
+    operand computed outside it. Whether their sum is an ``attention_bias`` is checked by
+    evaluation (:func:`~passes.fusions._attention_mask.classify_biased`), not assumed here.
+    """
+    start, end = c.scores_mm.outputs[0], c.softmax.inputs[0]
+    hot: dict[int, ir.Node] = {}
+    frontier = [start]
+    for _ in range(10):  # forward from the scores
+        nxt = []
+        for v in frontier:
+            for u in v.consumers():
+                if u.domain == "" and u.op_type in _REGION_OPS and id(u) not in hot and u is not c.softmax:
+                    hot[id(u)] = u
+                    nxt += [o for o in u.outputs if o is not None]
+        frontier = nxt
+    back: set[int] = set()
+    stack = [end]
+    while stack:  # back from the Softmax, through the nodes reached from the scores
+        p = stack.pop().producer()
+        if p is not None and id(p) in hot and id(p) not in back:
+            back.add(id(p))
+            stack += [x for x in p.inputs if x is not None]
+    made = {id(o) for i in back for o in hot[i].outputs if o is not None} | {id(start)}
+    terms: dict[int, ir.Value] = {}
+    for i in back:
+        n = hot[i]
+        if n.op_type == "Add":
+            for x in n.inputs:
+                if x is not None and id(x) not in made and const_array(x) is None:
+                    terms[id(x)] = x
+    return tuple(sorted(terms.values(), key=lambda v: v.name))
+
+
+def softcap_reason(softmax: ir.Node) -> str | None:
+    """Why a Softmax fed by ``c·tanh(s/c)`` of a MatMul (Gemma-2's logit soft-capping) is not fused, else ``None``."""
+    frontier, tanh = [softmax.inputs[0]], False
+    for _ in range(10):
+        nxt = []
+        for v in frontier:
+            p = v.producer() if v is not None else None
+            if p is None:
+                continue
+            if p.op_type == "MatMul" and tanh:
+                return ("logit soft-capping (c·tanh(scores/c)) sits between the scores and the Softmax: "
+                        "MultiHeadAttention cannot express it (onnxruntime's GroupQueryAttention has a "
+                        "softcap, but no key padding mask, see fuse-attention's docs); kept decomposed")
+            tanh = tanh or p.op_type == "Tanh"
+            if p.op_type in _REGION_OPS or p.op_type == "Tanh":
+                nxt += [x for x in p.inputs if x is not None and const_array(x) is None]
+        frontier = nxt
+    return None
 
 
 class Analysis:
@@ -110,7 +191,7 @@ class Analysis:
                 continue
             c = find_candidate(node, opset)
             if isinstance(c, str):
-                self.results[id(node)] = NoMatch(c, near=True)
+                self.results[id(node)] = NoMatch(softcap_reason(node) or c, near=True)
             else:
                 cands.append(c)
         if cands:
@@ -192,14 +273,17 @@ class Analysis:
 
         # 2. Masks, post-MatMul scale and head merge, on several sizes and masks.
         outputs: list[ir.Value] = []
+        terms = {id(c.softmax): bias_terms(c) for c, *_ in live}
         for c, *_ in live:
             outputs.append(c.softmax.inputs[0])
             outputs += c.merge_chain[1:]
+            outputs += terms[id(c.softmax)]
         cuts = xs + [c.scores_mm.outputs[0] for c, *_ in live] + [c.ctx_mm.outputs[0] for c, *_ in live]
         probe = Probe(self.model, outputs, cuts=cuts)
         graph_inputs = [v for v in probe.inputs if v.is_graph_input()]
 
         def sized_feeds(b: int, s: int, past: int, fixed: dict[int, np.ndarray]) -> tuple[dict, dict, dict]:
+            # (fixed may hold every graph input: then only the hidden states and scores are new)
             feeds = input_feeds(graph_inputs, b, s, rng, fixed=fixed, past=past if has_past else None)
             scores, ctxs = {}, {}
             for x in xs:
@@ -225,9 +309,11 @@ class Analysis:
                          f"not run at that length; kept as it is"
                 for length in range(window + 2, window - 1, -1):
                     try:
-                        probe.run(sized_feeds(1, length, 0, {})[0])
+                        outs = probe.run(sized_feeds(1, length, 0, {})[0])
                     except ProbeError:
                         continue  # e.g. a position buffer that ends at this length
+                    if not _terms_cover(outs, [c for c, *_ in live], terms, length):
+                        continue  # a bias buffer (ALiBi's) that ends before this length
                     runs.append((1, length, 0))
                     long_run = length
                     reason = ""
@@ -257,16 +343,28 @@ class Analysis:
                 if m is not None:
                     pat = padding_patterns(b, s + past, rng)
                     fixed[id(m)] = pat.astype(bool) if m.dtype == ir.DataType.BOOL else pat.astype(int_dtype(m))
-                for _variant in range(2):  # two different token ids: the mask must not depend on them
-                    feeds, scores, ctxs = sized_feeds(b, s, past, fixed)
+                # Two different token ids: the mask must not depend on them. A third run (when a layer
+                # adds a bias) keeps the first one's graph inputs: its bias must not change.
+                first: dict[int, np.ndarray] = {}
+                input_ids = {id(v) for v in graph_inputs}
+                for variant in range(3 if any(terms.values()) else 2):
+                    same = {i: a for i, a in first.items() if i in input_ids}
+                    feeds, scores, ctxs = sized_feeds(b, s, past, same if variant == 2 else fixed)
+                    first = first or feeds
                     outs = probe.run(feeds)
                     k = 0
                     for c, n, d, _ in live:
                         logits = outs[k]
                         merged = outs[k + 1 : k + len(c.merge_chain)]
                         k += len(c.merge_chain)
+                        values = list(outs[k : k + len(terms[id(c.softmax)])])
+                        k += len(values)
                         if id(c.softmax) in per_cand:
-                            per_cand[id(c.softmax)].append(MaskRun(feeds, scores[id(c)], logits))
+                            runs_c = per_cand[id(c.softmax)]
+                            if variant == 2:
+                                runs_c[-2].terms_other = values
+                            else:
+                                runs_c.append(MaskRun(feeds, scores[id(c)], logits, values))
                         prev = merge_ok.get(id(c.softmax))
                         if not isinstance(prev, str):
                             merge_ok[id(c.softmax)] = self._merge(c, ctxs[id(c)], merged, b, s, n, d, prev)
@@ -274,6 +372,9 @@ class Analysis:
             for entry in pending:
                 c = entry[0]
                 verdict = classify_mask(per_cand[id(c.softmax)], [] if m is None else [m])
+                if not isinstance(verdict, MaskVerdict) and terms[id(c.softmax)]:
+                    biased = classify_biased(per_cand[id(c.softmax)], [] if m is None else [m], terms[id(c.softmax)])
+                    verdict = biased if isinstance(biased, MaskVerdict) else f"{verdict}; with the score bias: {biased}"
                 if long_run and not isinstance(verdict, MaskVerdict):
                     # Understood on the short runs, not on the long one (its 2 runs are last): a window.
                     short = classify_mask(per_cand[id(c.softmax)][:-2], [] if m is None else [m])

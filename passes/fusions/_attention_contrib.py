@@ -2,7 +2,10 @@
 
 Used by :mod:`passes.fusions.attention` once a layer is matched and checked (see that module for
 the forms and the onnxruntime contracts they follow). :class:`ContribAttention` holds what the
-layers of one model share: the ``Cast(attention_mask → int32)`` made once per mask input.
+layers of one model share: the ``Cast(attention_mask → int32)`` made once per mask input, and
+the ``attention_bias`` of a score bias (:attr:`~passes.fusions._attention_mask.MaskVerdict.bias`:
+the graph's own bias values, summed, clamped and made 4-D only where needed, once per model for
+layers that add the same values, e.g. T5's shared position bias).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import ir
 from ._attention_match import MS, AttentionMatch, erase_layer
 from ..framework.rewriter import Rewriter
 
-__all__ = ["ContribAttention"]
+__all__ = ["ContribAttention", "score_bias"]
 
 
 class ContribAttention:
@@ -27,6 +30,8 @@ class ContribAttention:
         self.model = model
         #: ``id(mask input)`` -> its int32 ``mask_index``, shared by all layers.
         self.mask_casts: dict[int, ir.Value] = {}
+        #: ids of the bias terms -> the ``attention_bias`` made from them, shared by all layers.
+        self.biases: dict[tuple[int, ...], ir.Value] = {}
 
     def attention(self, m: AttentionMatch, rw: Rewriter) -> None:
         """The layer as one ``Attention`` on ``x``, the packed ``[H, 3H]`` weights and the raw mask."""
@@ -71,6 +76,10 @@ class ContribAttention:
                            types=[ir.TensorType(ir.DataType.INT32, mask_in.shape)]).outputs[0]
             self.mask_casts[id(mask_in)] = cast
         return cast
+
+    def attention_bias(self, m: AttentionMatch, rw: Rewriter) -> ir.Value | None:
+        """The layer's score bias as a 4-D ``attention_bias`` (``None`` without one), shared by layers."""
+        return score_bias(m, rw, self.model.graph, self.biases, self.model.opset("") or 17)
 
     def _finish(self, m: AttentionMatch, rw: Rewriter, old: list[ir.Value]) -> None:
         rw.import_opset(self.model, MS)
@@ -154,6 +163,10 @@ class ContribAttention:
         elif past:
             inputs += [None, c.paths["k"].past, c.paths["v"].past]
             presents = [(c.paths["k"].concat.outputs[0], 1), (c.paths["v"].concat.outputs[0], 2)]  # type: ignore[union-attr]
+        bias_4d = self.attention_bias(m, rw)
+        if bias_4d is not None:
+            inputs += [None] * (6 - len(inputs))
+            inputs[5] = bias_4d
         while inputs and inputs[-1] is None:
             inputs.pop()
         attrs: dict[str, Any] = {"num_heads": n}
@@ -181,3 +194,44 @@ class ContribAttention:
             rw.replace_all_uses_with(ov, mha.outputs[i])  # type: ignore[arg-type]
             old.append(ov)
         self._finish(m, rw, old)
+
+
+def score_bias(m: AttentionMatch, rw: Rewriter, graph: ir.Graph, cache: dict[tuple[int, ...], ir.Value],
+               opset: int) -> ir.Value | None:
+    """``Σ terms`` of ``m``'s score bias, ``Max``-clamped off ``-inf`` and unsqueezed to 4-D where needed.
+
+    Made before ``m``'s head merge (every term is computed before its Softmax, and later layers
+    come after), once per set of terms.
+    """
+    terms = m.mask.bias
+    if not terms:
+        return None
+    key = tuple(id(t) for t in terms)
+    if key in cache:
+        return cache[key]
+    anchor = m.output.producer()
+    assert anchor is not None
+    out = terms[0]
+    for t in terms[1:]:
+        out = rw.make("Add", [out, t], before=anchor, name="attention_bias_sum").outputs[0]  # type: ignore[assignment]
+    dtype = terms[0].dtype or m.cand.x.dtype or ir.DataType.FLOAT
+    if m.mask.bias_inf:  # a row with no key: a mean (as MultiHeadAttention's own mask gives), not NaN
+        low = rw.constant(graph, np.array(np.finfo(dtype.numpy()).min, dtype.numpy()), name="attention_bias_floor")
+        out = rw.make("Max", [out, low], before=anchor, name="attention_bias_floor").outputs[0]  # type: ignore[assignment]
+    if m.mask.bias_rank < 4:
+        axes = rw.constant(graph, np.arange(4 - m.mask.bias_rank, dtype=np.int64), name="attention_bias_axes")
+        out = rw.make("Unsqueeze", [out, axes], before=anchor, name="attention_bias_4d").outputs[0]  # type: ignore[assignment]
+    if m.mask.bias_rows:  # [.., 1, T] -> [.., S, T]: the op reads one row per query
+        x = m.cand.x
+        if opset >= 15:
+            seq = rw.make("Shape", [x], {"start": 1, "end": 2}, before=anchor, name="attention_bias_rows").outputs[0]
+        else:
+            full = rw.make("Shape", [x], before=anchor, name="attention_bias_rows").outputs[0]
+            axis1 = rw.constant(graph, np.array([1], np.int64), name="attention_axis1")
+            seq = rw.make("Gather", [full, axis1], {"axis": 0}, before=anchor, name="attention_bias_rows").outputs[0]
+        ones = rw.constant(graph, np.array([1, 1], np.int64), name="attention_bias_ones")
+        one = rw.constant(graph, np.array([1], np.int64), name="attention_bias_one")
+        shape = rw.make("Concat", [ones, seq, one], {"axis": 0}, before=anchor, name="attention_bias_shape").outputs[0]
+        out = rw.make("Expand", [out, shape], before=anchor, name="attention_bias_rows").outputs[0]  # type: ignore[assignment]
+    cache[key] = out
+    return out

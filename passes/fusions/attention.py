@@ -70,7 +70,8 @@ import ir
 
 from ._attention_check import Analysis
 from ._attention_contrib import ContribAttention
-from ._attention_match import MS, AttentionMatch, erase_layer, fused_op
+from ._attention_match import MS, AttentionMatch, erase_layer
+from ._attention_match import fused_op as _layer_op
 from ._attention_standard import StandardMasks, rewrite_standard, standard_form_unsupported
 from ..framework.base import Pass, PassContext, PassResult
 from ..framework.rules import NoMatch, Rule, apply_rules
@@ -78,6 +79,11 @@ from ..framework.registry import register_pass
 from ..framework.rewriter import Rewriter
 
 __all__ = ["FuseAttentionPass", "AttentionFusion"]
+
+
+def fused_op(m: AttentionMatch) -> str:
+    """The contrib op for ``m``: ``MultiHeadAttention`` for a score bias (its ``attention_bias``)."""
+    return "MultiHeadAttention" if m.mask.bias else _layer_op(m)
 
 
 class AttentionFusion(Rule):
