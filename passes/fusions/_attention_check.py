@@ -25,11 +25,11 @@ import numpy as np
 
 import ir
 
-from ._attention_mask import MaskRun, MaskVerdict, classify_biased, classify_mask, padding_patterns
+from ._attention_mask import BLOCKED, BiasTerm, MaskRun, MaskVerdict, classify_biased, classify_mask, padding_patterns
 from ._attention_match import AttentionMatch, Candidate, find_candidate
 from ._attention_probe import Probe, ProbeError, float_dtype, input_feeds, int_dtype
 from ..framework.base import PassContext
-from ..framework.match import const_array
+from ..framework.match import const_array, scalar
 from ..framework.rules import NoMatch
 
 __all__ = ["Analysis", "bias_terms", "softcap_reason"]
@@ -121,12 +121,13 @@ def _graph_input_dims(model: ir.Model) -> tuple[int | None, int | None]:
 _REGION_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Where", "Cast", "Reshape"})
 
 
-def bias_terms(c: Candidate) -> tuple[ir.Value, ...]:
-    """The values an ``Add`` of the scores region adds to the scores (not constants: scalars shift nothing).
+def bias_terms(c: Candidate) -> tuple[BiasTerm, ...]:
+    """What the scores region may add to the scores: candidate terms of a score bias.
 
-    The region is the nodes on a path from the scores MatMul to the Softmax; a term is an Add
-    operand computed outside it. Whether their sum is an ``attention_bias`` is checked by
-    evaluation (:func:`~passes.fusions._attention_mask.classify_biased`), not assumed here.
+    The region is the nodes on a path from the scores MatMul to the Softmax. A term is an Add
+    operand computed outside it (not a scalar: that shifts nothing), or the condition of a Where
+    that replaces the scores by a blocking constant. Whether their sum is an ``attention_bias``
+    is checked by evaluation (:func:`~passes.fusions._attention_mask.classify_biased`).
     """
     start, end = c.scores_mm.outputs[0], c.softmax.inputs[0]
     hot: dict[int, ir.Node] = {}
@@ -147,14 +148,20 @@ def bias_terms(c: Candidate) -> tuple[ir.Value, ...]:
             back.add(id(p))
             stack += [x for x in p.inputs if x is not None]
     made = {id(o) for i in back for o in hot[i].outputs if o is not None} | {id(start)}
-    terms: dict[int, ir.Value] = {}
+    terms: dict[int, BiasTerm] = {}
     for i in back:
         n = hot[i]
         if n.op_type == "Add":
             for x in n.inputs:
-                if x is not None and id(x) not in made and const_array(x) is None:
-                    terms[id(x)] = x
-    return tuple(sorted(terms.values(), key=lambda v: v.name))
+                arr = const_array(x) if x is not None else None
+                if x is not None and id(x) not in made and (arr is None or arr.size > 1):
+                    terms[id(x)] = BiasTerm(x)
+        elif n.op_type == "Where" and n.inputs[0] is not None and id(n.inputs[0]) not in made:
+            for j in (1, 2):  # Where(cond, fill, scores) or Where(cond, scores, fill)
+                fill = scalar(n.inputs[j])
+                if fill is not None and fill <= BLOCKED and id(n.inputs[3 - j]) in made:
+                    terms[id(n.inputs[0])] = BiasTerm(n.inputs[0], float(fill), blocked_when=j == 1)
+    return tuple(sorted(terms.values(), key=lambda t: (t.fill is not None, t.value.name)))
 
 
 def softcap_reason(softmax: ir.Node) -> str | None:
@@ -277,7 +284,7 @@ class Analysis:
         for c, *_ in live:
             outputs.append(c.softmax.inputs[0])
             outputs += c.merge_chain[1:]
-            outputs += terms[id(c.softmax)]
+            outputs += [t.value for t in terms[id(c.softmax)]]
         cuts = xs + [c.scores_mm.outputs[0] for c, *_ in live] + [c.ctx_mm.outputs[0] for c, *_ in live]
         probe = Probe(self.model, outputs, cuts=cuts)
         graph_inputs = [v for v in probe.inputs if v.is_graph_input()]
@@ -373,7 +380,7 @@ class Analysis:
                 c = entry[0]
                 verdict = classify_mask(per_cand[id(c.softmax)], [] if m is None else [m])
                 if not isinstance(verdict, MaskVerdict) and terms[id(c.softmax)]:
-                    biased = classify_biased(per_cand[id(c.softmax)], [] if m is None else [m], terms[id(c.softmax)])
+                    biased = self._biased(per_cand[id(c.softmax)], [] if m is None else [m], terms[id(c.softmax)])
                     verdict = biased if isinstance(biased, MaskVerdict) else f"{verdict}; with the score bias: {biased}"
                 if long_run and not isinstance(verdict, MaskVerdict):
                     # Understood on the short runs, not on the long one (its 2 runs are last): a window.
@@ -401,6 +408,21 @@ class Analysis:
             out, flat = merged
             self.results[id(c.softmax)] = AttentionMatch(c, n, d, pre * verdict.post_scale, verdict, out, flat,
                                                          kv_heads[id(c.softmax)])
+
+    @staticmethod
+    def _biased(runs: list[MaskRun], masks: list[ir.Value], terms: tuple[BiasTerm, ...]) -> MaskVerdict | str:
+        """The added terms as the bias and the blocking Wheres as the mask; else every term as the bias."""
+        added = tuple(t for t in terms if t.fill is None)
+        first = ""
+        if added:
+            keep = [MaskRun(r.feeds, r.scores, r.logits, r.terms[: len(added)],
+                            None if r.terms_other is None else r.terms_other[: len(added)]) for r in runs]
+            verdict = classify_biased(keep, masks, added)
+            if isinstance(verdict, MaskVerdict) or len(added) == len(terms):
+                return verdict
+            first = verdict
+        verdict = classify_biased(runs, masks, terms)
+        return verdict if isinstance(verdict, MaskVerdict) or not first else first
 
     @staticmethod
     def _layout(

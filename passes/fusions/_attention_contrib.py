@@ -31,7 +31,7 @@ class ContribAttention:
         #: ``id(mask input)`` -> its int32 ``mask_index``, shared by all layers.
         self.mask_casts: dict[int, ir.Value] = {}
         #: ids of the bias terms -> the ``attention_bias`` made from them, shared by all layers.
-        self.biases: dict[tuple[int, ...], ir.Value] = {}
+        self.biases: dict[tuple[Any, ...], ir.Value] = {}
 
     def attention(self, m: AttentionMatch, rw: Rewriter) -> None:
         """The layer as one ``Attention`` on ``x``, the packed ``[H, 3H]`` weights and the raw mask."""
@@ -196,42 +196,51 @@ class ContribAttention:
         self._finish(m, rw, old)
 
 
-def score_bias(m: AttentionMatch, rw: Rewriter, graph: ir.Graph, cache: dict[tuple[int, ...], ir.Value],
-               opset: int) -> ir.Value | None:
-    """``Σ terms`` of ``m``'s score bias, ``Max``-clamped off ``-inf`` and unsqueezed to 4-D where needed.
+def score_bias(m: AttentionMatch, rw: Rewriter, graph: ir.Graph, cache: dict[tuple[Any, ...], ir.Value],
+               opset: int, *, op_layout: bool = True) -> ir.Value | None:
+    """The sum of ``m``'s score-bias terms, ``Max``-clamped off ``-inf``; for the op (``op_layout``) 4-D.
 
-    Made before ``m``'s head merge (every term is computed before its Softmax, and later layers
-    come after), once per set of terms.
+    A Where term becomes ``Where(cond, fill, 0)`` (or ``Where(cond, 0, fill)``). Made before
+    ``m``'s head merge (every term is computed before its Softmax, and later layers come after),
+    once per set of terms.
     """
     terms = m.mask.bias
     if not terms:
         return None
-    key = tuple(id(t) for t in terms)
+    key = (op_layout,) + tuple((id(t.value), t.fill, t.blocked_when) for t in terms)
     if key in cache:
         return cache[key]
     anchor = m.output.producer()
     assert anchor is not None
-    out = terms[0]
-    for t in terms[1:]:
-        out = rw.make("Add", [out, t], before=anchor, name="attention_bias_sum").outputs[0]  # type: ignore[assignment]
-    dtype = terms[0].dtype or m.cand.x.dtype or ir.DataType.FLOAT
+    dtype = m.cand.x.dtype or ir.DataType.FLOAT
+    np_dtype = dtype.numpy()
+
+    def make(op: str, inputs: list[ir.Value | None], attrs: dict[str, Any] | None = None) -> ir.Value:
+        out = rw.make(op, inputs, attrs, before=anchor, name=f"attention_bias_{op.lower()}").outputs[0]
+        assert out is not None
+        return out
+
+    def const(value: Any, name: str, dt: Any = np_dtype) -> ir.Value:
+        return rw.constant(graph, np.array(value, dt), name=name)
+
+    out: ir.Value | None = None
+    for t in terms:
+        part = t.value
+        if t.fill is not None:
+            fill, zero = const(t.fill, "attention_bias_fill"), const(0, "attention_bias_zero")
+            part = make("Where", [t.value, fill, zero] if t.blocked_when else [t.value, zero, fill])
+        out = part if out is None else make("Add", [out, part])
+    assert out is not None
     if m.mask.bias_inf:  # a row with no key: a mean (as MultiHeadAttention's own mask gives), not NaN
-        low = rw.constant(graph, np.array(np.finfo(dtype.numpy()).min, dtype.numpy()), name="attention_bias_floor")
-        out = rw.make("Max", [out, low], before=anchor, name="attention_bias_floor").outputs[0]  # type: ignore[assignment]
-    if m.mask.bias_rank < 4:
-        axes = rw.constant(graph, np.arange(4 - m.mask.bias_rank, dtype=np.int64), name="attention_bias_axes")
-        out = rw.make("Unsqueeze", [out, axes], before=anchor, name="attention_bias_4d").outputs[0]  # type: ignore[assignment]
-    if m.mask.bias_rows:  # [.., 1, T] -> [.., S, T]: the op reads one row per query
-        x = m.cand.x
+        out = make("Max", [out, const(np.finfo(np_dtype).min, "attention_bias_floor")])
+    if op_layout and m.mask.bias_rank < 4:
+        out = make("Unsqueeze", [out, const(np.arange(4 - m.mask.bias_rank), "attention_bias_axes", np.int64)])
+    if op_layout and m.mask.bias_rows:  # [.., 1, T] -> [.., S, T]: the op reads one row per query
         if opset >= 15:
-            seq = rw.make("Shape", [x], {"start": 1, "end": 2}, before=anchor, name="attention_bias_rows").outputs[0]
+            seq = make("Shape", [m.cand.x], {"start": 1, "end": 2})
         else:
-            full = rw.make("Shape", [x], before=anchor, name="attention_bias_rows").outputs[0]
-            axis1 = rw.constant(graph, np.array([1], np.int64), name="attention_axis1")
-            seq = rw.make("Gather", [full, axis1], {"axis": 0}, before=anchor, name="attention_bias_rows").outputs[0]
-        ones = rw.constant(graph, np.array([1, 1], np.int64), name="attention_bias_ones")
-        one = rw.constant(graph, np.array([1], np.int64), name="attention_bias_one")
-        shape = rw.make("Concat", [ones, seq, one], {"axis": 0}, before=anchor, name="attention_bias_shape").outputs[0]
-        out = rw.make("Expand", [out, shape], before=anchor, name="attention_bias_rows").outputs[0]  # type: ignore[assignment]
+            seq = make("Gather", [make("Shape", [m.cand.x]), const([1], "attention_axis1", np.int64)], {"axis": 0})
+        ones, one = const([1, 1], "attention_bias_ones", np.int64), const([1], "attention_bias_one", np.int64)
+        out = make("Expand", [out, make("Concat", [ones, seq, one], {"axis": 0})])
     cache[key] = out
     return out

@@ -15,7 +15,9 @@ A layer whose scores get a bias ``B`` that does not depend on the scores or the 
 (ALiBi, T5's relative position buckets, a sliding-window mask) is read by
 :func:`classify_biased`: the graph values added to the scores (the *terms*, which stay in the
 model) are subtracted first, and what remains must be one of the kinds above; the fused op then
-gets ``B`` as ``attention_bias``.
+gets ``B`` as ``attention_bias``. A term is a :class:`BiasTerm`: a value added to the scores,
+or a boolean condition under which a ``Where`` replaces the scores by a blocking constant (a
+banded mask buffer: GPT-Neo's local layers), which adds ``Where(cond, fill, 0)``.
 
 The allowed pattern is then compared, run by run, with the patterns the fused operator can
 express from the raw 2-D ``attention_mask``: key padding ``allowed[b,i,j] = mask[b,j]``, causal
@@ -32,13 +34,28 @@ import numpy as np
 import ir
 
 __all__ = ["MaskVerdict", "MaskRun", "padding_patterns", "allowed_keys", "expected_allowed", "classify_mask",
-           "classify_biased", "KINDS"]
+           "classify_biased", "BiasTerm", "KINDS"]
 
 #: Mask kinds the fused Attention expresses (``unidirectional`` and/or a raw ``mask_index``).
 KINDS = ("none", "causal", "padding", "causal+padding")
 
 #: An additive value at or below this blocks a key.
 BLOCKED = -1e4 * 0.999
+
+
+@dataclass(frozen=True)
+class BiasTerm:
+    """One part of a score bias: ``value`` itself, or with ``fill`` set, ``fill`` where ``value == blocked_when``."""
+
+    value: ir.Value
+    fill: float | None = None
+    blocked_when: bool = True
+
+    def evaluate(self, arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        """The term's values, given the probe's value of :attr:`value`."""
+        if self.fill is None:
+            return arr
+        return np.where(arr.astype(bool) == self.blocked_when, np.array(self.fill, dtype), np.array(0, dtype))
 
 
 @dataclass(frozen=True)
@@ -52,8 +69,8 @@ class MaskVerdict:
         blocks_with_inf: every blocked logit seen was ``-inf`` (not a finite ``finfo.min`` or
             ``-10000``). Only rows with no allowed key tell the two apart: ``-inf`` gives NaN
             (or 0 behind a NaN guard), a finite value gives a mean.
-        bias: graph values whose (broadcast) sum is added to the scaled scores, independent of
-            the scores and of the hidden states: the fused op's ``attention_bias``.
+        bias: the terms whose (broadcast) sum is added to the scaled scores, independent of the
+            scores and of the hidden states: the fused op's ``attention_bias``.
         bias_rank: the rank of that sum (the op reads it as 4-D ``[1|B, 1|N, S, T]``).
         bias_inf: the sum holds ``-inf`` (the emitters clamp it to the dtype's lowest value, so
             that a query row with no key gives a mean, never a NaN that the next layer spreads).
@@ -65,7 +82,7 @@ class MaskVerdict:
     mask_input: ir.Value | None
     post_scale: float
     blocks_with_inf: bool = False
-    bias: tuple[ir.Value, ...] = ()
+    bias: tuple[BiasTerm, ...] = ()
     bias_rank: int = 4
     bias_inf: bool = False
     bias_rows: bool = False
@@ -224,7 +241,7 @@ def _remove_bias(logits: np.ndarray, scores: np.ndarray, bias: np.ndarray) -> np
     return np.where(blocked_by_bias, c * r, rest)
 
 
-def classify_biased(runs: list[MaskRun], candidates: list[ir.Value], terms: tuple[ir.Value, ...]) -> MaskVerdict | str:
+def classify_biased(runs: list[MaskRun], candidates: list[ir.Value], terms: tuple[BiasTerm, ...]) -> MaskVerdict | str:
     """Like :func:`classify_mask`, once the sum of the bias ``terms`` is taken off the Softmax input.
 
     The sum (in the scores' dtype, as the fused model computes it) must broadcast as
@@ -237,11 +254,11 @@ def classify_biased(runs: list[MaskRun], candidates: list[ir.Value], terms: tupl
     for run in runs:
         if len(run.terms) != len(terms) or not terms:
             return "the score bias was not evaluated"
-        total = _sum(run.terms)
+        total = _sum(run.terms, terms, run.scores.dtype)
         if total.dtype != run.scores.dtype:
             return f"the score bias is {total.dtype}, the scores {run.scores.dtype}"
         if run.terms_other is not None:
-            other = _sum(run.terms_other)
+            other = _sum(run.terms_other, terms, run.scores.dtype)
             if other.shape != total.shape or not np.allclose(other, total, rtol=1e-5, atol=1e-6, equal_nan=True):
                 return "the score bias changes with the hidden states: it depends on the query or key values"
         if total.ndim > 4 or np.isnan(total).any():
@@ -264,8 +281,10 @@ def classify_biased(runs: list[MaskRun], candidates: list[ir.Value], terms: tupl
                    bias_rows=rows)
 
 
-def _sum(arrays: list[np.ndarray]) -> np.ndarray:
-    total = arrays[0]
-    for a in arrays[1:]:
-        total = total + a
+def _sum(arrays: list[np.ndarray], terms: tuple[BiasTerm, ...], dtype: np.dtype) -> np.ndarray:
+    parts = [t.evaluate(a, dtype) for t, a in zip(terms, arrays)]
+    total = parts[0]
+    with np.errstate(over="ignore"):  # finfo.min + finfo.min is -inf in the dtype, as the fused model computes it
+        for a in parts[1:]:
+            total = total + a
     return np.asarray(total)
