@@ -405,6 +405,11 @@ class Analysis:
                 label = where.label() if where is not None else c.softmax.label()
                 self.results[id(c.softmax)] = NoMatch(f"mask at {label}: {verdict}", near=True)
                 continue
+            if verdict.bias_inf and verdict.bias_heads and any(n.op_type == "IsNaN" for n in c.nodes):
+                self.results[id(c.softmax)] = NoMatch(
+                    "a per-head score bias blocks every key of some query rows, which the original zeroes "
+                    "behind a NaN guard: the fused op would give NaN there; kept", near=True)
+                continue
             out, flat = merged
             self.results[id(c.softmax)] = AttentionMatch(c, n, d, pre * verdict.post_scale, verdict, out, flat,
                                                          kv_heads[id(c.softmax)])

@@ -4,7 +4,7 @@ Used by :mod:`passes.fusions.attention` once a layer is matched and checked (see
 the forms and the onnxruntime contracts they follow). :class:`ContribAttention` holds what the
 layers of one model share: the ``Cast(attention_mask → int32)`` made once per mask input, and
 the ``attention_bias`` of a score bias (:attr:`~passes.fusions._attention_mask.MaskVerdict.bias`:
-the graph's own bias values, summed, clamped and made 4-D only where needed, once per model for
+the graph's own bias values, summed and made 4-D only where needed, once per model for
 layers that add the same values, e.g. T5's shared position bias).
 """
 
@@ -20,7 +20,7 @@ import ir
 from ._attention_match import MS, AttentionMatch, erase_layer
 from ..framework.rewriter import Rewriter
 
-__all__ = ["ContribAttention", "score_bias"]
+__all__ = ["ContribAttention", "score_bias", "empty_rows"]
 
 
 class ContribAttention:
@@ -186,6 +186,9 @@ class ContribAttention:
                       output_names=names, types=types)
         out = mha.outputs[0]
         assert out is not None
+        keep = empty_rows(m, self.biases)
+        if keep is not None:
+            out = make("Mul", [out, keep], name="attention_empty_rows").outputs[0]
         if m.output_2d:
             shape = const(np.array([-1, n * d], np.int64), "attention_out_shape")
             out = make("Reshape", [out, shape], name="attention_flatten").outputs[0]
@@ -198,16 +201,17 @@ class ContribAttention:
 
 def score_bias(m: AttentionMatch, rw: Rewriter, graph: ir.Graph, cache: dict[tuple[Any, ...], ir.Value],
                opset: int, *, op_layout: bool = True) -> ir.Value | None:
-    """The sum of ``m``'s score-bias terms, ``Max``-clamped off ``-inf``; for the op (``op_layout``) 4-D.
+    """The sum of ``m``'s score-bias terms; for the op (``op_layout``) 4-D, and rows with no key zeroed.
 
     A Where term becomes ``Where(cond, fill, 0)`` (or ``Where(cond, 0, fill)``). Made before
     ``m``'s head merge (every term is computed before its Softmax, and later layers come after),
-    once per set of terms.
+    once per set of terms. See :func:`empty_rows` for the rows that see no key.
     """
     terms = m.mask.bias
     if not terms:
         return None
-    key = (op_layout,) + tuple((id(t.value), t.fill, t.blocked_when) for t in terms)
+    clamp = op_layout and _guarded_empty_rows(m)
+    key = (op_layout, clamp) + tuple((id(t.value), t.fill, t.blocked_when) for t in terms)
     if key in cache:
         return cache[key]
     anchor = m.output.producer()
@@ -231,8 +235,6 @@ def score_bias(m: AttentionMatch, rw: Rewriter, graph: ir.Graph, cache: dict[tup
             part = make("Where", [t.value, fill, zero] if t.blocked_when else [t.value, zero, fill])
         out = part if out is None else make("Add", [out, part])
     assert out is not None
-    if m.mask.bias_inf:  # a row with no key: a mean (as MultiHeadAttention's own mask gives), not NaN
-        out = make("Max", [out, const(np.finfo(np_dtype).min, "attention_bias_floor")])
     if op_layout and m.mask.bias_rank < 4:
         out = make("Unsqueeze", [out, const(np.arange(4 - m.mask.bias_rank), "attention_bias_axes", np.int64)])
     if op_layout and m.mask.bias_rows:  # [.., 1, T] -> [.., S, T]: the op reads one row per query
@@ -242,5 +244,33 @@ def score_bias(m: AttentionMatch, rw: Rewriter, graph: ir.Graph, cache: dict[tup
             seq = make("Gather", [make("Shape", [m.cand.x]), const([1], "attention_axis1", np.int64)], {"axis": 0})
         ones, one = const([1, 1], "attention_bias_ones", np.int64), const([1], "attention_bias_one", np.int64)
         out = make("Expand", [out, make("Concat", [ones, seq, one], {"axis": 0})])
+    if clamp:  # [b, 1, S, T]: rows that are -inf at every key -> 0 (a mean, no NaN), and a 0/1 row scale
+        if opset >= 18:
+            top = make("ReduceMax", [out, const([-1], "attention_bias_keys", np.int64)], {"keepdims": 1})
+        else:
+            top = make("ReduceMax", [out], {"axes": [-1], "keepdims": 1})
+        empty = make("IsInf", [top], {"detect_positive": 0})
+        out = make("Where", [empty, const(0, "attention_bias_zero"), out])
+        keep = make("Where", [empty, const(0, "attention_bias_zero"), const(1, "attention_bias_one_row")])
+        cache[("rows",) + key] = make("Squeeze", [keep, const([1], "attention_bias_head_axis", np.int64)])
     cache[key] = out
     return out
+
+
+def _guarded_empty_rows(m: AttentionMatch) -> bool:
+    """The bias blocks every key of some query row, and the original zeroes such rows (a NaN guard)."""
+    return m.mask.bias_inf and any(n.op_type == "IsNaN" for n in m.cand.nodes)
+
+
+def empty_rows(m: AttentionMatch, cache: dict[tuple[Any, ...], ir.Value]) -> ir.Value | None:
+    """``[b, S, 1]``: 0 on query rows the bias blocks entirely, else 1; ``None`` when not needed.
+
+    Such a row is NaN in the op (and NaN spreads through the next layer's values); behind the
+    original's NaN guard it is 0. :func:`score_bias` sets the row to 0 (no NaN) and the layer's
+    output is multiplied by this, which gives the guard's 0 exactly. Unguarded, the original is
+    NaN there as the op is, and nothing is added. The bias has no head axis here (checked).
+    """
+    if not m.mask.bias or not _guarded_empty_rows(m):
+        return None
+    key = ("rows", True, True) + tuple((id(t.value), t.fill, t.blocked_when) for t in m.mask.bias)
+    return cache.get(key)

@@ -72,8 +72,9 @@ class MaskVerdict:
         bias: the terms whose (broadcast) sum is added to the scaled scores, independent of the
             scores and of the hidden states: the fused op's ``attention_bias``.
         bias_rank: the rank of that sum (the op reads it as 4-D ``[1|B, 1|N, S, T]``).
-        bias_inf: the sum holds ``-inf`` (the emitters clamp it to the dtype's lowest value, so
-            that a query row with no key gives a mean, never a NaN that the next layer spreads).
+        bias_inf: a query row of the sum is ``-inf`` at every key in some probe run (such a
+            row would be NaN in the op, see :func:`passes.fusions._attention_contrib.empty_rows`).
+        bias_heads: the sum has a head axis (a bias per head: ALiBi, relative position biases).
         bias_rows: the sum is the same for every query row (``[.., 1, T]``, ALiBi): the op needs
             it expanded over the query axis.
     """
@@ -85,6 +86,7 @@ class MaskVerdict:
     bias: tuple[BiasTerm, ...] = ()
     bias_rank: int = 4
     bias_inf: bool = False
+    bias_heads: bool = False
     bias_rows: bool = False
 
     @property
@@ -250,7 +252,7 @@ def classify_biased(runs: list[MaskRun], candidates: list[ir.Value], terms: tupl
     or key values is not an ``attention_bias`` of fixed inputs.
     """
     rest_runs: list[MaskRun] = []
-    rank, inf, rows = 0, False, False
+    rank, inf, rows, heads = 0, False, False, False
     for run in runs:
         if len(run.terms) != len(terms) or not terms:
             return "the score bias was not evaluated"
@@ -268,8 +270,9 @@ def classify_biased(runs: list[MaskRun], candidates: list[ir.Value], terms: tupl
         if shape[0] not in (1, b) or shape[1] not in (1, n) or shape[2] not in (1, q) or shape[3] != k:
             return (f"the score bias has shape {list(total.shape)}, not [1|batch, 1|heads, 1|{q}, {k}] "
                     "(MultiHeadAttention's attention_bias, expanded over the query rows if need be)")
-        rank, inf = max(rank, total.ndim), inf or bool(np.isneginf(total).any())
+        rank, inf = max(rank, total.ndim), inf or bool(np.isneginf(total).all(axis=-1).any())
         rows = rows or (shape[2] == 1 and q > 1)
+        heads = heads or shape[1] > 1
         rest = _remove_bias(run.logits, run.scores, total)
         if isinstance(rest, str):
             return rest
@@ -278,7 +281,7 @@ def classify_biased(runs: list[MaskRun], candidates: list[ir.Value], terms: tupl
     if isinstance(verdict, str):
         return verdict.replace("the mask is not", "besides the score bias, the mask is not", 1)
     return replace(verdict, blocks_with_inf=False, bias=terms, bias_rank=rank, bias_inf=inf,
-                   bias_rows=rows)
+                   bias_heads=heads, bias_rows=rows)
 
 
 def _sum(arrays: list[np.ndarray], terms: tuple[BiasTerm, ...], dtype: np.dtype) -> np.ndarray:
