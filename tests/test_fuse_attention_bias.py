@@ -97,6 +97,13 @@ def _graph(bias: str, layers: int = 1) -> onnx.ModelProto:
         if bias in ("alibi", "relative"):
             nodes += [helper.make_node("Add", [f"{p}scaled", "bias"], [f"{p}biased"]),
                       helper.make_node("Add", [f"{p}biased", "addmask"], [f"{p}logits"])]
+        elif bias == "hidden":  # from the layer input by a projection of its own: depends on the hidden states
+            inits.append(_init(f"{p}wb", rng.standard_normal((H, 1)).astype(np.float32)))
+            nodes += [helper.make_node("MatMul", [x, f"{p}wb"], [f"{p}xb"]),  # [B, S, 1]
+                      helper.make_node("Unsqueeze", [f"{p}xb", "ax1"], [f"{p}xb4"]),  # [B, 1, S, 1]
+                      helper.make_node("Mul", [f"{p}xb4", "posf"], [f"{p}qbias"]),  # [B, 1, S, T]
+                      helper.make_node("Add", [f"{p}scaled", f"{p}qbias"], [f"{p}biased"]),
+                      helper.make_node("Add", [f"{p}biased", "addmask"], [f"{p}logits"])]
         elif bias == "query":  # sum over the query head dim times key positions: depends on Q
             nodes += [helper.make_node("ReduceSum", [f"{p}qh", "lastaxis"], [f"{p}qsum"], keepdims=1),
                       helper.make_node("Mul", [f"{p}qsum", "posf"], [f"{p}qbias"]),
@@ -217,13 +224,17 @@ def test_onnx_target_adds_the_bias_in_standard_ops(bias):
     _same_outputs(proto, model)
 
 
-def test_bias_that_depends_on_the_query_is_not_fused():
-    model = ir.from_onnx(_graph("query"))
+@pytest.mark.parametrize(("bias", "why"), [
+    ("query", "computed from the layer's own query/key/value nodes"),  # seen in the graph
+    ("hidden", "changes with the hidden states: it depends on the query or key values"),  # seen by evaluation
+])
+def test_bias_that_depends_on_the_query_is_not_fused(bias, why):
+    model = ir.from_onnx(_graph(bias))
     before = ir.print_model(model)
     modified, ctx = _run(model, CONTRIB)
     assert not modified and ir.print_model(model) == before
     notes = [str(d) for d in ctx.diagnostics]
-    assert len(notes) == 1 and "depends on the query or key values" in notes[0], notes
+    assert len(notes) == 1 and why in notes[0], notes
 
 
 def test_soft_capping_is_explained_and_kept():
@@ -233,3 +244,15 @@ def test_soft_capping_is_explained_and_kept():
     assert not modified and ir.print_model(model) == before
     notes = [str(d) for d in ctx.diagnostics]
     assert len(notes) == 1 and "soft-capping" in notes[0] and "kept decomposed" in notes[0], notes
+
+
+@pytest.mark.parametrize(("name", "phrase"), [("deberta-v2", "disentangled attention"), ("gemma2", "soft-capping")])
+def test_zoo_near_misses_say_why(zoo_exported, name, phrase):
+    """DeBERTa's c2p/p2c scores read the query/key values; Gemma-2 soft-caps its logits: both stay
+    as they are, each Softmax with a line that names the reason."""
+    from passes.tools import zoo
+
+    m = zoo.measure(zoo_exported(name))
+    assert m.numerics_ok and m.counts["attention"] == 0
+    lines = [line for line in m.explain if "Softmax" in line]
+    assert len(lines) == 2 and all(phrase in line for line in lines), lines

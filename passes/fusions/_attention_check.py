@@ -32,7 +32,7 @@ from ..framework.base import PassContext
 from ..framework.match import const_array, scalar
 from ..framework.rules import NoMatch
 
-__all__ = ["Analysis", "bias_terms", "softcap_reason"]
+__all__ = ["Analysis", "bias_terms", "own_term", "softcap_reason", "disentangled_reason"]
 
 # Probe sizes (batch, sequence): distinct from each other and from typical head counts.
 _PROBE_SIZES = ((2, 7), (3, 5), (1, 6))
@@ -164,6 +164,28 @@ def bias_terms(c: Candidate) -> tuple[BiasTerm, ...]:
     return tuple(sorted(terms.values(), key=lambda t: (t.fill is not None, t.value.name)))
 
 
+def own_term(c: Candidate, terms: tuple[BiasTerm, ...]) -> BiasTerm | None:
+    """A term computed from the layer's own nodes (its Q/K/V path, a Shape of its present keys),
+    which the fused op replaces: no bias the op can take."""
+    layer = {id(n) for n in c.nodes + c.q.nodes + c.k.nodes + c.v.nodes}
+    layer |= {id(p.concat) for p in c.paths.values() if p.concat is not None}
+    return next((t for t in terms if _reads_any(t.value, layer)), None)
+
+
+def _reads_any(v: ir.Value, nodes: set[int]) -> bool:
+    """True when ``v`` is computed from the output of one of ``nodes``."""
+    stack, seen = [v], set()
+    while stack:
+        p = stack.pop().producer()
+        if p is None or id(p) in seen:
+            continue
+        if id(p) in nodes:
+            return True
+        seen.add(id(p))
+        stack += [x for x in p.inputs if x is not None]
+    return False
+
+
 def softcap_reason(softmax: ir.Node) -> str | None:
     """Why a Softmax fed by ``c·tanh(s/c)`` of a MatMul (Gemma-2's logit soft-capping) is not fused, else ``None``."""
     frontier, tanh = [softmax.inputs[0]], False
@@ -184,6 +206,33 @@ def softcap_reason(softmax: ir.Node) -> str | None:
     return None
 
 
+_GATHER_PATH_OPS = _REGION_OPS | {"Transpose", "Squeeze", "Unsqueeze", "Gather", "GatherElements"}
+
+
+def disentangled_reason(softmax: ir.Node) -> str | None:
+    """Why a Softmax whose scores add products gathered by relative position (DeBERTa) is not fused, else ``None``."""
+    stack: list[tuple[ir.Value, bool, int]] = [(softmax.inputs[0], False, 0)]
+    seen: set[tuple[int, bool]] = set()
+    plain = gathered = 0
+    while stack:
+        v, via_gather, depth = stack.pop()
+        p = v.producer()
+        if p is None or depth > 12 or (id(p), via_gather) in seen:
+            continue
+        seen.add((id(p), via_gather))
+        if p.op_type == "MatMul" and all(const_array(x) is None for x in p.inputs if x is not None):
+            gathered, plain = gathered + via_gather, plain + (not via_gather)
+        elif p.op_type in _GATHER_PATH_OPS:
+            g = via_gather or p.op_type in ("Gather", "GatherElements")
+            stack += [(x, g, depth + 1) for x in p.inputs[:1 if p.op_type.startswith("Gather") else None]
+                      if x is not None and const_array(x) is None]
+    if plain and gathered:
+        return ("the scores add products of the query or key with relative position embeddings, gathered by "
+                "relative position (disentangled attention, DeBERTa): a bias that depends on the query/key values "
+                "is no attention_bias of MultiHeadAttention; kept decomposed")
+    return None
+
+
 class Analysis:
     """Per-run checks of all candidate Softmax nodes of the main graph (the pass keeps no state)."""
 
@@ -198,7 +247,7 @@ class Analysis:
                 continue
             c = find_candidate(node, opset)
             if isinstance(c, str):
-                self.results[id(node)] = NoMatch(softcap_reason(node) or c, near=True)
+                self.results[id(node)] = NoMatch(softcap_reason(node) or disentangled_reason(node) or c, near=True)
             else:
                 cands.append(c)
         if cands:
@@ -379,7 +428,11 @@ class Analysis:
             for entry in pending:
                 c = entry[0]
                 verdict = classify_mask(per_cand[id(c.softmax)], [] if m is None else [m])
-                if not isinstance(verdict, MaskVerdict) and terms[id(c.softmax)]:
+                own = own_term(c, terms[id(c.softmax)])
+                if not isinstance(verdict, MaskVerdict) and own is not None:
+                    verdict = (f"{verdict}; with the score bias: %{own.value.name} is computed from the layer's "
+                               "own query/key/value nodes, which the fused op replaces")
+                elif not isinstance(verdict, MaskVerdict) and terms[id(c.softmax)]:
                     biased = self._biased(per_cand[id(c.softmax)], [] if m is None else [m], terms[id(c.softmax)])
                     verdict = biased if isinstance(biased, MaskVerdict) else f"{verdict}; with the score bias: {biased}"
                 if long_run and not isinstance(verdict, MaskVerdict):
