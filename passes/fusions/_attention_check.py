@@ -87,7 +87,7 @@ def _window_length(probe_model: ir.Model) -> int | None:
     return best
 
 
-def _terms_cover(outs: list[np.ndarray], cands: list[Candidate], terms: dict[int, tuple[ir.Value, ...]],
+def _terms_cover(outs: list[np.ndarray], cands: list[Candidate], terms: dict[int, tuple[BiasTerm, ...]],
                  length: int) -> bool:
     """True when every layer's bias terms (laid out after its logits and head merge) span ``length`` keys."""
     k = 0
@@ -165,11 +165,14 @@ def bias_terms(c: Candidate) -> tuple[BiasTerm, ...]:
 
 
 def own_term(c: Candidate, terms: tuple[BiasTerm, ...]) -> BiasTerm | None:
-    """A term computed from the layer's own nodes (its Q/K/V path, a Shape of its present keys),
-    which the fused op replaces: no bias the op can take."""
-    layer = {id(n) for n in c.nodes + c.q.nodes + c.k.nodes + c.v.nodes}
-    layer |= {id(p.concat) for p in c.paths.values() if p.concat is not None}
-    return next((t for t in terms if _reads_any(t.value, layer)), None)
+    """A term computed from what the fused op replaces (the layer's output, its present keys or
+    values: e.g. a mask sized by ``Shape(present_key)``): the op cannot read it.
+
+    (A term that reads the shape of the layer's query or key heads, as T5 and MPT size their bias,
+    keeps those nodes alive instead.)"""
+    replaced = {id(v.producer()) for v in c.merge_chain if v.producer() is not None}
+    replaced |= {id(p.concat) for p in c.paths.values() if p.concat is not None}
+    return next((t for t in terms if _reads_any(t.value, replaced)), None)
 
 
 def _reads_any(v: ir.Value, nodes: set[int]) -> bool:
@@ -431,7 +434,7 @@ class Analysis:
                 own = own_term(c, terms[id(c.softmax)])
                 if not isinstance(verdict, MaskVerdict) and own is not None:
                     verdict = (f"{verdict}; with the score bias: %{own.value.name} is computed from the layer's "
-                               "own query/key/value nodes, which the fused op replaces")
+                               "output or present keys/values, which the fused op replaces")
                 elif not isinstance(verdict, MaskVerdict) and terms[id(c.softmax)]:
                     biased = self._biased(per_cand[id(c.softmax)], [] if m is None else [m], terms[id(c.softmax)])
                     verdict = biased if isinstance(biased, MaskVerdict) else f"{verdict}; with the score bias: {biased}"

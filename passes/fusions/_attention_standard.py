@@ -13,8 +13,9 @@ Used by :mod:`passes.fusions.attention` once a layer is matched and checked (the
 no key at all and the original guarded it. ``bias`` is made once per model from the 2-D mask
 input (see :class:`StandardMasks`) and shared by every layer: no per-layer mask or shape
 arithmetic is left. A score bias (ALiBi, a relative position bias, a sliding-window mask: the
-graph's own values, which stay) is added to it, once per model where layers share it. Nothing here depends on the opset beyond Trilu (14) for causal masks; the
-Split and Shape forms follow the model's opset.
+graph's own values, which stay) is added to it, once per model where layers share it. Nothing
+here depends on the opset beyond Trilu (14) for causal masks; the Split and Shape forms follow
+the model's opset.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def _needs_nan_guard(m: AttentionMatch) -> bool:
 
     Rows with no allowed key exist under causal+padding (left padding) and where a score bias
     blocks a whole row (a sliding window over padding); a padding-only mask blocks a whole row
-    only for an all-zero mask row, for which the finite bias gives the eager form's mean. The original guarded its rows when an ``IsNaN`` sits after its Softmax.
+    only for an all-zero mask row, for which the finite bias gives the eager form's mean. The
+    original guarded its rows when an ``IsNaN`` sits after its Softmax.
     """
     return ((m.mask.kind == "causal+padding" and _blocks_with_inf(m) or m.mask.bias_inf)
             and any(n.op_type == "IsNaN" for n in m.cand.nodes))
