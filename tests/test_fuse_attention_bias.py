@@ -94,7 +94,17 @@ def _graph(bias: str, layers: int = 1) -> onnx.ModelProto:
                   helper.make_node("MatMul", [f"{p}qh", f"{p}kt"], [f"{p}scores"]),
                   helper.make_node("Div", [f"{p}scores", "sqrt_d"], [f"{p}scaled"])]
         probs = f"{p}probs"
-        if bias in ("alibi", "relative"):
+        if bias == "alibi_k":  # MPT/T5: sized by the key heads' Shape, not the input's
+            inits.append(_init(f"{p}slopes", np.array([0.5, 0.25], np.float32).reshape(N, 1, 1)))
+            inits.append(_init(f"{p}three", np.array(3, np.int64)))
+            nodes += [helper.make_node("Shape", [f"{p}kt"], [f"{p}kshape"]),
+                      helper.make_node("Gather", [f"{p}kshape", f"{p}three"], [f"{p}klen"], axis=0),
+                      helper.make_node("Range", ["zero", f"{p}klen", "step"], [f"{p}kpos"]),
+                      helper.make_node("Cast", [f"{p}kpos"], [f"{p}kposf"], to=TensorProto.FLOAT),
+                      helper.make_node("Mul", [f"{p}slopes", f"{p}kposf"], [f"{p}kbias"]),
+                      helper.make_node("Add", [f"{p}scaled", f"{p}kbias"], [f"{p}biased"]),
+                      helper.make_node("Add", [f"{p}biased", "addmask"], [f"{p}logits"])]
+        elif bias in ("alibi", "relative"):
             nodes += [helper.make_node("Add", [f"{p}scaled", "bias"], [f"{p}biased"]),
                       helper.make_node("Add", [f"{p}biased", "addmask"], [f"{p}logits"])]
         elif bias == "hidden":  # from the layer input by a projection of its own: depends on the hidden states
@@ -166,7 +176,7 @@ def _same_outputs(proto: onnx.ModelProto, model: ir.Model, tol: float = 1e-5) ->
             assert np.max(np.abs(ref[name] - got[name])) <= tol, (name, batch, seq)
 
 
-@pytest.mark.parametrize("bias", ["alibi", "relative", "window", "window_inf"])
+@pytest.mark.parametrize("bias", ["alibi", "alibi_k", "relative", "window", "window_inf"])
 def test_bias_becomes_attention_bias(bias):
     proto = _graph(bias)
     model = ir.from_onnx(proto)
@@ -177,6 +187,8 @@ def test_bias_becomes_attention_bias(bias):
     mha = next(n for n in model.graph if n.op_type == "MultiHeadAttention")
     assert len(mha.inputs) > 5 and mha.inputs[5] is not None, "no attention_bias"
     assert not mha.attr("unidirectional")
+    # The bias is sized by the layer input, not by the key heads: the projections are gone.
+    assert ops.count("MatMul") == 1, ops
     modified, _ = _run(model, CONTRIB)
     assert not modified
     _same_outputs(proto, model)
@@ -208,7 +220,7 @@ def test_layers_share_one_bias():
     _same_outputs(proto, model)
 
 
-@pytest.mark.parametrize("bias", ["alibi", "relative", "window", "window_inf"])
+@pytest.mark.parametrize("bias", ["alibi", "alibi_k", "relative", "window", "window_inf"])
 def test_onnx_target_adds_the_bias_in_standard_ops(bias):
     proto = _graph(bias, layers=2)
     model = ir.from_onnx(proto)

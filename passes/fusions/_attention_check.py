@@ -21,6 +21,8 @@ Each Softmax ends with an :class:`~passes.fusions._attention_match.AttentionMatc
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 import ir
@@ -32,7 +34,7 @@ from ..framework.base import PassContext
 from ..framework.match import const_array, scalar
 from ..framework.rules import NoMatch
 
-__all__ = ["Analysis", "bias_terms", "own_term", "softcap_reason", "disentangled_reason"]
+__all__ = ["Analysis", "bias_terms", "own_term", "shape_reads", "softcap_reason", "disentangled_reason"]
 
 # Probe sizes (batch, sequence): distinct from each other and from typical head counts.
 _PROBE_SIZES = ((2, 7), (3, 5), (1, 6))
@@ -88,14 +90,14 @@ def _window_length(probe_model: ir.Model) -> int | None:
 
 
 def _terms_cover(outs: list[np.ndarray], cands: list[Candidate], terms: dict[int, tuple[BiasTerm, ...]],
-                 length: int) -> bool:
+                 reads: dict[int, list[ir.Value]], length: int) -> bool:
     """True when every layer's bias terms (laid out after its logits and head merge) span ``length`` keys."""
     k = 0
     for c in cands:
         k += len(c.merge_chain)
         n = len(terms[id(c.softmax)])
         shapes = [a.shape for a in outs[k : k + n]]
-        k += n
+        k += n + len(reads[id(c.softmax)])
         try:
             if shapes and np.broadcast_shapes(*shapes)[-1:] != (length,):
                 return False
@@ -173,6 +175,43 @@ def own_term(c: Candidate, terms: tuple[BiasTerm, ...]) -> BiasTerm | None:
     replaced = {id(v.producer()) for v in c.merge_chain if v.producer() is not None}
     replaced |= {id(p.concat) for p in c.paths.values() if p.concat is not None}
     return next((t for t in terms if _reads_any(t.value, replaced)), None)
+
+
+def shape_reads(c: Candidate, terms: tuple[BiasTerm, ...]) -> list[ir.Value]:
+    """Outputs of the ``Shape`` nodes by which the bias terms read the layer's own values (T5 and MPT
+    size their bias by the key heads): rebuilt from the layer input, they let the projections go."""
+    layer = {id(n) for n in c.nodes + c.q.nodes + c.k.nodes + c.v.nodes}
+    found: dict[int, ir.Value] = {}
+    stack, seen = [t.value for t in terms], set()
+    while stack:
+        p = stack.pop().producer()
+        if p is None or id(p) in seen or id(p) in layer:
+            continue
+        seen.add(id(p))
+        src = p.inputs[0] if p.op_type == "Shape" and p.inputs else None
+        if src is not None and p.outputs[0] is not None and _reads_any(src, layer):
+            found[id(p)] = p.outputs[0]
+        else:
+            stack += [x for x in p.inputs if x is not None]
+    return list(found.values())
+
+
+def _shape_recipe(arrays: list[tuple[int, int, int, np.ndarray]]) -> tuple[str | int, ...] | None:
+    """Each element of a probed shape vector as ``"b"``, ``"s"`` or a constant, or ``None``."""
+    if not arrays or len({a.shape for *_, a in arrays}) != 1 or arrays[0][3].ndim != 1:
+        return None
+    recipe: list[str | int] = []
+    for i in range(arrays[0][3].size):
+        vals = [int(a[i]) for *_, a in arrays]
+        if len(set(vals)) == 1:
+            recipe.append(vals[0])
+        elif all(v == b for (b, _, _, _), v in zip(arrays, vals)):
+            recipe.append("b")
+        elif all(v == s and p == 0 for (_, s, p, _), v in zip(arrays, vals)):
+            recipe.append("s")
+        else:
+            return None
+    return tuple(recipe)
 
 
 def _reads_any(v: ir.Value, nodes: set[int]) -> bool:
@@ -333,10 +372,13 @@ class Analysis:
         # 2. Masks, post-MatMul scale and head merge, on several sizes and masks.
         outputs: list[ir.Value] = []
         terms = {id(c.softmax): bias_terms(c) for c, *_ in live}
+        reads = {id(c.softmax): shape_reads(c, terms[id(c.softmax)]) for c, *_ in live}
+        shapes: dict[int, list[tuple[int, int, int, list[np.ndarray]]]] = {id(c.softmax): [] for c, *_ in live}
         for c, *_ in live:
             outputs.append(c.softmax.inputs[0])
             outputs += c.merge_chain[1:]
             outputs += [t.value for t in terms[id(c.softmax)]]
+            outputs += reads[id(c.softmax)]
         cuts = xs + [c.scores_mm.outputs[0] for c, *_ in live] + [c.ctx_mm.outputs[0] for c, *_ in live]
         probe = Probe(self.model, outputs, cuts=cuts)
         graph_inputs = [v for v in probe.inputs if v.is_graph_input()]
@@ -371,7 +413,7 @@ class Analysis:
                         outs = probe.run(sized_feeds(1, length, 0, {})[0])
                     except ProbeError:
                         continue  # e.g. a position buffer that ends at this length
-                    if not _terms_cover(outs, [c for c, *_ in live], terms, length):
+                    if not _terms_cover(outs, [c for c, *_ in live], terms, reads, length):
                         continue  # a bias buffer (ALiBi's) that ends before this length
                     runs.append((1, length, 0))
                     long_run = length
@@ -418,6 +460,10 @@ class Analysis:
                         k += len(c.merge_chain)
                         values = list(outs[k : k + len(terms[id(c.softmax)])])
                         k += len(values)
+                        read = list(outs[k : k + len(reads[id(c.softmax)])])
+                        k += len(read)
+                        if variant == 0 and read:
+                            shapes[id(c.softmax)].append((b, s, past, read))
                         if id(c.softmax) in per_cand:
                             runs_c = per_cand[id(c.softmax)]
                             if variant == 2:
@@ -466,6 +512,11 @@ class Analysis:
                     "a per-head score bias blocks every key of some query rows, which the original zeroes "
                     "behind a NaN guard: the fused op would give NaN there; kept", near=True)
                 continue
+            if verdict.bias and reads[id(c.softmax)]:
+                probed = shapes[id(c.softmax)]
+                found = [(v, _shape_recipe([(b, s, p, arrs[j]) for b, s, p, arrs in probed]))
+                         for j, v in enumerate(reads[id(c.softmax)])]
+                verdict = dataclasses.replace(verdict, shape_reads=tuple((v, r) for v, r in found if r is not None))
             out, flat = merged
             self.results[id(c.softmax)] = AttentionMatch(c, n, d, pre * verdict.post_scale, verdict, out, flat,
                                                          kv_heads[id(c.softmax)])

@@ -210,6 +210,7 @@ def score_bias(m: AttentionMatch, rw: Rewriter, graph: ir.Graph, cache: dict[tup
     terms = m.mask.bias
     if not terms:
         return None
+    _rebuild_shapes(m, rw, graph, cache, opset)
     clamp = op_layout and _guarded_empty_rows(m)
     key = (op_layout, clamp) + tuple((id(t.value), t.fill, t.blocked_when) for t in terms)
     if key in cache:
@@ -255,6 +256,36 @@ def score_bias(m: AttentionMatch, rw: Rewriter, graph: ir.Graph, cache: dict[tup
         cache[("rows",) + key] = make("Squeeze", [keep, const([1], "attention_bias_head_axis", np.int64)])
     cache[key] = out
     return out
+
+
+def _rebuild_shapes(m: AttentionMatch, rw: Rewriter, graph: ir.Graph, cache: dict[tuple[Any, ...], ir.Value],
+                    opset: int) -> None:
+    """Size the bias by the layer input instead of the layer's heads (probed recipes, see
+    :attr:`~passes.fusions._attention_mask.MaskVerdict.shape_reads`), so its projections can go."""
+    x = m.cand.x
+    for v, recipe in m.mask.shape_reads:
+        node = v.producer()
+        if ("shape", id(v)) in cache or node is None:
+            continue
+        parts = []
+        for i, item in enumerate(recipe):
+            if isinstance(item, int):
+                part = rw.constant(graph, np.array([item], np.int64), name="attention_bias_dim")
+            elif opset >= 15:
+                axis = 0 if item == "b" else 1
+                part = rw.make("Shape", [x], {"start": axis, "end": axis + 1}, before=node,
+                               name="attention_bias_dim").outputs[0]
+            else:
+                full = rw.make("Shape", [x], before=node, name="attention_bias_dim").outputs[0]
+                at = rw.constant(graph, np.array([0 if item == "b" else 1], np.int64), name="attention_bias_axis")
+                part = rw.make("Gather", [full, at], {"axis": 0}, before=node, name="attention_bias_dim").outputs[0]
+            parts.append(part)
+        new = rw.make("Concat", parts, {"axis": 0}, before=node, name="attention_bias_shape",
+                      types=[v.type]).outputs[0]
+        assert new is not None
+        rw.replace_all_uses_with(v, new)
+        rw.erase_unused([node])
+        cache[("shape", id(v))] = new
 
 
 def _guarded_empty_rows(m: AttentionMatch) -> bool:

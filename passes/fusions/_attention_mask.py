@@ -77,6 +77,9 @@ class MaskVerdict:
         bias_heads: the sum has a head axis (a bias per head: ALiBi, relative position biases).
         bias_rows: the sum is the same for every query row (``[.., 1, T]``, ALiBi): the op needs
             it expanded over the query axis.
+        shape_reads: ``Shape`` outputs of the layer's own heads that the bias is sized by (T5,
+            MPT), each with its elements as ``"b"``/``"s"`` (batch, sequence of the layer input) or
+            a constant: the emitters rebuild them from the input, so the projections can go.
     """
 
     kind: str
@@ -88,6 +91,7 @@ class MaskVerdict:
     bias_inf: bool = False
     bias_heads: bool = False
     bias_rows: bool = False
+    shape_reads: tuple[tuple[ir.Value, tuple[str | int, ...]], ...] = ()
 
     @property
     def causal(self) -> bool:
