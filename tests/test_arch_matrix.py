@@ -31,17 +31,17 @@ TODAY: dict[str, dict[str, tuple[int, int, int, int] | str]] = {
     "electra": {"script": (2, 5, 2, 0), "dynamo": (2, 5, 2, 0)},  # allows (2, 5, 2, 0)
     "deberta-v2": {"script": (0, 5, 2, 0), "dynamo": (0, 5, 2, 0)},  # allows (0, 6, 2, 0)
     "xlm-roberta": {"script": (2, 5, 2, 0), "dynamo": (2, 5, 2, 0)},  # allows (2, 5, 2, 0)
-    "mpnet": {"script": (0, 5, 2, 0), "dynamo": (0, 5, 2, 0)},  # allows (2, 5, 2, 0)
+    "mpnet": {"script": (2, 5, 2, 0), "dynamo": (2, 5, 2, 0)},  # allows (2, 5, 2, 0)
     "roformer": {"script": (0, 5, 2, 0), "dynamo": (0, 5, 2, 0)},  # allows (2, 5, 2, 4)
     "esm": {"script": (2, 5, 2, 4), "dynamo": (2, 5, 2, 4)},  # allows (2, 5, 2, 4)
-    "modernbert": {"script": (1, 5, 2, 4), "dynamo": (0, 5, 2, 4)},  # allows (2, 5, 2, 4)
+    "modernbert": {"script": (2, 5, 2, 4), "dynamo": (0, 5, 2, 4)},  # allows (2, 5, 2, 4)
     "nomic-bert": {"script": (2, 5, 2, 4), "dynamo": (2, 5, 2, 4)},  # allows (2, 5, 2, 4)
     "gpt2": {"script": (2, 5, 2, 0), "dynamo": (2, 5, 2, 0)},  # allows (2, 5, 2, 0)
-    "gpt-neo": {"script": (1, 5, 2, 0), "dynamo": (1, 5, 2, 0)},  # allows (2, 5, 2, 0)
+    "gpt-neo": {"script": (2, 5, 2, 0), "dynamo": (2, 5, 2, 0)},  # allows (2, 5, 2, 0)
     "gpt-j": {"script": (0, 3, 2, 0), "dynamo": (0, 3, 2, 0)},  # allows (2, 3, 2, 4)
     "gpt-neox": {"script": (0, 5, 2, 4), "dynamo": (0, 5, 2, 4)},  # allows (2, 5, 2, 4)
     "llama": {"script": (2, 5, 2, 4), "dynamo": (2, 5, 2, 4)},  # allows (2, 5, 2, 4)
-    "mistral": {"script": (0, 5, 2, 4), "dynamo": (0, 5, 2, 4)},  # allows (2, 5, 2, 4)
+    "mistral": {"script": (2, 5, 2, 4), "dynamo": (2, 5, 2, 4)},  # allows (2, 5, 2, 4)
     "qwen2": {"script": (2, 5, 2, 4), "dynamo": (2, 5, 2, 4)},  # allows (2, 5, 2, 4)
     "qwen3": {"script": (2, 9, 2, 4), "dynamo": (2, 9, 2, 4)},  # allows (2, 9, 2, 4)
     "phi": {"script": (0, 3, 2, 4), "dynamo": (0, 3, 2, 4)},  # allows (2, 3, 2, 4)
@@ -51,16 +51,16 @@ TODAY: dict[str, dict[str, tuple[int, int, int, int] | str]] = {
     "stablelm": {"script": (0, 5, 2, 4), "dynamo": (0, 5, 2, 4)},  # allows (2, 5, 2, 4)
     "falcon": {"script": (2, 3, 2, 4), "dynamo": (0, 3, 2, 4)},  # allows (2, 3, 2, 4)
     "bloom": {"script": (0, 6, 2, 0), "dynamo": (0, 6, 2, 0)},  # allows (2, 6, 2, 0)
-    "mpt": {"script": (0, 5, 2, 0), "dynamo": (0, 5, 2, 0)},  # allows (2, 5, 2, 0)
+    "mpt": {"script": (2, 5, 2, 0), "dynamo": (2, 5, 2, 0)},  # allows (2, 5, 2, 0)
     "opt": {"script": (2, 5, 0, 0), "dynamo": (2, 5, 0, 0)},  # allows (2, 5, 0, 0)
     "codegen": {"script": (0, 3, 2, 0), "dynamo": (0, 3, 2, 0)},  # allows (2, 3, 2, 4)
     "olmo2": {"script": (2, 9, 2, 4), "dynamo": (2, 9, 2, 4)},  # allows (2, 9, 2, 4)
     "vit": {"script": (2, 5, 2, 0), "dynamo": (2, 5, 2, 0)},  # allows (2, 5, 2, 0)
     "dinov2": {"script": (2, 5, 2, 0), "dynamo": (2, 5, 2, 0)},  # allows (2, 5, 2, 0)
     "clip-vision": {"script": (2, 5, 2, 0), "dynamo": (2, 5, 2, 0)},  # allows (2, 5, 2, 0)
-    "swin": {"script": (0, 7, 2, 0), "dynamo": (0, 7, 2, 0)},  # allows (2, 7, 2, 0)
+    "swin": {"script": (2, 7, 2, 0), "dynamo": (2, 7, 2, 0)},  # allows (2, 7, 2, 0)
     "clip-text": {"script": (2, 5, 2, 0), "dynamo": (2, 5, 2, 0)},  # allows (2, 5, 2, 0)
-    "t5-encoder": {"script": (0, 5, 0, 0), "dynamo": (0, 5, 0, 0)},  # allows (2, 5, 0, 0)
+    "t5-encoder": {"script": (2, 5, 0, 0), "dynamo": (2, 5, 0, 0)},  # allows (2, 5, 0, 0)
 }
 
 CASES = [
@@ -112,18 +112,31 @@ def test_one_input_concat_of_an_empty_cache(zoo_exported):
     assert zoo.measure(zoo_exported("qwen2")).counts["attention"] == 2
 
 
-def test_sliding_window_is_not_fused_as_causal(zoo_exported):
-    """Mistral with a window of 8: the probe's sequences (≤ 7) hide it; a longer probe finds it."""
-    m = zoo.measure(zoo_exported("mistral"))
-    assert m.numerics_ok and m.counts["attention"] == 0
-    assert any("sliding window" in line for line in m.explain if "Softmax" in line), m.explain
+def _fused_layers(folder):
+    from passes import compile_model
+
+    result = compile_model(str(folder / "model.onnx"), "x86", verify=False)
+    return [n for n in result.model.graph if n.op_type in ("Attention", "MultiHeadAttention")]
+
+
+def test_sliding_window_is_fused_as_a_bias_not_as_causal(zoo_exported):
+    """Mistral with a window of 8: the probe's sequences (≤ 7) hide it; a longer probe finds it,
+    and the window mask becomes the op's attention_bias (not ``unidirectional``)."""
+    folder = zoo_exported("mistral")
+    m = zoo.measure(folder)
+    assert m.numerics_ok and m.counts["attention"] == 2, m.explain
+    for node in _fused_layers(folder):
+        assert len(node.inputs) > 5 and node.inputs[5] is not None and not node.attr("unidirectional"), node
 
 
 def test_banded_mask_buffer_is_probed_to_its_length(zoo_exported):
-    """GPT-Neo: layer 0 is global (fused), layer 1 slices a banded buffer (window 8: kept)."""
-    m = zoo.measure(zoo_exported("gpt-neo"))
-    assert m.numerics_ok and m.counts["attention"] == 1
-    assert any("h.1" in line and "sliding window" in line for line in m.explain), m.explain
+    """GPT-Neo: layer 0 is global (causal), layer 1 slices a banded buffer (window 8): its Where on
+    the buffer becomes an attention_bias, checked at a length past the window."""
+    folder = zoo_exported("gpt-neo")
+    m = zoo.measure(folder)
+    assert m.numerics_ok and m.counts["attention"] == 2, m.explain
+    ops = sorted((n.op_type, bool(n.attr("unidirectional"))) for n in _fused_layers(folder))
+    assert ops == [("Attention", True), ("MultiHeadAttention", False)], ops
 
 
 def _window_model(with_band: bool):

@@ -59,10 +59,10 @@ def _encoder_graph(mask_kind: str = "padding") -> onnx.ModelProto:
             helper.make_node("Sub", ["one", "mask4"], ["inv"]),
             helper.make_node("Mul", ["inv", "neg"], ["addmask"]),
         ]
-    else:  # a bias of +3 on the kept keys: not a padding mask, must not be fused
+    else:  # kept keys' scores times 3, padded ones times 0: neither a mask nor a bias, must not be fused
         nodes += [helper.make_node("Mul", ["mask4", "three"], ["addmask"])]
     nodes += [
-        helper.make_node("Add", ["scaled", "addmask"], ["logits"]),
+        helper.make_node("Add" if mask_kind == "padding" else "Mul", ["scaled", "addmask"], ["logits"]),
         helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
         helper.make_node("MatMul", ["probs", "vh"], ["ctx"]),
         helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),
@@ -186,7 +186,7 @@ def test_unknown_mask_is_a_near_miss_and_not_fused():
     assert ir.print_model(model) == before
     notes = [str(d) for d in ctx.diagnostics]
     assert len(notes) == 1, notes
-    assert "Softmax" in notes[0] and "mask at Add" in notes[0] and "not a padding or causal mask" in notes[0]
+    assert "Softmax" in notes[0] and "mask at Mul" in notes[0] and "not a padding or causal mask" in notes[0]
 
 
 def test_onnx_target_gets_the_standard_form_without_contrib_ops():

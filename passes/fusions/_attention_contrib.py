@@ -2,7 +2,10 @@
 
 Used by :mod:`passes.fusions.attention` once a layer is matched and checked (see that module for
 the forms and the onnxruntime contracts they follow). :class:`ContribAttention` holds what the
-layers of one model share: the ``Cast(attention_mask → int32)`` made once per mask input.
+layers of one model share: the ``Cast(attention_mask → int32)`` made once per mask input, and
+the ``attention_bias`` of a score bias (:attr:`~passes.fusions._attention_mask.MaskVerdict.bias`:
+the graph's own bias values, summed and made 4-D only where needed, once per model for
+layers that add the same values, e.g. T5's shared position bias).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from ._attention_match import MS, AttentionMatch, erase_layer
 from ..framework.match import const_array
 from ..framework.rewriter import Rewriter
 
-__all__ = ["ContribAttention"]
+__all__ = ["ContribAttention", "score_bias", "empty_rows"]
 
 
 class ContribAttention:
@@ -28,6 +31,8 @@ class ContribAttention:
         self.model = model
         #: ``id(mask input)`` -> its int32 ``mask_index``, shared by all layers.
         self.mask_casts: dict[int, ir.Value] = {}
+        #: ids of the bias terms -> the ``attention_bias`` made from them, shared by all layers.
+        self.biases: dict[tuple[Any, ...], ir.Value] = {}
 
     def attention(self, m: AttentionMatch, rw: Rewriter) -> None:
         """The layer as one ``Attention`` on ``x``, the packed ``[H, 3H]`` weights and the raw mask."""
@@ -72,6 +77,10 @@ class ContribAttention:
                            types=[ir.TensorType(ir.DataType.INT32, mask_in.shape)]).outputs[0]
             self.mask_casts[id(mask_in)] = cast
         return cast
+
+    def attention_bias(self, m: AttentionMatch, rw: Rewriter) -> ir.Value | None:
+        """The layer's score bias as a 4-D ``attention_bias`` (``None`` without one), shared by layers."""
+        return score_bias(m, rw, self.model.graph, self.biases, self.model.opset("") or 17)
 
     def _finish(self, m: AttentionMatch, rw: Rewriter, old: list[ir.Value]) -> None:
         rw.import_opset(self.model, MS)
@@ -169,6 +178,10 @@ class ContribAttention:
         elif past:
             inputs += [None, c.paths["k"].past, c.paths["v"].past]
             presents = [(c.paths["k"].concat.outputs[0], 1), (c.paths["v"].concat.outputs[0], 2)]  # type: ignore[union-attr]
+        bias_4d = self.attention_bias(m, rw)
+        if bias_4d is not None:
+            inputs += [None] * (6 - len(inputs))
+            inputs[5] = bias_4d
         while inputs and inputs[-1] is None:
             inputs.pop()
         attrs: dict[str, Any] = {"num_heads": n}
@@ -188,6 +201,9 @@ class ContribAttention:
                       output_names=names, types=types)
         out = mha.outputs[0]
         assert out is not None
+        keep = empty_rows(m, self.biases)
+        if keep is not None:
+            out = make("Mul", [out, keep], name="attention_empty_rows").outputs[0]
         if m.output_2d:
             shape = const(np.array([-1, n * d], np.int64), "attention_out_shape")
             out = make("Reshape", [out, shape], name="attention_flatten").outputs[0]
@@ -196,3 +212,111 @@ class ContribAttention:
             rw.replace_all_uses_with(ov, mha.outputs[i])  # type: ignore[arg-type]
             old.append(ov)
         self._finish(m, rw, old)
+
+
+def score_bias(m: AttentionMatch, rw: Rewriter, graph: ir.Graph, cache: dict[tuple[Any, ...], ir.Value],
+               opset: int, *, op_layout: bool = True) -> ir.Value | None:
+    """The sum of ``m``'s score-bias terms; for the op (``op_layout``) 4-D, and rows with no key zeroed.
+
+    A Where term becomes ``Where(cond, fill, 0)`` (or ``Where(cond, 0, fill)``). Made before
+    ``m``'s head merge (every term is computed before its Softmax, and later layers come after),
+    once per set of terms. See :func:`empty_rows` for the rows that see no key.
+    """
+    terms = m.mask.bias
+    if not terms:
+        return None
+    _rebuild_shapes(m, rw, graph, cache, opset)
+    clamp = op_layout and _guarded_empty_rows(m)
+    key = (op_layout, clamp) + tuple((id(t.value), t.fill, t.blocked_when) for t in terms)
+    if key in cache:
+        return cache[key]
+    anchor = m.output.producer()
+    assert anchor is not None
+    dtype = m.cand.x.dtype or ir.DataType.FLOAT
+    np_dtype = dtype.numpy()
+
+    def make(op: str, inputs: list[ir.Value | None], attrs: dict[str, Any] | None = None) -> ir.Value:
+        out = rw.make(op, inputs, attrs, before=anchor, name=f"attention_bias_{op.lower()}").outputs[0]
+        assert out is not None
+        return out
+
+    def const(value: Any, name: str, dt: Any = np_dtype) -> ir.Value:
+        return rw.constant(graph, np.array(value, dt), name=name)
+
+    out: ir.Value | None = None
+    for t in terms:
+        part = t.value
+        if t.fill is not None:
+            fill, zero = const(t.fill, "attention_bias_fill"), const(0, "attention_bias_zero")
+            part = make("Where", [t.value, fill, zero] if t.blocked_when else [t.value, zero, fill])
+        out = part if out is None else make("Add", [out, part])
+    assert out is not None
+    if op_layout and m.mask.bias_rank < 4:
+        out = make("Unsqueeze", [out, const(np.arange(4 - m.mask.bias_rank), "attention_bias_axes", np.int64)])
+    if op_layout and m.mask.bias_rows:  # [.., 1, T] -> [.., S, T]: the op reads one row per query
+        if opset >= 15:
+            seq = make("Shape", [m.cand.x], {"start": 1, "end": 2})
+        else:
+            seq = make("Gather", [make("Shape", [m.cand.x]), const([1], "attention_axis1", np.int64)], {"axis": 0})
+        ones, one = const([1, 1], "attention_bias_ones", np.int64), const([1], "attention_bias_one", np.int64)
+        out = make("Expand", [out, make("Concat", [ones, seq, one], {"axis": 0})])
+    if clamp:  # [b, 1, S, T]: rows that are -inf at every key -> 0 (a mean, no NaN), and a 0/1 row scale
+        if opset >= 18:
+            top = make("ReduceMax", [out, const([-1], "attention_bias_keys", np.int64)], {"keepdims": 1})
+        else:
+            top = make("ReduceMax", [out], {"axes": [-1], "keepdims": 1})
+        empty = make("IsInf", [top], {"detect_positive": 0})
+        out = make("Where", [empty, const(0, "attention_bias_zero"), out])
+        keep = make("Where", [empty, const(0, "attention_bias_zero"), const(1, "attention_bias_one_row")])
+        cache[("rows",) + key] = make("Squeeze", [keep, const([1], "attention_bias_head_axis", np.int64)])
+    cache[key] = out
+    return out
+
+
+def _rebuild_shapes(m: AttentionMatch, rw: Rewriter, graph: ir.Graph, cache: dict[tuple[Any, ...], ir.Value],
+                    opset: int) -> None:
+    """Size the bias by the layer input instead of the layer's heads (probed recipes, see
+    :attr:`~passes.fusions._attention_mask.MaskVerdict.shape_reads`), so its projections can go."""
+    x = m.cand.x
+    for v, recipe in m.mask.shape_reads:
+        node = v.producer()
+        if ("shape", id(v)) in cache or node is None:
+            continue
+        parts = []
+        for i, item in enumerate(recipe):
+            if isinstance(item, int):
+                part = rw.constant(graph, np.array([item], np.int64), name="attention_bias_dim")
+            elif opset >= 15:
+                axis = 0 if item == "b" else 1
+                part = rw.make("Shape", [x], {"start": axis, "end": axis + 1}, before=node,
+                               name="attention_bias_dim").outputs[0]
+            else:
+                full = rw.make("Shape", [x], before=node, name="attention_bias_dim").outputs[0]
+                at = rw.constant(graph, np.array([0 if item == "b" else 1], np.int64), name="attention_bias_axis")
+                part = rw.make("Gather", [full, at], {"axis": 0}, before=node, name="attention_bias_dim").outputs[0]
+            parts.append(part)
+        new = rw.make("Concat", parts, {"axis": 0}, before=node, name="attention_bias_shape",
+                      types=[v.type]).outputs[0]
+        assert new is not None
+        rw.replace_all_uses_with(v, new)
+        rw.erase_unused([node])
+        cache[("shape", id(v))] = new
+
+
+def _guarded_empty_rows(m: AttentionMatch) -> bool:
+    """The bias blocks every key of some query row, and the original zeroes such rows (a NaN guard)."""
+    return m.mask.bias_inf and any(n.op_type == "IsNaN" for n in m.cand.nodes)
+
+
+def empty_rows(m: AttentionMatch, cache: dict[tuple[Any, ...], ir.Value]) -> ir.Value | None:
+    """``[b, S, 1]``: 0 on query rows the bias blocks entirely, else 1; ``None`` when not needed.
+
+    Such a row is NaN in the op (and NaN spreads through the next layer's values); behind the
+    original's NaN guard it is 0. :func:`score_bias` sets the row to 0 (no NaN) and the layer's
+    output is multiplied by this, which gives the guard's 0 exactly. Unguarded, the original is
+    NaN there as the op is, and nothing is added. The bias has no head axis here (checked).
+    """
+    if not m.mask.bias or not _guarded_empty_rows(m):
+        return None
+    key = ("rows", True, True) + tuple((id(t.value), t.fill, t.blocked_when) for t in m.mask.bias)
+    return cache.get(key)

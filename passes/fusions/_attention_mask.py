@@ -11,6 +11,14 @@ the raw scores replaced by random numbers ``R``, and reads off what it does:
 * where it is ``-1e4`` or lower (``-inf``, ``finfo.min``), the key is *blocked*;
 * anything else (a bias such as ALiBi, a value depending on the scores) is *unknown*.
 
+A layer whose scores get a bias ``B`` that does not depend on the scores or the hidden states
+(ALiBi, T5's relative position buckets, a sliding-window mask) is read by
+:func:`classify_biased`: the graph values added to the scores (the *terms*, which stay in the
+model) are subtracted first, and what remains must be one of the kinds above; the fused op then
+gets ``B`` as ``attention_bias``. A term is a :class:`BiasTerm`: a value added to the scores,
+or a boolean condition under which a ``Where`` replaces the scores by a blocking constant (a
+banded mask buffer: GPT-Neo's local layers), which adds ``Where(cond, fill, 0)``.
+
 The allowed pattern is then compared, run by run, with the patterns the fused operator can
 express from the raw 2-D ``attention_mask``: key padding ``allowed[b,i,j] = mask[b,j]``, causal
 ``j <= i``, both, or none. Query rows with no allowed key at all (left padding under a causal
@@ -19,19 +27,35 @@ mask) are ignored: their outputs are meaningless and exporters differ there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 import ir
 
-__all__ = ["MaskVerdict", "MaskRun", "padding_patterns", "allowed_keys", "expected_allowed", "classify_mask", "KINDS"]
+__all__ = ["MaskVerdict", "MaskRun", "padding_patterns", "allowed_keys", "expected_allowed", "classify_mask",
+           "classify_biased", "BiasTerm", "KINDS"]
 
 #: Mask kinds the fused Attention expresses (``unidirectional`` and/or a raw ``mask_index``).
 KINDS = ("none", "causal", "padding", "causal+padding")
 
 #: An additive value at or below this blocks a key.
 BLOCKED = -1e4 * 0.999
+
+
+@dataclass(frozen=True)
+class BiasTerm:
+    """One part of a score bias: ``value`` itself, or with ``fill`` set, ``fill`` where ``value == blocked_when``."""
+
+    value: ir.Value
+    fill: float | None = None
+    blocked_when: bool = True
+
+    def evaluate(self, arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        """The term's values, given the probe's value of :attr:`value`."""
+        if self.fill is None:
+            return arr
+        return np.where(arr.astype(bool) == self.blocked_when, np.array(self.fill, dtype), np.array(0, dtype))
 
 
 @dataclass(frozen=True)
@@ -45,12 +69,29 @@ class MaskVerdict:
         blocks_with_inf: every blocked logit seen was ``-inf`` (not a finite ``finfo.min`` or
             ``-10000``). Only rows with no allowed key tell the two apart: ``-inf`` gives NaN
             (or 0 behind a NaN guard), a finite value gives a mean.
+        bias: the terms whose (broadcast) sum is added to the scaled scores, independent of the
+            scores and of the hidden states: the fused op's ``attention_bias``.
+        bias_rank: the rank of that sum (the op reads it as 4-D ``[1|B, 1|N, S, T]``).
+        bias_inf: a query row of the sum is ``-inf`` at every key in some probe run (such a
+            row would be NaN in the op, see :func:`passes.fusions._attention_contrib.empty_rows`).
+        bias_heads: the sum has a head axis (a bias per head: ALiBi, relative position biases).
+        bias_rows: the sum is the same for every query row (``[.., 1, T]``, ALiBi): the op needs
+            it expanded over the query axis.
+        shape_reads: ``Shape`` outputs of the layer's own heads that the bias is sized by (T5,
+            MPT), each with its elements as ``"b"``/``"s"`` (batch, sequence of the layer input) or
+            a constant: the emitters rebuild them from the input, so the projections can go.
     """
 
     kind: str
     mask_input: ir.Value | None
     post_scale: float
     blocks_with_inf: bool = False
+    bias: tuple[BiasTerm, ...] = ()
+    bias_rank: int = 4
+    bias_inf: bool = False
+    bias_heads: bool = False
+    bias_rows: bool = False
+    shape_reads: tuple[tuple[ir.Value, tuple[str | int, ...]], ...] = ()
 
     @property
     def causal(self) -> bool:
@@ -65,6 +106,10 @@ class MaskRun:
     feeds: dict[int, np.ndarray]
     scores: np.ndarray
     logits: np.ndarray
+    #: The values of the bias terms (see :func:`classify_biased`) in this run.
+    terms: list[np.ndarray] = field(default_factory=list)
+    #: The same terms with other hidden states and scores (same graph inputs), when evaluated.
+    terms_other: list[np.ndarray] | None = None
 
 
 def padding_patterns(batch: int, seq: int, rng: np.random.Generator) -> np.ndarray:
@@ -180,3 +225,73 @@ def classify_mask(runs: list[MaskRun], candidates: list[ir.Value]) -> MaskVerdic
             return MaskVerdict(kind, m, scale, blocked_inf and kind != "none")
     detail = f" ({first_miss})" if first_miss else ""
     return f"the mask is not a padding or causal mask of a 2-D mask input{detail}"
+
+
+def _remove_bias(logits: np.ndarray, scores: np.ndarray, bias: np.ndarray) -> np.ndarray | str:
+    """``logits - bias``, with the keys the bias blocks read as allowed (the bias keeps blocking them)."""
+    try:
+        t = np.broadcast_to(logits.astype(np.float64), scores.shape)
+        p = np.broadcast_to(bias.astype(np.float64), scores.shape)
+    except ValueError:
+        return f"the bias of shape {list(bias.shape)} does not broadcast to the scores' {list(scores.shape)}"
+    r = scores.astype(np.float64)
+    blocked_by_bias = p <= BLOCKED
+    if (blocked_by_bias & (t > BLOCKED)).any():
+        return "the bias blocks a key that the Softmax input keeps"
+    with np.errstate(invalid="ignore"):
+        rest = np.where(blocked_by_bias, 0.0, t - p)
+    live = ~blocked_by_bias & np.isfinite(rest) & (rest > -1e3)
+    if not live.any():
+        return "the bias blocks every key"
+    c = float((rest[live] * r[live]).sum() / max((r[live] ** 2).sum(), 1e-30))
+    return np.where(blocked_by_bias, c * r, rest)
+
+
+def classify_biased(runs: list[MaskRun], candidates: list[ir.Value], terms: tuple[BiasTerm, ...]) -> MaskVerdict | str:
+    """Like :func:`classify_mask`, once the sum of the bias ``terms`` is taken off the Softmax input.
+
+    The sum (in the scores' dtype, as the fused model computes it) must broadcast as
+    ``[1|B, 1|N, S, T]`` (the ``attention_bias`` contract of onnxruntime's MultiHeadAttention),
+    hold no NaN, and be the same for other hidden states and scores: a bias read from the query
+    or key values is not an ``attention_bias`` of fixed inputs.
+    """
+    rest_runs: list[MaskRun] = []
+    rank, inf, rows, heads = 0, False, False, False
+    for run in runs:
+        if len(run.terms) != len(terms) or not terms:
+            return "the score bias was not evaluated"
+        total = _sum(run.terms, terms, run.scores.dtype)
+        if total.dtype != run.scores.dtype:
+            return f"the score bias is {total.dtype}, the scores {run.scores.dtype}"
+        if run.terms_other is not None:
+            other = _sum(run.terms_other, terms, run.scores.dtype)
+            if other.shape != total.shape or not np.allclose(other, total, rtol=1e-5, atol=1e-6, equal_nan=True):
+                return "the score bias changes with the hidden states: it depends on the query or key values"
+        if total.ndim > 4 or np.isnan(total).any():
+            return f"the score bias has shape {list(total.shape)} or holds NaN"
+        shape = (1,) * (4 - total.ndim) + total.shape
+        b, n, q, k = run.scores.shape
+        if shape[0] not in (1, b) or shape[1] not in (1, n) or shape[2] not in (1, q) or shape[3] != k:
+            return (f"the score bias has shape {list(total.shape)}, not [1|batch, 1|heads, 1|{q}, {k}] "
+                    "(MultiHeadAttention's attention_bias, expanded over the query rows if need be)")
+        rank, inf = max(rank, total.ndim), inf or bool(np.isneginf(total).all(axis=-1).any())
+        rows = rows or (shape[2] == 1 and q > 1)
+        heads = heads or shape[1] > 1
+        rest = _remove_bias(run.logits, run.scores, total)
+        if isinstance(rest, str):
+            return rest
+        rest_runs.append(MaskRun(run.feeds, run.scores, rest))
+    verdict = classify_mask(rest_runs, candidates)
+    if isinstance(verdict, str):
+        return verdict.replace("the mask is not", "besides the score bias, the mask is not", 1)
+    return replace(verdict, blocks_with_inf=False, bias=terms, bias_rank=rank, bias_inf=inf,
+                   bias_heads=heads, bias_rows=rows)
+
+
+def _sum(arrays: list[np.ndarray], terms: tuple[BiasTerm, ...], dtype: np.dtype) -> np.ndarray:
+    parts = [t.evaluate(a, dtype) for t, a in zip(terms, arrays)]
+    total = parts[0]
+    with np.errstate(over="ignore"):  # finfo.min + finfo.min is -inf in the dtype, as the fused model computes it
+        for a in parts[1:]:
+            total = total + a
+    return np.asarray(total)

@@ -12,8 +12,10 @@ Used by :mod:`passes.fusions.attention` once a layer is matched and checked (the
 15 nodes (16 without a mask: no Add), plus ``Where(IsNaN(p), 0, p)`` when a query row can see
 no key at all and the original guarded it. ``bias`` is made once per model from the 2-D mask
 input (see :class:`StandardMasks`) and shared by every layer: no per-layer mask or shape
-arithmetic is left. Nothing here depends on the opset beyond Trilu (14) for causal masks; the
-Split and Shape forms follow the model's opset.
+arithmetic is left. A score bias (ALiBi, a relative position bias, a sliding-window mask: the
+graph's own values, which stay) is added to it, once per model where layers share it. Nothing
+here depends on the opset beyond Trilu (14) for causal masks; the Split and Shape forms follow
+the model's opset.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 
 import ir
 
+from ._attention_contrib import score_bias
 from ._attention_match import AttentionMatch
 from ..framework.rewriter import Rewriter
 
@@ -81,11 +84,12 @@ def standard_form_unsupported(m: AttentionMatch, opset: int) -> str | None:
 def _needs_nan_guard(m: AttentionMatch) -> bool:
     """True when a row can see no key, the mask blocks with -inf, and the original zeroed such rows.
 
-    Rows with no allowed key exist under causal+padding (left padding); a padding-only mask
-    blocks a whole row only for an all-zero mask row, for which the finite bias gives the
-    eager form's mean. The original guarded its rows when an ``IsNaN`` sits after its Softmax.
+    Rows with no allowed key exist under causal+padding (left padding) and where a score bias
+    blocks a whole row (a sliding window over padding); a padding-only mask blocks a whole row
+    only for an all-zero mask row, for which the finite bias gives the eager form's mean. The
+    original guarded its rows when an ``IsNaN`` sits after its Softmax.
     """
-    return (m.mask.kind == "causal+padding" and _blocks_with_inf(m)
+    return ((m.mask.kind == "causal+padding" and _blocks_with_inf(m) or m.mask.bias_inf)
             and any(n.op_type == "IsNaN" for n in m.cand.nodes))
 
 
@@ -112,8 +116,26 @@ class StandardMasks:
         self.graph = graph
         self.opset = opset
         self._cache: dict[tuple[Any, ...], ir.Value] = {}
+        self._terms: dict[tuple[Any, ...], ir.Value] = {}  # score biases, see score_bias
 
     def bias(self, m: AttentionMatch, rw: Rewriter, before: ir.Node, dtype: Any) -> ir.Value | None:
+        """The additive bias for ``m``: its score bias plus its mask's, or ``None`` for neither.
+
+        The score bias (:attr:`~passes.fusions._attention_mask.MaskVerdict.bias`) is the sum of
+        the graph's own bias values, as is (Add broadcasts); one ``Add`` joins it to the mask's,
+        once per pair, so a layer keeps one Add between its scores and its Softmax.
+        """
+        score = score_bias(m, rw, self.graph, self._terms, self.opset, op_layout=False)
+        mask = self._mask(m, rw, before, dtype)
+        if score is None or mask is None:
+            return score if mask is None else mask
+        key = (id(score), id(mask))
+        if key not in self._cache:
+            self._cache[key] = rw.make("Add", [score, mask], before=m.output.producer(),  # type: ignore[arg-type]
+                                       name="attention_bias_and_mask").outputs[0]  # type: ignore[assignment]
+        return self._cache[key]
+
+    def _mask(self, m: AttentionMatch, rw: Rewriter, before: ir.Node, dtype: Any) -> ir.Value | None:
         """The additive bias for ``m``'s mask kind, or ``None`` for no mask."""
         kind = m.mask.kind
         if kind == "none":

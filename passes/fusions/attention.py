@@ -14,7 +14,14 @@ Syntax is matched only loosely (which ops may sit on each path); what the paths 
   and the pre-MatMul scales ``c``;
 * the head merge must equal ``transpose(0,2,1,3) + reshape``;
 * the mask region must be a key-padding and/or causal mask of a 2-D mask input
-  (:mod:`passes.fusions._attention_mask`), which also gives the post-MatMul scale.
+  (:mod:`passes.fusions._attention_mask`), which also gives the post-MatMul scale;
+* or, once a *score bias* is taken off, such a mask (or none): ``scale·Q·Kᵀ + B`` where ``B``
+  is the sum of the graph values the region adds to the scores (ALiBi, T5/MPNet/Swin relative
+  position biases) and of the blocking ``Where`` conditions it applies (GPT-Neo's banded buffer),
+  checked on the probes to be independent of the scores and of the hidden states (a bias read
+  from the query or key values is refused), with the ``[1|B, 1|N, 1|S, T]`` shape of
+  MultiHeadAttention's ``attention_bias``. A sliding-window mask is such a ``B``, checked at a
+  length past the window.
 
 Decoder paths may also hold, from the operand back (see :mod:`~passes.fusions._attention_match`):
 a GQA head repeat (``Unsqueeze/Expand/Reshape``), a KV cache ``Concat(past, new)`` on the
@@ -40,6 +47,17 @@ Layers with a rotary, a past or grouped K/V heads become ``MultiHeadAttention`` 
 * past and GQA (Llama): the cache keeps ``kv_heads`` heads, so ``present = Concat(past,
   BNSH(k_rot))`` is kept and the op gets K/V and the pasts repeated (``Expand``).
 
+A layer with a score bias becomes ``MultiHeadAttention`` with ``attention_bias`` = ``B``: the
+graph's own bias values stay (computed once, and shared by the layers that add the same values:
+T5's position bias), summed, unsqueezed to 4-D and expanded over the query rows only where the op
+needs it, next to the key padding mask and ``unidirectional`` of what remains. Query rows the bias
+blocks entirely are NaN in the op; where the original zeroes them behind a NaN guard, they are
+zeroed in the bias and the layer's output is multiplied by a 0/1 row scale (exact). Gemma-2's
+logit soft-capping (``c·tanh(s/c)`` before the mask) has no MultiHeadAttention form and stays
+decomposed with an ``--explain`` line (onnxruntime 1.32's CPU ``GroupQueryAttention`` has a
+``softcap`` attribute, but see below why GQA is not used); so does DeBERTa's disentangled
+attention, whose position terms are products with the query and key.
+
 Not ``GroupQueryAttention``: it takes per-row lengths (``seqlens_k``), not a key padding mask, so
 by its contract it cannot express left padding or holes, and right-padded rows are unspecified.
 Nor MultiHeadAttention's 4-D BNSH key form: its causal mask then ignores the past. Its present
@@ -51,8 +69,8 @@ On targets without contrib attention (the ``onnx`` target), a matched layer with
 rotary or grouped heads is rewritten in the fewest standard ops instead
 (:mod:`passes.fusions._attention_standard`): one packed QKV MatMul with the scale folded into the Q
 columns, one Split, Reshape/Transpose per operand, ``Softmax(Q·Kᵀ + bias)·V``, Transpose and
-Reshape, with the additive ``bias`` built once per model from the 2-D mask. Other layers there
-are left as they are, with a note.
+Reshape, with the additive ``bias`` built once per model from the 2-D mask (plus the score bias,
+joined in one ``Add``). Other layers there are left as they are, with a note.
 
 The pieces, in the order a layer goes through them: :mod:`~passes.fusions._attention_match` (the
 match types and the syntactic walk), :mod:`~passes.fusions._attention_check` (the probe-evaluated
@@ -70,7 +88,8 @@ import ir
 
 from ._attention_check import Analysis
 from ._attention_contrib import ContribAttention
-from ._attention_match import MS, AttentionMatch, erase_layer, fused_op
+from ._attention_match import MS, AttentionMatch, erase_layer
+from ._attention_match import fused_op as _layer_op
 from ._attention_standard import StandardMasks, rewrite_standard, standard_form_unsupported
 from ..framework.base import Pass, PassContext, PassResult
 from ..framework.rules import NoMatch, Rule, apply_rules
@@ -78,6 +97,11 @@ from ..framework.registry import register_pass
 from ..framework.rewriter import Rewriter
 
 __all__ = ["FuseAttentionPass", "AttentionFusion"]
+
+
+def fused_op(m: AttentionMatch) -> str:
+    """The contrib op for ``m``: ``MultiHeadAttention`` for a score bias (its ``attention_bias``)."""
+    return "MultiHeadAttention" if m.mask.bias else _layer_op(m)
 
 
 class AttentionFusion(Rule):
