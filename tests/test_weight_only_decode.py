@@ -23,7 +23,7 @@ from passes import PassContext, PassManager
 from passes.framework.base import PassError
 from passes.framework.numerics import model_bytes_or_path
 from passes.quantization.quant_math import cosine_rows
-from passes.tools.generate import generate_with_stats, make_session
+from passes.tools.generate import GenerateError, generate_with_stats, make_session, perplexity
 
 STEPS = 32
 
@@ -97,6 +97,27 @@ def test_int4_weights_keep_the_logits_close(past_export) -> None:
     got = generate_with_stats(make_session(q4), prompt, 1, keep_logits=True)
     cos = cosine_rows(ref.logits[0].astype(np.float64), got.logits[0].astype(np.float64))
     assert 0.98 < cos.min() < 1.0 - 1e-7  # close, and really quantized
+
+
+def test_perplexity_matches_torch_and_int8_barely_moves_it(past_export) -> None:
+    import torch
+
+    from passes.tools import export as ex
+
+    path = past_export("llama")
+    ids = np.random.default_rng(5).integers(3, 1000, size=80)
+    model = ex.tiny_model("llama", attn_implementation="sdpa")  # the exported weights (seeded)
+    with torch.inference_mode():  # two windows of 40 tokens, 39 predictions each: the mean of the means
+        chunks = [torch.from_numpy(ids[None, i : i + 40]) for i in (0, 40)]
+        loss = torch.stack([model(input_ids=c, labels=c).loss for c in chunks]).mean()
+    ref = float(torch.exp(loss))
+    ppl = perplexity(str(path), ids, window=40)
+    np.testing.assert_allclose(ppl, ref, rtol=1e-4)
+    assert perplexity(str(path), ids, window=40, max_windows=1) != ppl  # the second window counts
+    q8, _, _ = _compile(path, 8)
+    assert abs(perplexity(make_session(q8), ids, window=40) / ppl - 1) < 0.01
+    with pytest.raises(GenerateError, match="window"):
+        perplexity(str(path), ids, window=1)
 
 
 # -- per-op fallback -------------------------------------------------------------------------------

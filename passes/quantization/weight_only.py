@@ -267,8 +267,10 @@ class WeightOnlyQuantizePass(Pass):
         alone: dict[tuple[int, int], float] = {}
         levels = first
         if whole.worst < budget:
-            for c in todo:
+            for i, c in enumerate(todo):
                 alone[(c.index, self.bits)] = score({c.index: self.bits}).worst
+                if i % 8 == 7:
+                    ctx.report_progress(f"quantize-weights: measured {i + 1}/{len(todo)} ops alone at int{self.bits}")
             order = sorted(todo, key=lambda c: alone[(c.index, self.bits)])  # largest error first
             found = self._fewest(order, first, lower, score, budget)
             if found is None and lower:  # int8 everywhere still breaks it: then float, worst int8 first
