@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 import numpy as np
@@ -44,6 +45,7 @@ def past_export(tmp_path_factory: pytest.TempPathFactory):
     return get
 
 
+@functools.lru_cache(maxsize=8)  # the same compile serves several tests (per worker)
 def _compile(path: pathlib.Path, bits: int | None) -> tuple[bytes, dict[str, int], ir.Model]:
     from passes.tools.compile import compile_model
 
