@@ -138,7 +138,7 @@ def torch_generate(model: torch.nn.Module, prompt: np.ndarray, tokens: int) -> t
     return out[0, prompt.shape[1]:].numpy()[None, :], (tokens - 1) / max(total - ttft, 1e-9)
 
 
-def prepare(key: str, cache: pathlib.Path, threads: int) -> tuple[torch.nn.Module, dict[str, pathlib.Path], dict]:
+def prepare(key: str, cache: pathlib.Path) -> tuple[torch.nn.Module, dict[str, pathlib.Path], dict]:
     """The torch model, and the original and compiled ONNX files (reused from ``cache`` when present)."""
     arch, overrides = MODELS[key]
     model = tiny_model(arch, attn_implementation="sdpa", **overrides).eval()
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.tokens} new tokens, {args.rounds} interleaved rounds")
     rows = []
     for key in args.models.split(","):
-        model, paths, info = prepare(key, cache, args.threads)
+        model, paths, info = prepare(key, cache)
         vocab = int(model.config.vocab_size)
         params = sum(v.numel() for v in model.parameters()) / 1e6
         prompt = np.random.default_rng(0).integers(3, vocab, size=(1, args.prompt_len)).astype(np.int64)
