@@ -24,21 +24,35 @@ The layout (onnxruntime's ``MatMulNBits`` schema, ``weight_prepacked=0``):
 A bias ``Add`` of a constant ``[N]`` vector that alone reads the product (or Gemm's ``C``) goes into
 the op's ``bias`` input. The rewrite happens only where the target provides ``com.microsoft``
 ``MatMulNBits``. :func:`pack_weight` and :func:`dequantize_weight` are the math, public for tests.
+
+**Per-op fallback** (``min_cosine > 0``): int4 weights of a whole model can fall out of an accuracy
+budget while most ops alone are harmless. Then the pass measures, with the ``quantize`` pass's
+machinery (:mod:`passes.quantization.calibration` inputs scored by
+:class:`~passes.quantization.sensitivity.Evaluator` against the float model), each op quantized
+alone, and keeps the ops whose error is largest at ``fallback`` precision (int8 weights, or float):
+the fewest such ops, found by bisection over the ops sorted by their measured error, with which the
+combined model (re-measured, not summed) keeps the worst sample's cosine at or above ``min_cosine``.
+When int8 fallback of every op is not enough either, the ops are moved to float in the order of
+their int8 error. One onnxruntime session on a *switch model* (every op computed at every
+precision, mixed by run-time flags, as the ``quantize`` pass does) measures every subset; the final
+rewrite is measured once more. The per-op table goes to the result's ``rows``.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 import ir
 
-from ._candidates import MS, find_candidates, initializer_array, weight_of
-from ._emit import _bias_add, _drop_unused
+from ._candidates import MS, Candidate, find_candidates, initializer_array, weight_of
+from ._emit import _bias_add, _drop_unused, copy_model
 from ..framework.base import Pass, PassContext, PassError, PassResult
+from ..framework.numerics import model_bytes_or_path, session
 from ..framework.registry import register_pass
 from ..framework.rewriter import Rewriter
 
@@ -143,6 +157,10 @@ def dequantize_weight(p: PackedWeight) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(n, -1)[:, : p.k].T)
 
 
+#: The fallback precisions by name (weight bits; 0 = float).
+_LEVELS = {"int8": 8, "float": 0}
+
+
 @register_pass
 @dataclass(frozen=True)
 class WeightOnlyQuantizePass(Pass):
@@ -156,6 +174,14 @@ class WeightOnlyQuantizePass(Pass):
         symmetric: no zero points (codes centred on ``2^(bits-1)``).
         exclude: node names or op types never to quantize.
         min_weight: weights with fewer elements stay float (tiny projections gain nothing).
+        min_cosine: the accuracy budget (worst calibration sample's cosine to the float model);
+            0 quantizes every op without measuring (see the module docstring for the fallback).
+        fallback: where the ops that break the budget go: ``int8`` (then float if needed) or ``float``.
+        calibration: an ``.npz`` of model inputs to measure on (as the ``quantize`` pass).
+        tokenizer: a tokenizer folder, with ``texts``, to measure on real text.
+        texts: a text file, one sample per line.
+        max_calibration: calibration samples to use at most.
+        threads: onnxruntime threads while measuring.
     """
 
     name: ClassVar[str] = "quantize-weights"
@@ -167,31 +193,204 @@ class WeightOnlyQuantizePass(Pass):
     symmetric: bool = False
     exclude: tuple[str, ...] = ()
     min_weight: int = 0
+    min_cosine: float = 0.0
+    fallback: str = "int8"
+    calibration: str = ""
+    tokenizer: str = ""
+    texts: str = ""
+    max_calibration: int = 32
+    threads: int = 2
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         """Rewrite every eligible MatMul/Gemm (see the module docstring)."""
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise PassError(f"quantize-weights: accuracy_level must be 0-4, not {self.accuracy_level}")
+        if self.fallback not in _LEVELS:
+            raise PassError(f"quantize-weights: fallback must be int8 or float, not {self.fallback!r}")
         pack_weight(np.zeros((16, 1), np.float32), bits=self.bits, block_size=self.block_size)  # validates options
         rw = Rewriter()
         if ctx.target is None or not ctx.target.supports("MatMulNBits", MS):
             return rw.result()
-        nodes = list(model.graph)
         todo = [c for c in find_candidates(model, ("MatMul", "Gemm"), set(self.exclude))
                 if c.weight_shape[0] * c.weight_shape[1] >= self.min_weight]
+        if not todo:
+            return rw.result()
+        levels = {c.index: self.bits for c in todo}
+        rows: list[dict[str, Any]] = []
+        if self.min_cosine > 0:
+            levels, rows = self._decide(model, ctx, todo)
+        nodes = list(model.graph)
         todo_nodes = [nodes[c.index] for c in todo]  # indices shift as nodes are inserted
-        stats: Counter[str] = Counter()
         for c, node in zip(todo, todo_nodes):
-            self._rewrite(model.graph, rw, node, c.op)
-            stats[f"{c.op} -> MatMulNBits ({self.bits}-bit)"] += 1
-        if todo:
+            bits = levels[c.index]
+            if bits:
+                self._rewrite(model.graph, rw, node, c.op, bits)
+                rw.count(f"{c.op} -> MatMulNBits ({bits}-bit)")
+            else:
+                rw.count("kept float")
+        if any(levels.values()):
             rw.import_opset(model, MS)
-            rw.stats.update(stats)
-        return rw.result()
+        result = rw.result()
+        result.rows = rows
+        return result
 
-    def _rewrite(self, graph: ir.Graph, rw: Rewriter, node: ir.Node, op: str) -> None:
-        w, bias = weight_of(node)  # type: ignore[misc]
+    # -- per-op fallback ----------------------------------------------------------------------
+    def _decide(self, model: ir.Model, ctx: PassContext, todo: list[Candidate]
+                ) -> tuple[dict[int, int], list[dict[str, Any]]]:
+        """Bits per candidate index (0: float) under ``min_cosine``, and the per-op table."""
+        from .calibration import calibration_batches
+        from .sensitivity import Evaluator
+
+        t0 = time.perf_counter()
+        source, _ = model_bytes_or_path(model)
+        calib = calibration_batches(model, session(source, 1).get_inputs(), calibration=self.calibration,
+                                    tokenizer=self.tokenizer, texts=self.texts, limit=self.max_calibration)
+        if calib.generated:
+            ctx.note(self.name, "calibration", "no calibration or tokenizer/texts given: deciding on generated "
+                     "inputs, which may not show the activation ranges of real data")
+        ev = Evaluator(source, calib.batches, threads=self.threads)
+        del source
+        lower = _LEVELS[self.fallback] if _LEVELS[self.fallback] > self.bits else 0  # int8 weights: float fallback
+        precisions = [self.bits, lower] if lower else [self.bits]
+        switch, flags = self._switch_model(model, todo, precisions)
+        sess = ev.session(model_bytes_or_path(switch)[0])
+        del switch
+
+        def score(levels: dict[int, int]) -> Any:
+            feeds = {name: np.array(1.0 if levels.get(i) == b else 0.0, np.float32) for (i, b), name in flags.items()}
+            return ev.score_session(sess, feeds)
+
+        budget = float(self.min_cosine)
+        first = {c.index: self.bits for c in todo}
+        whole = score(first)
+        ctx.report_progress(f"quantize-weights: all {len(todo)} ops int{self.bits}: {whole}")
+        alone: dict[tuple[int, int], float] = {}
+        levels = first
+        if whole.worst < budget:
+            for i, c in enumerate(todo):
+                alone[(c.index, self.bits)] = score({c.index: self.bits}).worst
+                if i % 8 == 7:
+                    ctx.report_progress(f"quantize-weights: measured {i + 1}/{len(todo)} ops alone at int{self.bits}")
+            order = sorted(todo, key=lambda c: alone[(c.index, self.bits)])  # largest error first
+            found = self._fewest(order, first, lower, score, budget)
+            if found is None and lower:  # int8 everywhere still breaks it: then float, worst int8 first
+                for c in todo:
+                    alone[(c.index, lower)] = score({c.index: lower}).worst
+                order = sorted(todo, key=lambda c: alone[(c.index, lower)])
+                found = self._fewest(order, {c.index: lower for c in todo}, 0, score, budget)
+            if found is None:
+                ctx.note(self.name, "model", f"the budget min_cosine={budget} cannot be met even with every op "
+                         f"in float fallback on {calib.source}; the model is left in float")
+                levels = {c.index: 0 for c in todo}
+            else:
+                levels = found
+        final = None
+        if any(levels.values()):  # the real rewrite, measured once more
+            trial = copy_model(model)
+            nodes = list(trial.graph)
+            trial_rw = Rewriter()
+            for c, node in [(c, nodes[c.index]) for c in todo]:
+                if levels[c.index]:
+                    self._rewrite(trial.graph, trial_rw, node, c.op, levels[c.index])
+            trial_rw.import_opset(trial, MS)
+            final = ev.score(model_bytes_or_path(trial)[0])
+            del trial
+            if final.worst < budget:
+                ctx.note(self.name, "model", f"the rewritten model measures {final} below the budget "
+                         f"{budget} (the switch model measured it inside); the model is left in float")
+                levels = {c.index: 0 for c in todo}
+        counts = Counter(levels.values())
+        summary = ", ".join(f"{counts[b]} {'float' if b == 0 else f'int{b}'}" for b in sorted(counts, reverse=True))
+        ctx.note(self.name, "model", f"{summary} of {len(todo)} ops; {final if final is not None else whole} "
+                 f"(budget {budget}) on {calib.source}; {ev.stats.evaluations} measurements in "
+                 f"{time.perf_counter() - t0:.1f} s")
+        rows = []
+        for c in todo:
+            err = {f"error int{b}": round(1.0 - alone[(c.index, b)], 7) for b in (self.bits, 8) if (c.index, b) in alone}
+            b = levels[c.index]
+            rows.append({"name": c.name, "op": c.op, "shape": list(c.weight_shape),
+                         "decision": "float" if b == 0 else f"int{b}", **err})
+        return levels, rows
+
+    @staticmethod
+    def _fewest(order: list[Candidate], start: dict[int, int], lower: int, score: Any, budget: float
+                ) -> dict[int, int] | None:
+        """``start`` with the fewest leading ops of ``order`` at ``lower`` that holds the budget (bisection)."""
+
+        def moved(k: int) -> dict[int, int]:
+            return {**start, **{c.index: lower for c in order[:k]}}
+
+        if score(moved(len(order))).worst < budget:
+            return None
+        lo, hi = 0, len(order)  # moved(hi) holds
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if score(moved(mid)).worst >= budget:
+                hi = mid
+            else:
+                lo = mid + 1
+        return moved(hi)
+
+    def _switch_model(self, model: ir.Model, todo: list[Candidate], precisions: list[int]
+                      ) -> tuple[ir.Model, dict[tuple[int, int], str]]:
+        """A copy of ``model`` where each op's output is ``y + sum_b flag_b * (y_b - y)`` over ``precisions``.
+
+        Returns the copy and the flag input name per ``(candidate index, bits)``; all flags 0 is the
+        float model exactly.
+        """
+        m = copy_model(model)
+        graph, rw = m.graph, Rewriter()
+        rw.import_opset(m, MS)
+        nodes = list(graph)
+        scalar = ir.TensorType(ir.DataType.FLOAT, ())
+        flags: dict[tuple[int, int], str] = {}
+        for c in todo:
+            node = nodes[c.index]
+            x, y = node.inputs[0], node.outputs[0]
+            assert x is not None and y is not None
+            w, bias = weight_of(node)  # type: ignore[misc]
+            uses = list(y.uses())
+            acc, after = y, node
+            for bits in precisions:
+                q = self._nbits(graph, rw, x, w, bias, bits, f"switch{c.index}_{bits}", y.type, after=after)
+                flag = ir.Value(graph.unique_name(f"nbits_flag_{c.index}_{bits}"), scalar)
+                graph.add_input(flag)
+                flags[(c.index, bits)] = flag.name
+                diff = rw.make("Sub", [q.outputs[0], y], after=q)
+                scaled = rw.make("Mul", [diff.outputs[0], flag], after=diff)
+                mixed = rw.make("Add", [acc, scaled.outputs[0]], after=scaled, types=[y.type])
+                acc, after = mixed.outputs[0], mixed
+            for user, idx in uses:
+                user.replace_input(idx, acc)
+            if y.is_graph_output():
+                rw.replace_graph_output(y, acc)
+        graph.sort()
+        return m, flags
+
+    # -- the rewrite --------------------------------------------------------------------------
+    def _nbits(self, graph: ir.Graph, rw: Rewriter, x: ir.Value, w: np.ndarray, bias: np.ndarray | None, bits: int,
+               base: str, out_type: ir.Type | None, *, before: ir.Node | None = None, after: ir.Node | None = None
+               ) -> ir.Node:
+        """A new ``MatMulNBits`` computing ``x @ w (+ bias)`` with ``w`` quantized to ``bits``."""
         k, n = w.shape
+        p = pack_weight(w, bits=bits, block_size=self.block_size, symmetric=self.symmetric)
+        inputs: list[ir.Value | None] = [
+            x,
+            rw.constant(graph, p.b, name=f"{base}_w_q{bits}"),
+            rw.constant(graph, p.scales, name=f"{base}_w_scales"),
+            None if p.zero_points is None else rw.constant(graph, p.zero_points, name=f"{base}_w_zero_points"),
+        ]
+        if bias is not None:
+            inputs += [None, rw.constant(graph, np.ascontiguousarray(bias, np.float32), name=f"{base}_bias")]
+        while inputs[-1] is None:
+            inputs.pop()
+        attrs = {"K": k, "N": n, "bits": bits, "block_size": self.block_size, "accuracy_level": self.accuracy_level}
+        return rw.make("MatMulNBits", inputs, attrs, before=before, after=after, domain=MS, name=f"{base}_nbits",
+                       output_names=[f"{base}_out"], types=[out_type])
+
+    def _rewrite(self, graph: ir.Graph, rw: Rewriter, node: ir.Node, op: str, bits: int) -> None:
+        w, bias = weight_of(node)  # type: ignore[misc]
+        n = w.shape[1]
         replaced, erase = node.outputs[0], [node]
         old = [v for v in node.inputs[1:] if v is not None]
         if bias is None and op == "MatMul":
@@ -201,23 +400,9 @@ class WeightOnlyQuantizePass(Pass):
                 bias = initializer_array(other).reshape(-1)  # type: ignore[union-attr]
                 replaced, erase = add.outputs[0], [add, node]
                 old.append(other)  # type: ignore[arg-type]
-        assert replaced is not None
-        p = pack_weight(w, bits=self.bits, block_size=self.block_size, symmetric=self.symmetric)
-        base = node.name or replaced.name
-        inputs: list[ir.Value | None] = [
-            node.inputs[0],
-            rw.constant(graph, p.b, name=f"{base}_w_q{self.bits}"),
-            rw.constant(graph, p.scales, name=f"{base}_w_scales"),
-            None if p.zero_points is None else rw.constant(graph, p.zero_points, name=f"{base}_w_zero_points"),
-        ]
-        if bias is not None:
-            inputs += [None, rw.constant(graph, np.ascontiguousarray(bias, np.float32), name=f"{base}_bias")]
-        while inputs[-1] is None:
-            inputs.pop()
-        attrs = {"K": k, "N": n, "bits": self.bits, "block_size": self.block_size,
-                 "accuracy_level": self.accuracy_level}
-        new = rw.make("MatMulNBits", inputs, attrs, before=node, domain=MS, name=f"{base}_nbits",
-                      output_names=[f"{base}_out"], types=[replaced.type])
+        assert replaced is not None and node.inputs[0] is not None
+        new = self._nbits(graph, rw, node.inputs[0], w, bias, bits, node.name or replaced.name, replaced.type,
+                          before=node)
         rw.replace_all_uses_with(replaced, new.outputs[0])
         rw.erase(erase)
         for v in old:

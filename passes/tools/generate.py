@@ -14,6 +14,7 @@ Python API::
     ids = generate("llama_past.onnx", [1, 2, 3], max_new_tokens=16)       # -> [[...16 ids]]
     out = generate_with_stats(session, [[1, 2, 3]], 16, keep_logits=True)
     out.ids, out.logits, out.time_to_first_token, out.tokens_per_second
+    ppl = perplexity(session, token_ids, window=128)                      # exp(mean next-token NLL)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["generate", "generate_with_stats", "Generation", "GenerateError", "make_session", "main"]
+__all__ = ["generate", "generate_with_stats", "perplexity", "Generation", "GenerateError", "make_session", "main"]
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
@@ -166,6 +167,46 @@ def generate(session_or_path: Any, prompt_ids: Any, max_new_tokens: int, **kwarg
     See :func:`generate_with_stats` for the arguments.
     """
     return generate_with_stats(session_or_path, prompt_ids, max_new_tokens, **kwargs).ids
+
+
+def perplexity(session_or_path: Any, token_ids: Any, *, window: int = 128, max_windows: int | None = None,
+               threads: int = 1) -> float:
+    """Perplexity of the model on a token stream: ``exp`` of the mean next-token negative log-likelihood.
+
+    The stream is cut into windows of ``window`` tokens (a shorter last one is dropped unless it is
+    the only one); each runs as one prefill with an empty cache, and predicts its own tokens 2..n.
+
+    Args:
+        session_or_path: an ``onnxruntime.InferenceSession`` or a model path (a decoder exported
+            ``with_past``, as :func:`generate_with_stats` takes).
+        token_ids: 1-D token ids.
+        window: tokens per window (at least 2).
+        max_windows: use at most this many windows.
+        threads: intra-op threads when a path is given.
+
+    Raises:
+        GenerateError: the model is not a decoder with a KV cache, or fewer than 2 tokens.
+    """
+    sess = session_or_path if hasattr(session_or_path, "run") else make_session(session_or_path, threads)
+    sig = _signature(sess)
+    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    if window < 2 or ids.size < 2:
+        raise GenerateError("perplexity needs a window of at least 2 tokens and at least 2 token ids")
+    starts = list(range(0, ids.size - window + 1, window)) or [0]
+    if max_windows is not None:
+        starts = starts[: max(1, max_windows)]
+    nll, count = 0.0, 0
+    for start in starts:
+        chunk = ids[start : start + window][None, :]
+        feeds: dict[str, np.ndarray] = {name: np.zeros((1, kv, 0, hd), sig.dtype) for name, kv, hd in sig.past}
+        feeds["input_ids"] = chunk
+        feeds["attention_mask"] = np.ones_like(chunk)
+        logits = sess.run(["logits"], feeds)[0][0, :-1].astype(np.float64)
+        logits -= logits.max(axis=-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        nll -= float(logp[np.arange(chunk.shape[1] - 1), chunk[0, 1:]].sum())
+        count += chunk.shape[1] - 1
+    return float(np.exp(nll / count))
 
 
 def _parser() -> argparse.ArgumentParser:
