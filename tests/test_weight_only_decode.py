@@ -209,3 +209,15 @@ def test_an_impossible_budget_keeps_the_model_float() -> None:
 def test_bad_fallback_raises() -> None:
     with pytest.raises(PassError, match="fallback"):
         _quantize(_chain(sensitive=0), "fallback=int2")
+
+
+def test_compile_report_shows_the_fallback_decisions() -> None:
+    """The compile report lists quantize-weights' per-op rows as it does the quantize pass's."""
+    from passes.tools.compile import compile_model
+
+    result = compile_model(ir.from_onnx(_chain(sensitive=3)), "x86", verify=False,
+                           pipeline="quantize-weights{bits=4,min_cosine=0.97}")
+    decisions = {q["name"]: q["decision"] for q in result.report.quantization}
+    assert decisions == {f"MatMul 'mm{i}'": "int8" if i == 3 else "int4" for i in range(4)}
+    text = result.report.format()
+    assert "MatMul 'mm3'" in text and "int8" in text

@@ -77,6 +77,9 @@ def known_domains(target: targets.Target, extra: tuple[str, ...] | list[str] = (
     return known
 
 
+#: Passes whose result rows are per-op quantization decisions (shown in the report).
+_QUANTIZE_PASSES = ("quantize", "quantize-weights")
+
 @dataclass
 class CompileReport:
     """What a compilation did: op counts, passes, fusions, verification."""
@@ -92,7 +95,7 @@ class CompileReport:
     verified_ok: bool | None = None
     verify_setup: str = ""
     diagnostics: list[Diagnostic] = field(default_factory=list)
-    #: Per-op quantization decisions (the ``rows`` of the quantize pass's result).
+    #: Per-op quantization decisions (the ``rows`` of the quantize and quantize-weights passes).
     quantization: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
@@ -155,7 +158,9 @@ class CompileReport:
         if self.quantization:
             lines += ["", f"{'quantize: op':<72} {'decision':<10} {'error alone':>11}"]
             for q in self.quantization:
-                err = "-" if q.get("error") is None else f"{q['error']:.2e}"
+                # quantize gives "error"; quantize-weights "error int4"/"error int8" (the first is its bits)
+                e = q.get("error", next((v for k, v in q.items() if k.startswith("error ")), None))
+                err = "-" if e is None else f"{e:.2e}"
                 lines.append(f"  {q['name'][:70]:<70} {q['decision']:<10} {err:>11}")
         if self.autotune is not None:
             lines += ["", "autotune:", self.autotune.table()]
@@ -305,7 +310,7 @@ def compile_model(
         report.stats.update(r.stats)
     report.ops_after = op_counts(model)
     report.diagnostics = list(ctx.diagnostics)
-    report.quantization = [row for r in report.passes if r.spec.split("{")[0] == "quantize" for row in r.rows]
+    report.quantization = [row for r in report.passes if r.spec.split("{")[0] in _QUANTIZE_PASSES for row in r.rows]
 
     if verify and ref_session is not None and feeds is not None:
         if progress:
