@@ -305,7 +305,8 @@ def autotune(
     flags = host_cpu_flags() if cpu_flags is None else set(cpu_flags)
     settings = {"target": target.name, "min_cosine": float(min_cosine), "batch": batch, "seq": seq,
                 "threads": threads, "candidates": [c.pipeline for c in cands],
-                "calibration": {k: str(opts.get(k, "")) for k in ("calibration", "tokenizer", "texts", "exclude")}}
+                "calibration": {k: str(opts.get(k, "")) for k in ("calibration", "tokenizer", "texts", "exclude",
+                                                                   "calibration_batch")}}
     key = cache_key(model_digest(model, source), flags, fingerprint or compiler_fingerprint(), settings)
     folder = cache_dir() / key
     if use_cache and (folder / "decision.json").is_file() and (folder / "model.onnx").is_file():
