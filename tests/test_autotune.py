@@ -129,3 +129,13 @@ def test_cli_autotune_then_cached(tiny: pathlib.Path, capsys: pytest.CaptureFixt
     assert main(argv) == 0
     assert "(cached decision)" in capsys.readouterr().out
     assert main([*argv, "--pipeline", "dead-flow"]) == 2  # autotune chooses the pipeline
+
+
+def test_quantize_calibrates_at_the_timing_batch(tiny: pathlib.Path) -> None:
+    """Activation scales are per call, so the int8 candidate is calibrated (and checked) in batches
+    of the batch being tuned for; an explicit calibration_batch option wins."""
+    int8 = Candidate("int8", "quantize{sensitivity=false},dead-flow", quantized=True)
+    for options, expected in (({}, 1), ({"calibration_batch": 4}, 4)):
+        res = _tune(tiny, [int8], min_cosine=0.9, options=options)
+        spec = next(r.spec for r in res.records if r.spec.startswith("quantize"))
+        assert f"calibration_batch={expected}" in spec, spec

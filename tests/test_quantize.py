@@ -322,6 +322,83 @@ def test_budget_keeps_the_sensitive_op_float(tmp_path: pathlib.Path) -> None:
     assert {n.name for n in model.graph if n.op_type == "MatMul"} == {"sensitive"}
 
 
+def _benign_and_sensitive(tmp_path: pathlib.Path, benign: int = 3, sensitive: int = 3) -> tuple[pathlib.Path, str]:
+    """MatMuls on one input: benign ones read its outlier channel 0, sensitive ones ignore it (so the
+    per-tensor activation scale that channel sets swamps what they read). Channel 0 is large only in
+    the last 16 of 64 calibration samples: the last two batches are the hard ones."""
+    rng = np.random.default_rng(1)
+    k, n = 32, 16
+    nodes, inits, outs = [], [], []
+    for i in range(benign + sensitive):
+        w = rng.standard_normal((k, n)).astype(np.float32) * 0.2
+        if i >= benign:
+            w[0, :] = 0.0
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"{'sensitive' if i >= benign else 'benign'}{i}"))
+        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["b", n]))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])], outs, inits)
+    path = _write(tmp_path, helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    x = rng.standard_normal((64, k)).astype(np.float32)
+    x[48:, 0] = 300.0 * np.sign(x[48:, 0])
+    np.savez(tmp_path / "c.npz", x=x)
+    return path, str(tmp_path / "c.npz")
+
+
+def test_evaluator_subset_is_never_worse_than_the_full_set(tmp_path: pathlib.Path) -> None:
+    """The screening argument: a subset's worst cosine >= the full set's; hardest() takes the batches
+    the given score does worst on, and shares the reference outputs (the float model is not run again)."""
+    from passes.quantization._candidates import find_candidates
+    from passes.quantization._emit import Plan, apply_plan
+    from passes.quantization.calibration import calibration_batches
+    from passes.quantization.sensitivity import Evaluator
+
+    path, npz = _benign_and_sensitive(tmp_path)
+    model = ir.load(str(path))
+    meta = ort_session(path).get_inputs()
+    calib = calibration_batches(model, meta, calibration=npz, limit=64)
+    ev = Evaluator(str(path), calib.batches)
+    assert len(ev.batches) == 8
+    cands = find_candidates(model, ("MatMul",))
+    apply_plan(model, cands, Plan(frozenset(c.index for c in cands), True, False, True, "integer-ops"))
+    full = ev.score(model_bytes_or_path(model)[0])
+    assert len(full.batch_worst) == 8 and min(full.batch_worst) == full.worst
+    assert max(full.batch_worst[:6]) > 0.9999 > max(full.batch_worst[6:])  # channel 0 hurts batches 6 and 7 only
+    hard = ev.hardest(full, 2)
+    assert hard is not None and hard.batches == ev.batches[6:] and hard.reference[0] is ev.reference[6]
+    assert hard.score(model_bytes_or_path(model)[0]).worst == pytest.approx(full.worst, abs=1e-12)
+    easy = ev.subset([0, 1, 2])
+    assert easy.score(model_bytes_or_path(model)[0]).worst >= full.worst
+    assert ev.hardest(full, 8) is None and ev.hardest(full, 0) is None
+    before = ev.stats.batches
+    easy.score(model_bytes_or_path(model)[0])
+    assert ev.stats.batches == before + 3  # one shared count of the work done
+
+
+def test_screening_decides_as_the_full_measurement_on_fewer_batches(tmp_path: pathlib.Path) -> None:
+    """With screening on the hardest batches the budget picks the same ops as measuring everything on
+    every batch, holds on the full calibration set, and runs fewer batches."""
+    path, npz = _benign_and_sensitive(tmp_path)
+    runs = {}
+    for screen in (0, 2):
+        model, ctx, rec = _quantize(path, "x86-avx2", min_cosine=0.995, calibration=npz, screen_fraction=screen / 8)
+        note = next(str(d) for d in ctx.diagnostics if "measurements" in str(d))
+        batches = int(note.split("measurements (")[1].split(" batches")[0])
+        runs[screen] = ({r["name"] for r in rec.rows if r["decision"] == "quantized"}, batches, model)
+        assert ("screening on 2 of 8" in note) == (screen == 2), note
+    (full_pick, full_batches, _), (screen_pick, screen_batches, model) = runs[0], runs[2]
+    assert screen_pick == full_pick and len(full_pick) == 3 and all("benign" in n for n in full_pick)
+    assert screen_batches < full_batches
+    x = np.load(npz)["x"]  # per batch of 8 as calibrated: the activation scale is per call
+    assert min(_worst_cosine_all(path, model, {"x": x[i:i + 8]}) for i in range(0, 64, 8)) >= 0.995
+
+
+def _worst_cosine_all(reference: str | pathlib.Path, model: ir.Model, feeds: dict[str, np.ndarray]) -> float:
+    """Worst per-sample cosine over every output."""
+    refs = ort_session(reference).run(None, feeds)
+    gots = ort_session(model_bytes_or_path(model)[0]).run(None, feeds)
+    return min(float(cosine_rows(r.reshape(len(r), -1), g.reshape(len(g), -1)).min()) for r, g in zip(refs, gots))
+
+
 def test_outlier_channels_pick_the_few_large_ones() -> None:
     a = np.ones(200, np.float32)
     a[[3, 77]] = [40.0, 9.0]
@@ -517,3 +594,22 @@ def test_minilm_sentence_embeddings_within_budget(exported, export_cache_dir, tm
     got = _embed(ort_session(model_bytes_or_path(model)[0]), tok, held_out)
     cos = cosine_rows(ref, got)
     assert cos.mean() >= 0.999 and cos.min() >= 0.997, (cos.mean(), cos.min())
+
+
+def test_text_calibration_batches_follow_the_batch_size() -> None:
+    """Batch 1 tokenizes every sentence unpadded (its mask all ones); batch 8 pads to the longest."""
+    from passes.quantization.calibration import calibration_batches
+    from passes.tools.export import minilm_dir
+
+    class Meta:
+        def __init__(self, name: str) -> None:
+            self.name, self.type = name, "tensor(int64)"
+
+    meta = [Meta("input_ids"), Meta("attention_mask")]
+    lines = _sentences()[:16]
+    one = calibration_batches(None, meta, tokenizer=str(minilm_dir()), texts=lines, limit=16, batch=1).batches
+    eight = calibration_batches(None, meta, tokenizer=str(minilm_dir()), texts=lines, limit=16, batch=8).batches
+    assert len(one) == 16 and len(eight) == 2
+    assert all(b["attention_mask"].shape[0] == 1 and b["attention_mask"].all() for b in one)
+    assert any(not b["attention_mask"].all() for b in eight)
+    assert [int(b["attention_mask"].sum()) for b in one] == [int(m.sum()) for b in eight for m in b["attention_mask"]]

@@ -19,7 +19,10 @@ What it does, in order:
    multiply-add moved to int8 (``K*N``, a proxy for the time saved)
    while the combined model (re-measured, not summed) keeps the worst sample's cosine at or above
    ``min_cosine``; the others stay float. If not even one op fits, the model stays float and a note
-   says so.
+   says so. Screening keeps this cheap: the ops alone are ranked, and every subset tried is first
+   checked, on the few calibration batches the fully quantized model does worst on
+   (``screen_fraction``); a subset that misses the budget there misses it on the full set (a worst
+   over fewer samples is never lower), so only those that pass are measured on every batch.
 5. **Rewrite** by ``policy.format``:
 
    * ``integer-ops``: ``com.microsoft::DynamicQuantizeMatMul(A, B_q, b_scale, b_zero_point, bias)``
@@ -39,6 +42,7 @@ This module holds the pass and its decisions (steps 3 and 4); the candidates are
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 import time
 from dataclasses import dataclass
@@ -84,6 +88,13 @@ class QuantizePass(Pass):
         outlier_fraction: the largest fraction of an activation's channels kept float.
         sensitivity: measure each op and keep the sensitive ones float (``False``: quantize every
             candidate without measuring anything).
+        screen_fraction: measure each op alone, and screen every subset tried, on this fraction of
+            the calibration batches (those the fully quantized model does worst on, at least one);
+            a subset is measured on all batches only when it passes the screen. ``0``: every
+            measurement on all batches.
+        calibration_batch: samples per calibration batch. Activation scales are per call, so a
+            padded batch quantizes each sentence with a range its padding shares: calibrate at the
+            batch size the model will serve (``--autotune`` uses its timing batch).
         threads: onnxruntime threads while measuring.
     """
 
@@ -105,6 +116,8 @@ class QuantizePass(Pass):
     outlier_threshold: float = 2.0
     outlier_fraction: float = 0.02
     sensitivity: bool = True
+    screen_fraction: float = 0.15
+    calibration_batch: int = 8
     threads: int = 2
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
@@ -166,7 +179,7 @@ class QuantizePass(Pass):
         source, _ = model_bytes_or_path(model)
         meta = session(source, 1).get_inputs()
         calib = calibration_batches(model, meta, calibration=self.calibration, tokenizer=self.tokenizer,
-                                    texts=self.texts, limit=self.max_calibration)
+                                    texts=self.texts, limit=self.max_calibration, batch=self.calibration_batch)
         if calib.generated:
             ctx.note(self.name, "calibration", "no --calibration or --tokenizer/--texts given: deciding on generated "
                      "inputs, which may not show the activation ranges of real data")
@@ -189,35 +202,45 @@ class QuantizePass(Pass):
         assert best is not None
         best_name, plan, sess, flags, all_score = best
 
-        def score(chosen: set[int]) -> Score:
-            return ev.score_session(sess, _flag_feeds(flags, {i: 1.0 for i in chosen}))
+        # Screening: the batches the fully quantized model does worst on. The worst over a subset is
+        # never below the worst over all batches, so a subset that misses the budget settles a trial
+        # for the full set; only trials that pass it are measured on every batch.
+        hard = ev.hardest(all_score, math.ceil(self.screen_fraction * len(ev.batches)))
+
+        def score(chosen: set[int], on: Evaluator = ev) -> Score:
+            return on.score_session(sess, _flag_feeds(flags, {i: 1.0 for i in chosen}))
+
+        def fits(chosen: set[int]) -> bool:
+            if hard is not None and score(chosen, hard).worst < min_cos:
+                return False
+            return score(chosen).worst >= min_cos
 
         scores: dict[int, Score] = {}
         chosen: list[int]
         if all_score.worst >= min_cos:
             chosen = [c.index for c in candidates]
         else:
-            # 2. sensitivity of each op alone
+            # 2. sensitivity of each op alone (on the hardest batches when screening: a ranking)
             for i, c in enumerate(candidates):
-                scores[c.index] = score({c.index})
+                scores[c.index] = score({c.index}, hard or ev)
                 if i % 12 == 11:
                     ctx.report_progress(f"quantize: measured {i + 1}/{len(candidates)} ops alone")
             # Time-aware: the least accuracy lost per multiply-add moved to int8 goes first (the
             # int8 speed-up of an op is about proportional to its weight's K*N per token).
             order = sorted(candidates, key=lambda c: (max(1.0 - scores[c.index].worst, 1e-9) / _macs(c),
                                                       -scores[c.index].worst))
-            fits = [c for c in order if scores[c.index].worst >= min_cos]
+            alone = [c for c in order if scores[c.index].worst >= min_cos]
             # 3. the longest prefix of the least sensitive ops that fits (bisection), then greedy additions
-            lo, hi = 0, len(fits)
+            lo, hi = 0, len(alone)
             while lo < hi:
                 mid = (lo + hi + 1) // 2
-                if score({c.index for c in fits[:mid]}).worst >= min_cos:
+                if fits({c.index for c in alone[:mid]}):
                     lo = mid
                 else:
                     hi = mid - 1
-            chosen = [c.index for c in fits[:lo]]
-            for c in fits[lo + 1 :]:
-                if score({*chosen, c.index}).worst >= min_cos:
+            chosen = [c.index for c in alone[:lo]]
+            for c in alone[lo + 1 :]:
+                if fits({*chosen, c.index}):
                     chosen.append(c.index)
         # 4. the real rewrite, measured once more (the switch model is a faithful stand-in, but check)
         final: Score | None = None
@@ -238,7 +261,9 @@ class QuantizePass(Pass):
             return dataclasses.replace(plan, chosen=frozenset()), scores
         ctx.note(self.name, "model", f"{len(chosen)}/{len(candidates)} ops int8 ({best_name}), "
                  f"{len(candidates) - len(chosen)} kept float; {final} (budget {min_cos}) on {calib.source}; "
-                 f"{ev.stats.evaluations} measurements in {seconds:.1f} s")
+                 f"{ev.stats.evaluations} measurements ({ev.stats.batches} batches"
+                 f"{f', screening on {len(hard.batches)} of {len(ev.batches)}' if hard is not None else ''}) "
+                 f"in {seconds:.1f} s")
         return dataclasses.replace(plan, chosen=frozenset(chosen)), scores
 
 

@@ -11,6 +11,10 @@ scored against it per sample:
 * anything else: cosine of each sample's flattened outputs.
 
 The budget is checked on :attr:`Score.worst`, the worst sample's primary cosine.
+
+:meth:`Evaluator.subset` scores on a few of the batches (the hardest ones, for screening): the worst
+cosine over a subset is never below the worst over all batches, so a subset that misses the budget
+proves the full set misses it too, and only the subsets that pass need the full measurement.
 """
 
 from __future__ import annotations
@@ -36,12 +40,14 @@ class Score:
         mean: the mean primary cosine.
         hidden_worst: worst per-sample cosine of the full hidden states / logits over real tokens.
         agreement: argmax agreement over real positions (decoders; 1.0 otherwise).
+        batch_worst: the worst primary cosine of each batch, in batch order.
     """
 
     worst: float
     mean: float
     hidden_worst: float = 1.0
     agreement: float = 1.0
+    batch_worst: tuple[float, ...] = field(default=(), compare=False, repr=False)
 
     def __str__(self) -> str:
         s = f"worst cosine {self.worst:.5f}, mean {self.mean:.5f}, hidden-state worst {self.hidden_worst:.5f}"
@@ -51,6 +57,8 @@ class Score:
 @dataclass
 class _Stats:
     evaluations: int = 0
+    #: batches run over all evaluations (a screening evaluation runs fewer than a full one)
+    batches: int = 0
     seconds: float = 0.0
     per_batch: list[float] = field(default_factory=list)
 
@@ -78,6 +86,21 @@ class Evaluator:
         self.mask_name = next((i.name for i in sess.get_inputs() if "mask" in i.name.lower()), None)
         self.reference = [sess.run(None, b) for b in batches]
         self.kinds = [self._kind(name, out) for name, out in zip(self.output_names, self.reference[0])]
+
+    def subset(self, indices: list[int]) -> Evaluator:
+        """An evaluator on the batches ``indices`` only, sharing this one's reference outputs and stats."""
+        sub = object.__new__(Evaluator)
+        sub.__dict__.update(self.__dict__)
+        sub.batches = [self.batches[i] for i in indices]
+        sub.reference = [self.reference[i] for i in indices]
+        return sub
+
+    def hardest(self, score: Score, n: int) -> Evaluator | None:
+        """:meth:`subset` on the ``n`` batches with the lowest worst cosine in ``score``, or None when
+        that would be all of them (nothing to save)."""
+        if n <= 0 or len(score.batch_worst) != len(self.batches) or n >= len(self.batches):
+            return None
+        return self.subset(sorted(np.argsort(score.batch_worst, kind="stable")[:n].tolist()))
 
     def _kind(self, name: str, out: np.ndarray) -> str:
         if not np.issubdtype(out.dtype, np.floating):
@@ -138,10 +161,12 @@ class Evaluator:
             hidden.append(np.min(np.stack(h_rows), axis=0))
         p, h = np.concatenate(primary), np.concatenate(hidden)
         self.stats.evaluations += 1
+        self.stats.batches += len(self.batches)
         self.stats.seconds += time.perf_counter() - t0
         return Score(
             worst=float(p.min()), mean=float(p.mean()), hidden_worst=float(h.min()),
             agreement=agree_num / agree_den if agree_den else 1.0,
+            batch_worst=tuple(float(b.min()) for b in primary),
         )
 
     def activation_absmax(self, source: bytes | str, names: list[str]) -> dict[str, np.ndarray]:

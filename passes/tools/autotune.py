@@ -13,7 +13,8 @@ the profile's fixed rules are a guess; here they are measured:
    int4 (``quantize-weights``) where the target provides ``MatMulNBits``.
 2. **Compile** each from a copy of the same IR.
 3. **Accuracy** on the calibration inputs (the quantize pass's: ``--calibration``, or
-   ``--tokenizer`` + ``--texts``, else generated ones): the worst sample's cosine to the original
+   ``--tokenizer`` + ``--texts``, else generated ones), in batches of the timing batch size (so
+   are the quantize pass's decisions): the worst sample's cosine to the original
    (mask-aware mean pooling for encoders, :class:`passes.quantization.sensitivity.Evaluator`). A
    candidate below ``min_cosine`` is never picked.
 4. **Latency** of all of them in one interleaved run (the bench module's sessions: same feeds,
@@ -297,11 +298,15 @@ def autotune(
     t_start = time.perf_counter()
     opts = dict(options or {})
     opts.setdefault("min_cosine", min_cosine)
+    # Activation scales are per call: calibrate and check accuracy at the batch being tuned for
+    # (a padded batch of 8 shares each sentence's range with its padding, which batch 1 never does).
+    opts.setdefault("calibration_batch", batch)
     cands = candidate_list if candidate_list is not None else candidates(target)
     flags = host_cpu_flags() if cpu_flags is None else set(cpu_flags)
     settings = {"target": target.name, "min_cosine": float(min_cosine), "batch": batch, "seq": seq,
                 "threads": threads, "candidates": [c.pipeline for c in cands],
-                "calibration": {k: str(opts.get(k, "")) for k in ("calibration", "tokenizer", "texts", "exclude")}}
+                "calibration": {k: str(opts.get(k, "")) for k in ("calibration", "tokenizer", "texts", "exclude",
+                                                                   "calibration_batch")}}
     key = cache_key(model_digest(model, source), flags, fingerprint or compiler_fingerprint(), settings)
     folder = cache_dir() / key
     if use_cache and (folder / "decision.json").is_file() and (folder / "model.onnx").is_file():
@@ -318,7 +323,7 @@ def autotune(
     meta = ref_sess.get_inputs()
     calib = calibration_batches(model, meta, calibration=str(opts.get("calibration", "")),
                                 tokenizer=str(opts.get("tokenizer", "")), texts=opts.get("texts", "") or "",
-                                limit=max_calibration)
+                                limit=max_calibration, batch=int(opts["calibration_batch"]))
     evaluator = Evaluator(ref_src, calib.batches, threads=threads)
     feeds = make_feeds(model, meta, batch=batch, seq=seq)
 
