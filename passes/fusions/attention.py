@@ -50,7 +50,10 @@ Layers with a rotary, a past or grouped K/V heads become ``MultiHeadAttention`` 
 A layer with a score bias becomes ``MultiHeadAttention`` with ``attention_bias`` = ``B``: the
 graph's own bias values stay (computed once, and shared by the layers that add the same values:
 T5's position bias), summed, unsqueezed to 4-D and expanded over the query rows only where the op
-needs it, next to the key padding mask and ``unidirectional`` of what remains. Query rows the bias
+needs it, next to the key padding mask and ``unidirectional`` of what remains. A bias sized by a
+``Shape`` of the layer's own heads (T5, MPT) is sized from the layer input instead (each element
+probed to be the batch, the sequence or a constant), so the replaced projections go; one read
+from what the op replaces (a present key) is refused. Query rows the bias
 blocks entirely are NaN in the op; where the original zeroes them behind a NaN guard, they are
 zeroed in the bias and the layer's output is multiplied by a 0/1 row scale (exact). Gemma-2's
 logit soft-capping (``c·tanh(s/c)`` before the mask) has no MultiHeadAttention form and stays
