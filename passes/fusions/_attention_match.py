@@ -204,8 +204,10 @@ def _walk_path(v: ir.Value) -> tuple[ir.Value, list[ir.Node], OperandPath]:
         if p is None:
             break
         if (p.domain == MS and p.op_type == "RotaryEmbedding" and stage <= 2
-                and all(a in ("interleaved", "rotary_embedding_dim", "scale") or not p.attr(a) for a in p.attributes)):
-            # Only the attributes the 3-D rewrite can copy (it sets num_heads for a partial rotary)
+                and all(a in ("interleaved", "rotary_embedding_dim", "scale", "num_heads") or not p.attr(a)
+                        for a in p.attributes)):
+            # Only the attributes the 3-D rewrite can copy (it sets num_heads for a partial rotary,
+            # which onnxruntime requires with rotary_embedding_dim in the 4-D form too)
             path.rotary, stage = p, 3
         elif p.domain != "":
             break
