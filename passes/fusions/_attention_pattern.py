@@ -110,9 +110,9 @@ def _operand_path(op, src, past):
     norm = op.SimplifiedLayerNormalization(s4, op.const(name="norm_weight", ndim=1), axis=absent_or(-1),
                                            _name="norm")
     s3 = _layout(op, norm | s4, "l3")
-    # Only the rotary attributes the 3-D rewrite can copy (it sets num_heads for a partial rotary).
-    rotary = op.any_of({"RotaryEmbedding"}, s3, _domain=MS, _name="rotary", num_heads=_unset,
-                       is_packed_batching=_unset)
+    # Only the rotary attributes the 3-D rewrite can copy (it sets num_heads again for a partial
+    # rotary, which onnxruntime requires beside rotary_embedding_dim in the 4-D form too).
+    rotary = op.any_of({"RotaryEmbedding"}, s3, _domain=MS, _name="rotary", is_packed_batching=_unset)
     s2 = _layout(op, rotary | s3, "l2")
     s1 = _layout(op, op.Concat(past, s2, axis=lambda a: a in (2, -2), _name="concat") | s2, "l1")
     return _layout(op, op.any_of({"Expand"}, s1, _name="repeat") | s1, "l0")
