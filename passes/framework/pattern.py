@@ -425,7 +425,7 @@ def _insertion_point(root: ir.Node, members: set[ir.Node], builder: ReplacementB
     graph = root.graph
     assert graph is not None
     returned = set(root.outputs)
-    readers = {_holder(graph, u) for old, _ in pairs if old not in returned for u, _ in old.uses() if u not in members}
+    readers = {graph._holder(u) for old, _ in pairs if old not in returned for u, _ in old.uses() if u not in members}
     readers.discard(None)
     if not readers:  # the common case: every reader follows the root
         return root
@@ -449,20 +449,10 @@ def _insertion_point(root: ir.Node, members: set[ir.Node], builder: ReplacementB
         p = v.producer()
         if p is not None and pos.get(p, limit - 1) >= limit:
             old = next(o for o, _ in pairs if o not in returned
-                       and any(_holder(graph, u) is first for u, _ in o.uses()))
+                       and any(graph._holder(u) is first for u, _ in o.uses()))
             return NoMatch(f"no place for the replacement: %{v.name} is defined after {first.label()}, which reads "
                            f"%{old.name}", near=True)
     return first  # type: ignore[return-value]
-
-
-def _holder(graph: ir.Graph, node: ir.Node) -> ir.Node | None:
-    """The node of ``graph`` that is ``node`` or holds it in a subgraph."""
-    while node.graph is not graph:
-        g = node.graph
-        if g is None or g.parent is None:
-            return None
-        node = g.parent
-    return node
 
 
 def _heads(pat: Pattern | None) -> set[tuple[str, str]] | None:
