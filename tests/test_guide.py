@@ -1,4 +1,4 @@
-"""docs/write-a-fusion.md: its three worked rules, and its property test, run as written."""
+"""docs/write-a-fusion.md: its four worked rules, and its property test, run as written."""
 
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ def _run(code: str) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_the_guide_has_three_worked_rules() -> None:
-    assert len(BLOCKS) == 3
+def test_the_guide_has_four_worked_rules() -> None:
+    assert len(BLOCKS) == 4
 
 
-@pytest.mark.parametrize("index", range(3), ids=["silu", "gelu-with-bias", "check-on-shapes"])
+@pytest.mark.parametrize("index", range(4), ids=["silu", "gelu-with-bias", "check-on-shapes", "interior-value"])
 def test_worked_rule_runs(index: int) -> None:
     _run(BLOCKS[index])
 
@@ -41,3 +41,23 @@ def test_the_property_test_snippet_runs_on_the_silu_rule() -> None:
     snippet = re.search(r"## Test your rule.*?```python\n(.*?)```", GUIDE, flags=re.S)
     assert snippet is not None
     _run(BLOCKS[0] + "\n" + snippet.group(1) + "\ntest_my_rule()\n")
+
+
+def test_the_interior_value_rule_passes_the_property_test_with_outside_readers() -> None:
+    # rule_cases reads the named sum outside the match in some cases: the rule fires there too.
+    _run(BLOCKS[3] + """
+import collections
+from hypothesis import HealthCheck, given, settings
+from ir.testing import check_rule, rule_cases
+
+seen = collections.Counter()
+
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.filter_too_much])
+@given(rule_cases(rule, values={"gamma": np.linspace(0.5, 2, 8)}))
+def test_my_rule(case):
+    check_rule(rule, case, atol=1e-4)
+    seen[any("sum also read" in d for d in case.description)] += 1
+
+test_my_rule()
+assert seen[True] >= 3 and seen[False] >= 3, seen
+""")

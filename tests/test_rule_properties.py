@@ -3,21 +3,26 @@ spelling of its pattern, keeps numerics in onnxruntime, and a second run changes
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+import targets
 from ir.testing import check_rule, rule_cases
 from passes.fusions.activations import ACTIVATION_RULES
 from passes.fusions.gelu import GELU_RULES
 from passes.cleanup.simplify import NO_OP_RULES
-from passes.fusions.layer_norm import NORM_RULES
+from passes.fusions.layer_norm import NORM_RULES, RESIDUAL_RULES
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
-RULES = {r.name: r for r in (*GELU_RULES, *ACTIVATION_RULES, *NORM_RULES, *NO_OP_RULES)}
+RULES = {r.name: r for r in (*GELU_RULES, *ACTIVATION_RULES, *NORM_RULES, *RESIDUAL_RULES, *NO_OP_RULES)}
+_NORM_PARAMS = {"gamma": np.linspace(0.5, 2, 8), "beta": np.linspace(-1, 1, 8)}
 # What a random instance cannot choose well: the axes of the norms' means, the unit weight a γ
-# folds into, the opset that has a standard Gelu.
+# folds into, the opset that has a standard Gelu, per-channel γ/β of the residual norms (and an
+# opset that has RMSNormalization), a no-op Cast.
 OPTIONS = {
     "layer-norm": {"attrs": {"ReduceMean": {"axes": [-1]}}},
     "rms-norm": {"attrs": {"ReduceMean": {"axes": [-1]}}},
@@ -30,7 +35,11 @@ OPTIONS = {
     "no-op-expand": {"values": {"shape": np.array([3, 1], np.int64)}},
     "no-op-transpose": {"attrs": {"Transpose": {"perm": [0, 1, 2]}}},
     "neutral-element": {"values": {"c": np.float32(0.0)}},
+    "skip-layer-norm": {"values": _NORM_PARAMS, "attrs": {"Cast": {"to": 1}}, "opset": 23},
+    "residual-sum-norm": {"values": _NORM_PARAMS, "attrs": {"Cast": {"to": 1}}},
 }
+#: The target a rule is checked for, when not x86 (x86 folds a LayerNorm's residual into a Sum).
+TARGETS = {"skip-layer-norm": dataclasses.replace(targets.get("x86"), residual_layer_norm="skip")}
 
 
 @pytest.mark.parametrize("name", sorted(RULES))
@@ -40,7 +49,7 @@ def test_rule_properties(name: str) -> None:
     @SETTINGS
     @given(rule_cases(rule, **OPTIONS.get(name, {})))
     def run(case):
-        check_rule(rule, case)
+        check_rule(rule, case, target=TARGETS.get(name, "x86"))
 
     run()
 

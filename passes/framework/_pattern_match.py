@@ -17,7 +17,7 @@ from ._pattern_terms import (
     _MISSING, COMMUTATIVE, Alternatives, Const, NodeOutput, Pattern, Product, Through, Var, _attr_equal, _norm_attr,
     _norm_domain, build_pattern, capture,
 )
-from .match import const_array, single_use
+from .match import const_array, only_users, single_use
 
 __all__ = ["Match", "CompiledPattern", "Failure"]
 
@@ -78,6 +78,11 @@ class Match:
     def opset(self, domain: str = "") -> int:
         """The model's imported opset version of ``domain`` (0 when not imported)."""
         return self.rule._opsets.get(_norm_domain(domain), 0)
+
+    def read_elsewhere(self, name: str) -> bool:
+        """Whether an output of the node named ``name`` is read outside the match (or is a model output)."""
+        node, members = self.named.get(name), set(self.nodes)
+        return node is not None and not all(o is None or only_users(o, members) for o in node.outputs)
 
 
 class _State:

@@ -20,9 +20,10 @@ Output:
   / ``SkipSimplifiedLayerNormalization`` (inputs ``input, skip, gamma[, beta][, bias]``), folding
   a bias ``Add(Add(MatMul, bias), residual)`` too. When the sum is read elsewhere (pre-LN models
   such as GPT-2 and Llama carry the residual stream on), those reads use the op's 4th output
-  ``input_skip_bias_sum``. Targets with ``residual_layer_norm = "sum"`` get instead one
-  ``Sum(input, bias, residual)`` before a kept ``LayerNormalization`` (onnxruntime's
-  SkipLayerNormalization CPU kernel is the slower of the two and it re-fuses a plain ``Add``).
+  ``input_skip_bias_sum`` (the pattern rule replaces the named interior sum too). Targets with
+  ``residual_layer_norm = "sum"`` get instead one ``Sum(input, bias, residual)`` before the kept
+  ``LayerNormalization`` (onnxruntime's SkipLayerNormalization CPU kernel is the slower of the two
+  and it re-fuses a plain ``Add``).
 
 The skip fusion needs the two Add operands' shapes: onnxruntime requires ``input`` to have the full
 ``[B, S, H]`` (or ``[T, H]``) shape and ``skip`` the same, ``[1, S, H]`` or ``[S, H]``. Models
@@ -34,7 +35,7 @@ over the batch) are left alone, as onnxruntime's own fusion does: the embedding 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -43,15 +44,14 @@ import ir
 
 from ..framework.base import Pass, PassContext, PassError, PassResult
 from ..framework.match import (
-    channel_param_len, const_array, is_channel_param, is_last_axis_reduce, noop_cast, only_users, operands, producer, rank,
-    single_use,
+    channel_param_len, const_array, is_channel_param, is_last_axis_reduce, noop_cast, producer, rank,
 )
 from ..framework.pattern import Match, PatternRule
-from ..framework.rules import NoMatch, Rule, apply_rules
+from ..framework.rules import NoMatch, apply_rules
 from ..framework.registry import register_pass
 from ..framework.rewriter import Rewriter
 
-__all__ = ["LayerNormFusionPass", "NORM_RULES", "ResidualSumNormFusion", "SkipNormFusion"]
+__all__ = ["LayerNormFusionPass", "NORM_RULES", "RESIDUAL_RULES", "RESIDUAL_SUM_NORM", "SKIP_NORM"]
 
 _MS = "com.microsoft"
 _NORMS = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
@@ -158,17 +158,18 @@ NORM_RULES = (
 )
 
 
-@dataclass
-class _Skip:
-    norm: ir.Node
-    add: ir.Node
-    input: ir.Value
-    skip: ir.Value
-    bias: ir.Value | None
-    erase: list[ir.Node]
-    sum_used: bool
-    after_add: bool
-    cast: ir.Node | None = None
+#: The fused op of a norm over a residual sum.
+_SKIP = {"LayerNormalization": "SkipLayerNormalization", "RMSNormalization": "SkipSimplifiedLayerNormalization",
+         "SimplifiedLayerNormalization": "SkipSimplifiedLayerNormalization"}
+
+
+def residual_norm(op, input, skip, gamma, beta):
+    """A norm over ``input [+ bias] + skip`` (the bias form tried first), through a no-op Cast."""
+    bias = op.const(name="bias", ndim=1, predicate=lambda a: a.size > 1)
+    total = op.Add(op.Add(input, bias), skip, _name="sum") | op.Add(input, skip, _name="sum")
+    x = total | op.Cast(total, _name="cast")
+    return (op.LayerNormalization(x, gamma, beta, _name="norm") | op.LayerNormalization(x, gamma, _name="norm")
+            | op.SimplifiedLayerNormalization(x, gamma, _name="norm") | op.RMSNormalization(x, gamma, _name="norm"))
 
 
 def _position_lookup(v: ir.Value | None) -> bool:
@@ -176,190 +177,69 @@ def _position_lookup(v: ir.Value | None) -> bool:
     while (c := producer(v, "Cast")) is not None:
         v = c.inputs[0]
     g = producer(v, "Gather")
-    if g is None or const_array(g.inputs[0]) is None or g.inputs[1] is None:
-        return False
-    return not g.inputs[1].is_graph_input()
+    return g is not None and const_array(g.inputs[0]) is not None and not g.inputs[1].is_graph_input()
 
 
-def _same_dim(a: object, b: object) -> bool:
-    # Two symbolic (or unknown) dims are taken to be equal: ONNX shape inference names the batch of
-    # different branches differently. Operands that may broadcast (position lookups) are excluded
-    # before this is asked.
-    return a == b or (not isinstance(a, int) and not isinstance(b, int))
+def _layout(input: ir.Value, skip: ir.Value, hidden: int | None) -> bool | str:
+    """``input`` of the full shape ``[B, S, H]`` or ``[T, H]``; ``skip`` the same, ``[1, S, H]`` or ``[S, H]``."""
+    # Two symbolic dims are taken to be equal: ONNX shape inference names the batch of different
+    # branches differently. Operands that may broadcast (position lookups) are excluded before.
+    f, s = input.shape, skip.shape
+    if f is None or s is None:
+        return "the residual Add's operand shapes are unknown"
+    tail = s[1:] if len(s) == 3 and s[0] == 1 else s  # a [1, S, H] skip broadcasts over the batch
+    return (len(f) in (2, 3) and isinstance(f[-1], int) and hidden in (None, f[-1]) and len(s) in (len(f), 2)
+            and all(a == b or not isinstance(a, int) and not isinstance(b, int) for a, b in zip(f[-len(tail):], tail))
+            ) or f"residual Add shapes {f} and {s} do not fit SkipLayerNormalization"
 
 
-def _layout(a: ir.Value, b: ir.Value, hidden: int | None) -> tuple[ir.Value, ir.Value] | NoMatch:
-    """Which operand is SkipLayerNormalization's ``input`` (full shape) and which its ``skip``."""
-    sa, sb = a.shape, b.shape
-    if sa is None or sb is None:
-        return NoMatch("the residual Add's operand shapes are unknown", near=True)
-    if a.dtype is not None and b.dtype is not None and a.dtype != b.dtype:
-        return NoMatch("the residual Add mixes dtypes", near=True)
-    for full, other in ((a, b), (b, a)):
-        sf, so = full.shape, other.shape
-        assert sf is not None and so is not None
-        if len(sf) not in (2, 3) or not isinstance(sf[-1], int) or (hidden is not None and sf[-1] != hidden):
-            continue
-        if len(so) == len(sf) and all(_same_dim(x, y) for x, y in zip(sf, so)):
-            if len(sf) == 3 and so[0] == 1 and sf[0] != 1 and not isinstance(sf[0], int):
-                return full, other  # [1,S,H] skip broadcast over a symbolic batch
-            if len(sf) == 3 and sf[0] == 1 and isinstance(so[0], int) and so[0] != 1:
-                continue
-            return full, other
-        if len(sf) == 3 and len(so) == 3 and so[0] == 1 and all(_same_dim(x, y) for x, y in zip(sf[1:], so[1:])):
-            return full, other
-        if len(sf) == 3 and len(so) == 2 and all(_same_dim(x, y) for x, y in zip(sf[1:], so)):
-            return full, other
-    return NoMatch(f"residual Add shapes {sa} and {sb} do not fit SkipLayerNormalization", near=True)
+def check_residual(m: Match, ctx: PassContext) -> bool | str | NoMatch:
+    """The target's form; a norm over the last axis, γ/β per channel; two activations laid out as the op needs."""
+    # The sum form is for LayerNormalization on targets with residual_layer_norm = "sum" (the pass
+    # runs these rules on targets with onnxruntime's contrib ops only). The norm's mean and inv-std
+    # outputs are unread: the matcher refuses a match whose root's other outputs are read.
+    norm, cast, t = m.node("norm"), m.node("cast"), ctx.target
+    sum_form = norm.op_type == "LayerNormalization" and t is not None and t.residual_layer_norm == "sum"
+    if sum_form != (m.rule.name == "residual-sum-norm") or cast is not None and noop_cast(cast.outputs[0]) is None:
+        return NoMatch("the other residual form is the target's, or the Cast changes the dtype")
+    if norm.attr("axis", -1) not in (-1, (rank(norm.inputs[0]) or 0) - 1) or norm.attr("stash_type", 1) != 1:
+        return "the norm is not over the last axis, or its stash_type is not float32"
+    if not is_channel_param(m.gamma) or (m.beta is not None and not is_channel_param(m.beta)):
+        return "γ/β are not 1-D parameters"
+    if const_array(m.input) is not None or const_array(m.skip) is not None:
+        return "the Add before the norm adds a constant, not a residual"
+    if _position_lookup(m.input) or _position_lookup(m.skip):
+        return "embedding sum with a position lookup (may broadcast); left as LayerNorm"
+    return _layout(m.input, m.skip, channel_param_len(m.gamma))
 
 
-def _match_residual(node: ir.Node, *, keep_norm: bool) -> _Skip | NoMatch:
-    """The residual ``Add`` (and a bias ``Add`` under it) read by the norm ``node``.
-
-    ``keep_norm``: the norm stays where it is and only the sums are replaced, so computed γ/β do
-    not restrict where the replacement may go.
-    """
-    simplified = node.op_type != "LayerNormalization"
-    x = node.inputs[0]
-    # A no-op Cast between the sum and the norm (Llama's TorchScript export) is looked through.
-    cast = noop_cast(x)
-    add = producer(cast.inputs[0] if cast is not None else x, "Add")
-    if x is None or add is None:
-        return NoMatch("no residual Add")
-    if any(o is not None and (o.has_uses() or o.is_graph_output()) for o in node.outputs[1:]):
-        return NoMatch("the norm's mean/inv-std outputs are read", near=True)
-    r = rank(x)
-    axis = node.attr("axis", -1)
-    if axis != -1 and not (r is not None and axis == r - 1):
-        return NoMatch(f"norm over axis {axis}, not the last one", near=True)
-    if node.attr("stash_type", 1) != 1:
-        return NoMatch("stash_type is not float32", near=True)
-    gamma = node.inputs[1] if len(node.inputs) > 1 else None
-    beta = node.inputs[2] if len(node.inputs) > 2 and not simplified else None
-    if not is_channel_param(gamma) or (beta is not None and not is_channel_param(beta)):
-        return NoMatch("γ/β are not 1-D parameters", near=True)
-    a, b = add.inputs[0], add.inputs[1]
-    if a is None or b is None or const_array(a) is not None or const_array(b) is not None:
-        return NoMatch("the Add before the norm adds a constant, not a residual", near=True)
-    if _position_lookup(a) or _position_lookup(b):
-        return NoMatch("embedding sum with a position lookup (may broadcast); left as LayerNorm", near=True)
-    hidden = channel_param_len(gamma)
-    total = add.outputs[0]
-    assert total is not None
-    sum_used = not only_users(x, {node}) or (cast is not None and not only_users(total, {cast}))
-    # Constants and graph inputs (γ, β, bias) are defined before any node: then the fused op
-    # can take the Add's place, where every other reader of the sum is sure to follow it.
-    after_add = all(v is None or v.producer() is None for v in (gamma, beta))
-    if sum_used and not after_add and not keep_norm:
-        return NoMatch("γ/β are computed and the residual sum is read elsewhere", near=True)
-    failure: NoMatch | None = None
-    for p, q in operands(add):
-        inner = producer(p, "Add")
-        if inner is None or not single_use(p):
-            continue
-        for m, bias in operands(inner):
-            if m is None or not is_channel_param(bias) or const_array(m) is not None or channel_param_len(bias) != hidden:
-                continue
-            if _position_lookup(m) or bias.producer() is not None:
-                continue
-            lay = _layout(m, q, hidden)
-            if isinstance(lay, NoMatch):
-                failure = lay
-                continue
-            if lay[0] is not m:
-                continue  # the bias must go with the full-shape input
-            return _Skip(node, add, m, q, bias, [node, add, inner], sum_used, after_add, cast)
-    lay = _layout(a, b, hidden)
-    if isinstance(lay, NoMatch):
-        return failure or lay
-    return _Skip(node, add, lay[0], lay[1], None, [node, add], sum_used, after_add, cast)
+def skip_fused(op, input, skip, bias, gamma, beta, match):
+    """Skip(Simplified)LayerNormalization; its 4th output, the sum, where the sum is read elsewhere."""
+    norm, read_on = match.node("norm"), match.read_elsewhere("sum") or match.read_elsewhere("cast")
+    params = [gamma, beta] if norm.op_type == "LayerNormalization" else [gamma]
+    names = ["skip_norm", None, None, "residual_sum"] if read_on else ["skip_norm"]
+    outs = getattr(op, _SKIP[norm.op_type])(input, skip, *params, bias, epsilon=float(norm.attr("epsilon", 1e-5)),
+                                            _domain=_MS, _outputs=names)
+    return {"out": outs[0], "sum": outs[3], "cast": outs[3]} if read_on else outs
 
 
-@dataclass(frozen=True)
-class SkipNormFusion(Rule):
-    """A norm over a residual ``Add`` (optionally ``Add(Add(MatMul, bias), residual)``) → Skip(Simplified)LayerNormalization."""
-
-    name: ClassVar[str] = "skip-layer-norm"
-    roots: ClassVar[tuple[str, ...]] = _NORMS
-    stat: ClassVar[str] = "fused SkipLayerNorm"
-
-    def check(self, node: ir.Node, ctx: PassContext) -> _Skip | NoMatch:
-        simplified = node.op_type != "LayerNormalization"
-        op = "SkipSimplifiedLayerNormalization" if simplified else "SkipLayerNormalization"
-        if ctx.target is None or not ctx.target.supports(op, _MS):
-            return NoMatch(f"the target does not provide {op}")
-        if not simplified and ctx.target.residual_layer_norm == "sum":
-            return NoMatch("the target keeps LayerNormalization over a residual Sum")
-        return _match_residual(node, keep_norm=False)
-
-    def rewrite(self, match: _Skip, rw: Rewriter, ctx: PassContext) -> None:
-        norm = match.norm
-        simplified = norm.op_type != "LayerNormalization"
-        gamma = norm.inputs[1]
-        eps = float(norm.attr("epsilon", 1e-5))
-        if simplified:
-            op = "SkipSimplifiedLayerNormalization"
-            inputs: list[ir.Value | None] = [match.input, match.skip, gamma, match.bias]
-        else:
-            op = "SkipLayerNormalization"
-            beta = norm.inputs[2] if len(norm.inputs) > 2 else None
-            inputs = [match.input, match.skip, gamma, beta, match.bias]
-        while inputs[-1] is None:
-            inputs.pop()
-        out = norm.outputs[0]
-        total = match.add.outputs[0]
-        assert out is not None and total is not None
-        names: list[str | None] = ["skip_norm"]
-        types = [out.type]
-        if match.sum_used:
-            names += [None, None, "residual_sum"]
-            types += [None, None, total.type]
-        where = {"after": match.add} if match.after_add else {"before": norm}
-        new = rw.make(op, inputs, {"epsilon": eps}, domain=_MS, output_names=names, types=types, **where)
-        rw.replace_all_uses_with(out, new.outputs[0])
-        rw.erase(norm)
-        if match.cast is not None:
-            cast_out = match.cast.outputs[0]
-            assert cast_out is not None
-            if match.sum_used:
-                rw.replace_all_uses_with(cast_out, new.outputs[3])  # type: ignore[arg-type]
-            rw.erase(match.cast)
-        if match.sum_used:
-            rw.replace_all_uses_with(total, new.outputs[3])  # type: ignore[arg-type]
-        rw.erase([n for n in match.erase if n is not norm])
+def residual_sum(op, input, skip, bias, match):
+    """One ``Sum(input, bias, skip)`` wherever the sum was read; the LayerNormalization is kept."""
+    total = op.Sum(input, *([] if bias is None else [bias]), skip, _outputs=["residual_sum"])
+    return {"out": match.root.outputs[0], "sum": total, "cast": total}
 
 
-@dataclass(frozen=True)
-class ResidualSumNormFusion(Rule):
-    """``LayerNormalization(Add(Add(MatMul, bias), residual))`` → ``LayerNormalization(Sum(MatMul, bias, residual))``.
-
-    For targets with ``residual_layer_norm = "sum"``: onnxruntime re-fuses an ``Add`` before a
-    LayerNormalization into SkipLayerNormalization, whose CPU kernel (scalar, a division per
-    element) measured 2.4-3× slower than Sum + LayerNormalization at 16-128 tokens. One ``Sum``
-    also folds the bias Add, so the node count matches the skip form.
-    """
-
-    name: ClassVar[str] = "residual-sum-norm"
-    roots: ClassVar[tuple[str, ...]] = ("LayerNormalization",)
-    stat: ClassVar[str] = "residual Sum before LayerNorm"
-
-    def check(self, node: ir.Node, ctx: PassContext) -> _Skip | NoMatch:
-        if ctx.target is None or ctx.target.residual_layer_norm != "sum" or not ctx.target.has_contrib_ops:
-            return NoMatch("the target folds residual Adds into SkipLayerNormalization")
-        return _match_residual(node, keep_norm=True)
-
-    def rewrite(self, match: _Skip, rw: Rewriter, ctx: PassContext) -> None:
-        total = match.add.outputs[0]
-        assert total is not None
-        inputs = [match.input, *([match.bias] if match.bias is not None else []), match.skip]
-        new = rw.make("Sum", inputs, {}, output_names=["residual_sum"], types=[total.type], after=match.add)
-        if match.cast is not None:
-            cast_out = match.cast.outputs[0]
-            assert cast_out is not None
-            rw.replace_all_uses_with(cast_out, new.outputs[0])
-            rw.erase(match.cast)
-        rw.replace_all_uses_with(total, new.outputs[0])
-        rw.erase([n for n in match.erase if n is not match.norm])
+#: The residual folds, applied once the norms are fused: a norm over ``input [+ bias] + skip`` →
+#: Skip(Simplified)LayerNormalization, or, on targets with ``residual_layer_norm = "sum"``, one
+#: ``Sum`` before the LayerNormalization. onnxruntime re-fuses an ``Add`` before a
+#: LayerNormalization into SkipLayerNormalization, whose CPU kernel (scalar, a division per
+#: element) measured 2.4-3× slower than Sum + LayerNormalization at 16-128 tokens; one ``Sum``
+#: also folds the bias Add, so the node count matches the skip form.
+SKIP_NORM = PatternRule("skip-layer-norm", residual_norm, skip_fused, check=check_residual, stat="fused SkipLayerNorm",
+                        requires={_MS: ["SkipLayerNormalization", "SkipSimplifiedLayerNormalization"]})
+RESIDUAL_SUM_NORM = PatternRule("residual-sum-norm", residual_norm, residual_sum, check=check_residual,
+                                stat="residual Sum before LayerNorm")
+RESIDUAL_RULES = (RESIDUAL_SUM_NORM, SKIP_NORM)
 
 
 # ----------------------------------------------------------------------------------------- #
@@ -429,6 +309,8 @@ class LayerNormFusionPass(Pass):
             _infer_types(model, rw)
         apply_rules(model, NORM_RULES, ctx, rw, pass_name=self.name)
         rw.remove_unused_constants()
-        if skip and apply_rules(model, [SkipNormFusion(), ResidualSumNormFusion()], ctx, rw, pass_name=self.name):
+        # On the sum form the Sum rule goes first (the skip rule is then left the simplified norms).
+        residual = RESIDUAL_RULES if skip and ctx.target.residual_layer_norm == "sum" else (SKIP_NORM,)
+        if skip and apply_rules(model, residual, ctx, rw, pass_name=self.name):
             rw.import_opset(model, _MS)
         return rw.result()
