@@ -45,14 +45,14 @@ from typing import Any
 
 from .framework.base import Diagnostic, Pass, PassContext, PassError, PassResult
 from .framework.manager import PassManager, PassRecord
-from .framework.pattern import Match, PatternRule, absent_or, capture
+from .framework.pattern import CompiledPattern, Match, PatternRule, absent_or, capture
 from .framework.registry import get_pass_class, register_pass, register_rules, registered_passes
 from .framework.rules import NoMatch, Rule, RulesPass, apply_rules
 from .framework.pipeline import Fixpoint, format_pipeline, parse_pipeline
 from .framework.rewriter import Rewriter
 
 __all__ = [
-    "Diagnostic", "Fixpoint", "Match", "NoMatch", "Pass", "PassContext", "PassError", "PassManager",
+    "CompiledPattern", "Diagnostic", "Fixpoint", "Match", "NoMatch", "Pass", "PassContext", "PassError", "PassManager",
     "PassRecord", "PassResult", "PatternRule", "Rewriter", "Rule", "RulesPass", "absent_or", "apply_rules",
     "capture", "compile_model", "CompileResult", "format_pipeline", "get_pass_class", "parse_pipeline",
     "register_pass", "register_rules", "registered_passes",

@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = (ROOT / "docs" / "write-a-fusion.md").read_text()
 BLOCKS = re.findall(r"<!-- guide-test -->\s*```python\n(.*?)```", GUIDE, flags=re.S)
+WALKS = re.findall(r"<!-- walk-test -->\s*```python\n(.*?)```", GUIDE, flags=re.S)
 
 
 def _run(code: str) -> None:
@@ -61,3 +62,8 @@ def test_my_rule(case):
 test_my_rule()
 assert seen[True] >= 3 and seen[False] >= 3, seen
 """)
+
+
+def test_the_loose_walk_example_runs() -> None:
+    assert len(WALKS) == 1
+    _run(WALKS[0])

@@ -58,11 +58,12 @@ import numpy as np
 
 import ir
 
-from ._pattern_match import Match, _match_all, _root_ops, _size, _State, _variables
+from ._pattern_match import CompiledPattern, Failure, Match, _match_all, _root_ops, _size, _State, _variables
 from ._pattern_terms import (
-    COMMUTATIVE, DEFAULT_RTOL, Alternatives, Const, NodeOutput, NodePattern, Pattern, PatternBuilder, Product, Var,
-    _norm_domain, absent_or, capture,
+    COMMUTATIVE, DEFAULT_RTOL, Alternatives, Const, NodeOutput, NodePattern, Pattern, PatternBuilder, Product, Through,
+    Var, _norm_domain, absent_or, capture,
 )
+from ._pattern_terms import build_pattern as _build
 from .base import PassContext
 from .match import only_users
 from .rewriter import Rewriter
@@ -71,6 +72,7 @@ from .rules import NoMatch, Rule
 __all__ = [
     "PatternRule", "Match", "OUT", "Pattern", "PatternBuilder", "ReplacementBuilder", "absent_or", "capture",
     "COMMUTATIVE", "DEFAULT_RTOL", "Var", "Const", "Alternatives", "NodeOutput", "NodePattern", "Product",
+    "Through", "CompiledPattern", "Failure",
 ]
 
 
@@ -499,16 +501,6 @@ def _node_names(pats: Sequence[Pattern | None]) -> frozenset[str]:
         if dataclasses.is_dataclass(p):
             stack.extend(getattr(p, f.name) for f in dataclasses.fields(p))
     return frozenset(names)
-
-
-def _build(fn: Callable[..., Any]) -> tuple[Pattern, ...]:
-    """Call a pattern function with a builder and one variable per parameter after ``op``."""
-    params = list(inspect.signature(fn).parameters)[1:]
-    out = fn(PatternBuilder(), *(Var(p) for p in params))
-    outs = tuple(out) if isinstance(out, tuple) else (out,)
-    if not all(isinstance(o, Pattern) for o in outs):
-        raise TypeError(f"pattern {fn.__name__} must return pattern values, got {out!r}")
-    return outs
 
 
 def _commit(plan: _Plan, rw: Rewriter, model: ir.Model | None) -> None:
