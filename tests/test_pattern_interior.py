@@ -339,3 +339,21 @@ def test_a_root_whose_inputs_the_pattern_cannot_read_is_refused_at_once_and_quie
     model = ir.from_onnx(_proto("s = Sum(x, r)\n k = Relu(s)\n y = Mul(k, w)", inits=W))
     n, ctx = _apply(model, RULE)
     assert n == 0 and [d.message for d in ctx.diagnostics] == ["relu-sum: expected Add, got %s from Sum -> %s"]
+
+
+def test_replaces_limits_which_named_values_may_be_read_elsewhere() -> None:
+    """``replaces=()``: a named value read elsewhere refuses the match, and the replacement is not run
+    while matching (a replacement that needs what ``rewrite`` prepares must not be called early)."""
+    calls: list[bool] = []
+
+    def needs_rewrite_state(op, x, r, w, match):
+        calls.append(True)
+        return relu_sum_fused(op, x, r, w, match)
+
+    body = "s = Add(x, r)\n k = Relu(s)\n m = Mul(k, w)\n y = Add(m, s)"
+    model = ir.from_onnx(_proto(body, inits=W))
+    assert _apply(model, PatternRule("early", relu_sum, needs_rewrite_state, replaces=()))[0] == 0
+    assert calls == []
+    assert _apply(model, PatternRule("sum-only", relu_sum, needs_rewrite_state, replaces=("sum",)))[0] == 1
+    assert calls  # declared: run while matching, then committed
+    _same_numerics(_proto(body, inits=W), model)

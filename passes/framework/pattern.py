@@ -178,6 +178,11 @@ class PatternRule(Rule):
             ``{"com.microsoft": ["QuickGelu"]}``; ``{"": {"Gelu": 20}}`` asks for a minimum opset
             of the default domain instead.
         stat: the report counter (``"fused Gelu"``).
+        replaces: the named nodes whose values the replacement may replace (and so may be read
+            outside the match). ``None`` (the default): any named node — when one is read
+            elsewhere, the replacement is run against a recorder while matching to see whether it
+            replaces it. A tuple limits that to its names; ``()`` never runs the replacement while
+            matching, for a replacement that needs what ``rewrite`` prepares (shared caches).
     """
 
     def __init__(
@@ -189,8 +194,10 @@ class PatternRule(Rule):
         check: CheckFn | None = None,
         requires: Mapping[str, Any] | None = None,
         stat: str = "",
+        replaces: Sequence[str] | None = None,
     ) -> None:
         self.name = name  # type: ignore[misc]
+        self.replaces = None if replaces is None else frozenset(replaces)
         self.stat = stat or f"applied {name}"  # type: ignore[misc]
         self.replacement = replacement
         self.check_fn = check
@@ -287,7 +294,7 @@ class PatternRule(Rule):
         """Why an interior value may not be read where it is (``""`` when all are read inside),
         and whether the value of a named node is read elsewhere (allowed if the replacement replaces it)."""
         members = set(matched)
-        names = {id(n) for n in named.values()}
+        names = {id(n) for k, n in named.items() if self.replaces is None or k in self.replaces}
         returned = {id(v) for v in self._root_values(root) if v is not None}
         named_leak = False
         for n in matched:

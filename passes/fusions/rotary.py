@@ -264,7 +264,7 @@ class _RotaryRule(PatternRule):
 
     def __init__(self, state: _RunState) -> None:
         super().__init__("rotary", [rotary_half, rotary_interleaved], fused_rotary, check=check_rotary,
-                         requires=_REQUIRES, stat="fused RotaryEmbedding")
+                         requires=_REQUIRES, stat="fused RotaryEmbedding", replaces=())
         self.state = state
 
     def rewrite(self, match: Match, rw: Rewriter, ctx: PassContext) -> NoMatch | None:
