@@ -19,7 +19,7 @@ import ir
 
 __all__ = ["main"]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (passes/tools/demo.py)
 SENTENCES = ROOT / "benchmarks" / "data" / "sentences.txt"
 
 
