@@ -56,6 +56,8 @@ __all__ = [
     "zoo_export_cached",
     "lower_text",
     "run_ir",
+    "apply_rules_checked",
+    "op_types",
 ]
 
 #: Architectures exported as encoders (inputs ``input_ids``, ``attention_mask`` [, ``token_type_ids``]).
@@ -198,6 +200,25 @@ def run_passes(proto: Any, pipeline: str, target: Any = "x86") -> tuple[Any, boo
     ctx = PassContext(target=targets.get(target) if isinstance(target, str) else target, explain=True)
     records = PassManager(pipeline, verify=True, check_modified=True).run(model, ctx)
     return model, records[0].modified, ctx
+
+
+def apply_rules_checked(model: Any, *rules: Any, target: Any = "x86") -> tuple[int, Any]:
+    """Apply ``rules`` to ``model`` with --explain on, verify the IR after; (rewrites, PassContext)."""
+    import ir
+    import targets
+    from passes import PassContext
+    from passes.framework.rewriter import Rewriter
+    from passes.framework.rules import apply_rules
+
+    ctx = PassContext(target=targets.get(target) if isinstance(target, str) else target, explain=True)
+    n = apply_rules(model, rules, ctx, Rewriter(), pass_name="test")
+    ir.verify(model)
+    return n, ctx
+
+
+def op_types(model: Any) -> list[str]:
+    """The op types of ``model``'s main graph, in order."""
+    return [n.op_type for n in model.graph]
 
 
 def run_ir(model: Any, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:

@@ -10,12 +10,11 @@ import pytest
 
 import ir
 import targets
-from conftest import ort_run
+from conftest import apply_rules_checked, op_types, ort_run
 from passes import PassContext, PassManager
 from passes.framework.pattern import PatternRule, absent_or, capture
-from passes.framework.rewriter import Rewriter
 from passes.framework.registry import register_rules
-from passes.framework.rules import NoMatch, RulesPass, apply_rules
+from passes.framework.rules import NoMatch, RulesPass
 
 X86 = targets.get("x86")
 
@@ -29,14 +28,10 @@ def _lower(body: str, inputs: str = "float[2,4] x", outputs: str = "float[2,4] y
 
 
 def _apply(model: ir.Model, *rules: PatternRule, target=X86) -> tuple[int, PassContext]:
-    ctx = PassContext(target=target, explain=True)
-    n = apply_rules(model, rules, ctx, Rewriter(), pass_name="test")
-    ir.verify(model)
-    return n, ctx
+    return apply_rules_checked(model, *rules, target=target)
 
 
-def _ops(model: ir.Model) -> list[str]:
-    return [n.op_type for n in model.graph]
+_ops = op_types
 
 
 def silu(op, x):

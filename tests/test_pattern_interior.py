@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 
 import ir
 import targets
-from conftest import ort_run
+from conftest import apply_rules_checked, op_types, ort_run
 from ir.testing import check_rule, recompute_uses, rule_cases
 from passes import PassContext
 from passes.framework.pattern import PatternRule
@@ -33,14 +33,10 @@ def _proto(body: str, inputs: str = "float[2,4] x, float[2,4] r", outputs: str =
 
 
 def _apply(model: ir.Model, *rules: PatternRule) -> tuple[int, PassContext]:
-    ctx = PassContext(target=X86, explain=True)
-    n = apply_rules(model, rules, ctx, Rewriter(), pass_name="test")
-    ir.verify(model)
-    return n, ctx
+    return apply_rules_checked(model, *rules, target=X86)
 
 
-def _ops(model: ir.Model) -> list[str]:
-    return [n.op_type for n in model.graph]
+_ops = op_types
 
 
 def _same_numerics(proto: onnx.ModelProto, model: ir.Model, atol: float = 1e-6) -> None:
