@@ -12,7 +12,8 @@
 
 :func:`rule_cases` reads the rule's pattern and builds a model holding one instance of it: an
 alternative chosen at random, commutative operands in random order, products in a random
-association (the constants merged, split or written as a division), constants as initializers or
+association (the constants merged, split or written as a division), ``op.through`` chains of
+random length and ``op.any_of`` nodes of a random one of their types, constants as initializers or
 ``Constant`` nodes, variables as graph inputs or the output of a random op, and a random op
 reading the result. Now and then the value of a named interior node (``_name="sum"``) is read
 outside the match too, by a model output placed right after it or at the end: a rule whose
@@ -46,6 +47,11 @@ import ir
 __all__ = ["RuleCase", "rule_cases", "check_rule"]
 
 _AROUND = ("Relu", "Tanh", "Abs", "Neg", "Sigmoid")
+#: Default-domain ops that run with one input and no attribute; ``op.through`` chains are built of these
+#: (and of the op types ``attrs`` gives).
+_ONE_INPUT = frozenset({"Identity", "Relu", "Tanh", "Abs", "Neg", "Sigmoid", "Exp", "Erf", "Softmax", "Transpose",
+                        "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Softplus", "Softsign", "Elu", "Selu",
+                        "LeakyRelu", "HardSigmoid", "HardSwish", "Mish"})
 
 
 @dataclass
@@ -133,6 +139,8 @@ class _Builder:
             return self.node_output(pat)
         if isinstance(pat, P.Product):
             return self.product(pat)
+        if isinstance(pat, P.Through):
+            return self.through(pat)
         raise TypeError(f"cannot instantiate {pat!r}")
 
     def const(self, pat: Any) -> ir.Value:
@@ -173,11 +181,43 @@ class _Builder:
                                          "pattern constrains it by a predicate that an absent value fails")
                     continue  # absent
                 attrs[key] = list(want) if isinstance(want, tuple) else want
-            n = self.node(np_.op_type, inputs, attrs, np_.domain, np_.num_outputs)  # type: ignore[arg-type]
+            op_type = np_.op_type
+            if np_.op_types is not None:  # op.any_of: one of its types, at random
+                op_type = self.draw(st.sampled_from(sorted(np_.op_types)))
+                self.notes.append(f"any_of as {op_type}")
+                attrs = {**dict(self.attrs.get(op_type, {})), **attrs}
+            n = self.node(op_type, inputs, attrs, np_.domain, np_.num_outputs)  # type: ignore[arg-type]
             self.nodes[id(np_)] = n
             if np_.name:
                 self.named[np_.name] = n
         return n.outputs[pat.index]  # type: ignore[return-value]
+
+    def through(self, pat: Any) -> ir.Value:
+        """A chain of ``min`` to ``min + 2`` (at most ``max``) one-input nodes of the term's op types
+        from the inner value: types from :data:`_ONE_INPUT` or given in ``attrs``, so that each node
+        has the data input its walk follows (``follow`` is asked, and a node it will not pass ends
+        the chain)."""
+        v = self.build(pat.inner)
+        assert v is not None
+        ops = sorted(o for o in pat.ops if (o in _ONE_INPUT and not pat.domain) or o in self.attrs)
+        top = pat.min + 2 if pat.max is None else min(pat.max, pat.min + 2)
+        length = self.draw(st.integers(pat.min, top)) if ops else 0
+        if length < pat.min:
+            raise ValueError(f"rule_cases: through({'/'.join(sorted(pat.ops))}, min={pat.min}) needs one-input "
+                             "op types; give attrs={op_type: {...}} for the ones to generate")
+        chain = []
+        for _ in range(length):
+            op = self.draw(st.sampled_from(ops))
+            n = self.node(op, [v], dict(self.attrs.get(op, {})), pat.domain)
+            passed = pat.follow(n) if pat.follow is not None else n.inputs[0]
+            if not (passed is v or (isinstance(passed, (list, tuple)) and any(p is v for p in passed))):
+                self.graph.erase(n)
+                break
+            chain.append(op)
+            v = n.outputs[0]  # type: ignore[assignment]
+        assume(len(chain) >= pat.min)
+        self.notes.append(f"through {'/'.join(sorted(pat.ops))} as [{', '.join(chain)}]")
+        return v  # type: ignore[return-value]
 
     def product(self, pat: Any) -> ir.Value:
         leaves = [self.build(f) for f in pat.factors]

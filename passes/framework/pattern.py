@@ -468,9 +468,12 @@ def _heads(pat: Pattern | None) -> set[tuple[str, str]] | None:
     """The (domain, op) of the nodes that can produce a value ``pat`` matches; ``None``: any value
     (a variable, a constant, a term this does not know)."""
     if isinstance(pat, NodeOutput):
-        return {(pat.node.domain, pat.node.op_type)}
+        return _node_ops(pat.node)
     if isinstance(pat, Product):
         return {("", "Mul"), ("", "Div")}
+    if isinstance(pat, Through):  # a chain's first node, or (with none) what the inner term reads
+        inner = _heads(pat.inner) if pat.min == 0 else set()
+        return None if inner is None else inner | {(pat.domain, op) for op in pat.ops}
     if isinstance(pat, Alternatives):
         options = [_heads(o) for o in pat.options]
         return None if any(h is None for h in options) else set().union(*options)  # type: ignore[arg-type]
@@ -486,8 +489,14 @@ def _root_input_heads(pat: Pattern | None) -> list[tuple[tuple[str, str], set[tu
         if not isinstance(o, NodeOutput):
             return None
         heads = [_heads(i) for i in o.node.inputs]
-        out.append(((o.node.domain, o.node.op_type), set().union(*(h for h in heads if h is not None))))
+        reads = set().union(*(h for h in heads if h is not None))
+        out.extend((op, reads) for op in _node_ops(o.node))
     return out
+
+
+def _node_ops(node: NodePattern) -> set[tuple[str, str]]:
+    """The (domain, op) a node pattern accepts: one, or each type of an ``op.any_of``."""
+    return {(node.domain, op) for op in (node.op_types or (node.op_type,))}
 
 
 def _node_names(pats: Sequence[Pattern | None]) -> frozenset[str]:
