@@ -207,12 +207,10 @@ def _view_pick(p: ir.Node) -> tuple[tuple[str, Any], ir.Node] | None:
     if p.op_type not in ("Slice", "Gather") or not p.inputs or p.inputs[0] is None:
         return None
     reshape = producer(p.inputs[0], "Reshape")
-    out, inp = p.inputs[0].shape, reshape.inputs[0].shape if reshape is not None else None
-    if reshape is None or out is None or inp is None or len(out) < 4 or len(inp) != 3:
+    dims = _view_dims(reshape) if reshape is not None else None
+    if reshape is None or dims is None:
         return None
-    dims = list(out[2:])
-    if not all(isinstance(x, int) for x in dims):
-        return None
+    out = [None, None, *dims]
     if p.op_type == "Gather":
         idx = const_array(p.inputs[1])
         if idx is None or idx.ndim != 0:
@@ -232,6 +230,31 @@ def _view_pick(p: ir.Node) -> tuple[tuple[str, Any], ir.Node] | None:
     if axis < 2 or axis >= len(out):
         return None
     return ("view", (dims, axis - 2, pick)), reshape
+
+
+def _view_dims(reshape: ir.Node) -> list[int] | None:
+    """The trailing dims of a Reshape of ``[B, S, C]`` to ``[B, S, *dims]`` (rank ≥ 4), else ``None``.
+
+    From the output's static shape, or else from a constant target shape (``0`` copies the input's
+    dim, ``-1`` takes the rest of ``C``)."""
+    out, inp = reshape.outputs[0].shape, reshape.inputs[0].shape
+    if out is not None and len(out) >= 4 and all(isinstance(x, int) for x in out[2:]):
+        return [int(x) for x in out[2:]]
+    target = const_array(reshape.inputs[1]) if len(reshape.inputs) > 1 else None
+    if target is None or target.ndim != 1 or target.size < 4 or (inp is not None and len(inp) != 3):
+        return None
+    if reshape.attr("allowzero", 0) and 0 in target:
+        return None
+    cols = inp[2] if inp is not None else None
+    dims = [int(cols) if t == 0 and i == 2 and isinstance(cols, int) else int(t) for i, t in enumerate(target[2:], 2)]
+    if any(t == 0 for t in dims) or dims.count(-1) > 1 or int(target[0]) == -1 or int(target[1]) == -1:
+        return None
+    if -1 in dims:
+        known = int(np.prod([t for t in dims if t != -1]))
+        if not isinstance(cols, int) or known <= 0 or cols % known:
+            return None
+        dims[dims.index(-1)] = cols // known
+    return dims
 
 
 def _projection(src: ir.Value) -> Projection | str:
