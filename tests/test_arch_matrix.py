@@ -34,7 +34,7 @@ TODAY: dict[str, dict[str, tuple[int, int, int, int] | str]] = {
     "mpnet": {"script": (2, 5, 2, 0), "dynamo": (2, 5, 2, 0)},  # allows (2, 5, 2, 0)
     "roformer": {"script": (2, 5, 2, 4), "dynamo": (2, 5, 2, 4)},  # allows (2, 5, 2, 4)
     "esm": {"script": (2, 5, 2, 4), "dynamo": (2, 5, 2, 4)},  # allows (2, 5, 2, 4)
-    "modernbert": {"script": (2, 5, 2, 4), "dynamo": (0, 5, 2, 4)},  # allows (2, 5, 2, 4)
+    "modernbert": {"script": (2, 5, 2, 4), "dynamo": (2, 5, 2, 4)},  # allows (2, 5, 2, 4)
     "nomic-bert": {"script": (2, 5, 2, 4), "dynamo": (2, 5, 2, 4)},  # allows (2, 5, 2, 4)
     "gpt2": {"script": (2, 5, 2, 0), "dynamo": (2, 5, 2, 0)},  # allows (2, 5, 2, 0)
     "gpt-neo": {"script": (2, 5, 2, 0), "dynamo": (2, 5, 2, 0)},  # allows (2, 5, 2, 0)

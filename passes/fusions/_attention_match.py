@@ -210,7 +210,7 @@ def _view_pick(p: ir.Node) -> tuple[tuple[str, Any], ir.Node] | None:
     dims = _view_dims(reshape) if reshape is not None else None
     if reshape is None or dims is None:
         return None
-    out = [None, None, *dims]
+    rank = len(dims) + 2
     if p.op_type == "Gather":
         idx = const_array(p.inputs[1])
         if idx is None or idx.ndim != 0:
@@ -226,8 +226,8 @@ def _view_pick(p: ir.Node) -> tuple[tuple[str, Any], ir.Node] | None:
         axis = int(axes.reshape(-1)[0])
         pick = {"start": int(starts.reshape(-1)[0]), "stop": int(ends.reshape(-1)[0]),
                 "step": 1 if steps is None else int(steps.reshape(-1)[0])}
-    axis = axis + len(out) if axis < 0 else axis
-    if axis < 2 or axis >= len(out):
+    axis = axis + rank if axis < 0 else axis
+    if axis < 2 or axis >= rank:
         return None
     return ("view", (dims, axis - 2, pick)), reshape
 
