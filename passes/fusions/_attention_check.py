@@ -6,7 +6,9 @@ match (:func:`passes.fusions._attention_match.find_candidate`) gives candidates;
 
 1. the Q', K', V' operands against ``heads(x @ W + b)`` in float64 (through a rotary, a past and
    a GQA head repeat): the layout, ``num_heads``, ``head_dim``, ``kv_heads`` and the pre-MatMul
-   scale;
+   scale (3-D operands on batched heads ``[B·N, S, ·]``, Bloom's, are read as their batch-major
+   ``[B, N, S, ·]`` views, and so are its scores, context and 3-D bias terms:
+   :mod:`~passes.fusions._attention_heads3d`);
 2. the region between the scores and the Softmax on several sizes and 0/1 masks, classified by
    :mod:`passes.fusions._attention_mask` (which also gives the post-MatMul scale), and the head
    merge against ``transpose(0,2,1,3) + reshape``. A region that adds graph values to the scores
