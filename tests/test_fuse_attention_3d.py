@@ -50,9 +50,12 @@ def _layer(order: str = "batch", bias: str = "alibi") -> onnx.ModelProto:
              _init("slopes", np.array([0.5, 0.25], np.float32).reshape((N, 1) if batch_major else (N, 1, 1)))]
     mk = helper.make_node
     nodes = [
-        mk("Shape", ["x"], ["xs"]), mk("Gather", ["xs", "i0"], ["bsz"], axis=0), mk("Gather", ["xs", "i1"], ["seq"], axis=0),
-        mk("Unsqueeze", ["bsz", "ax0"], ["b1"]), mk("Unsqueeze", ["seq", "ax0"], ["s1"]), mk("Mul", ["b1", "n1"], ["bn1"]),
-        mk("Concat", ["bn1", "s1", "d1"], ["flat_qkv"], axis=0), mk("Concat", ["bn1", "s1", "s1"], ["flat_scores"], axis=0),
+        mk("Shape", ["x"], ["xs"]),
+        mk("Gather", ["xs", "i0"], ["bsz"], axis=0), mk("Gather", ["xs", "i1"], ["seq"], axis=0),
+        mk("Unsqueeze", ["bsz", "ax0"], ["b1"]), mk("Unsqueeze", ["seq", "ax0"], ["s1"]),
+        mk("Mul", ["b1", "n1"], ["bn1"]),
+        mk("Concat", ["bn1", "s1", "d1"], ["flat_qkv"], axis=0),
+        mk("Concat", ["bn1", "s1", "s1"], ["flat_scores"], axis=0),
         mk("Concat", ["bn1", "one1", "s1"], ["flat_alibi"], axis=0),
         mk("Concat", ["b1", "n1", "s1", "s1"] if batch_major else ["n1", "b1", "s1", "s1"], ["heads_scores"], axis=0),
         mk("Concat", ["b1", "n1", "s1", "d1"] if batch_major else ["n1", "b1", "s1", "d1"], ["heads_ctx"], axis=0),
