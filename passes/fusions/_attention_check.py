@@ -6,7 +6,9 @@ match (:func:`passes.fusions._attention_match.find_candidate`) gives candidates;
 
 1. the Q', K', V' operands against ``heads(x @ W + b)`` in float64 (through a rotary, a past and
    a GQA head repeat): the layout, ``num_heads``, ``head_dim``, ``kv_heads`` and the pre-MatMul
-   scale;
+   scale (3-D operands on batched heads ``[B·N, S, ·]``, Bloom's, are read as their batch-major
+   ``[B, N, S, ·]`` views, and so are its scores, context and 3-D bias terms:
+   :mod:`~passes.fusions._attention_heads3d`);
 2. the region between the scores and the Softmax on several sizes and 0/1 masks, classified by
    :mod:`passes.fusions._attention_mask` (which also gives the post-MatMul scale), and the head
    merge against ``transpose(0,2,1,3) + reshape``. A region that adds graph values to the scores
@@ -29,6 +31,7 @@ import ir
 
 from ._attention_bias import bias_terms, disentangled_reason, own_term, shape_recipe, shape_reads, softcap_reason
 from ._attention_mask import BiasTerm, MaskRun, MaskVerdict, classify_biased, classify_mask, padding_patterns
+from ._attention_heads3d import flat_head_terms, merge_heads, split_heads
 from ._attention_match import AttentionMatch, Candidate, find_candidate
 from ._attention_probe import Probe, ProbeError, float_dtype, input_feeds, int_dtype
 from ..framework.base import PassContext
@@ -200,11 +203,17 @@ class Analysis:
         outs = probe.run(feeds)
         live: list[tuple[Candidate, int, int, float]] = []
         kv_heads: dict[int, int] = {}
+        flat: dict[int, bool] = {}  # id(softmax) -> the layer computes on batched heads [B·N, S, ·]
         k = 0
         for c in cands:
             n_out = 3 + sum(c.paths[key].past is not None for key in ("k", "v"))
             qh, kh, vh, *pasts = outs[k : k + n_out]
             k += n_out
+            split = split_heads((qh, kh, vh), B)  # batched heads [B·N, ·, ·] (Bloom) read as [B, N, ·, ·]
+            if isinstance(split, str):
+                self.results[id(c.softmax)] = NoMatch(split, near=True)
+                continue
+            (qh, kh, vh), flat[id(c.softmax)] = split
             res = self._layout(c, x_data[id(c.x)], (qh, kh, vh), pasts, rot_in, rot_feed, B, S)
             if isinstance(res, str):
                 self.results[id(c.softmax)] = NoMatch(res, near=True)
@@ -238,8 +247,9 @@ class Analysis:
             for c, n, d, _ in live:
                 scores[id(c)] = (rng.standard_normal((b, n, s, s + past)) * 2.0).astype(float_dtype(c.x))
                 ctxs[id(c)] = rng.standard_normal((b, n, s, d)).astype(float_dtype(c.x))
-                feeds[id(c.scores_mm.outputs[0])] = scores[id(c)]
-                feeds[id(c.ctx_mm.outputs[0])] = ctxs[id(c)]
+                view = merge_heads if flat[id(c.softmax)] else (lambda a: a)
+                feeds[id(c.scores_mm.outputs[0])] = view(scores[id(c)])
+                feeds[id(c.ctx_mm.outputs[0])] = view(ctxs[id(c)])
             return feeds, scores, ctxs
 
         # A sliding window is invisible at sequences shorter than it: probe past the largest
@@ -301,6 +311,8 @@ class Analysis:
                     k = 0
                     for c, n, d, _ in live:
                         logits = outs[k]
+                        if flat[id(c.softmax)] and logits.ndim == 3 and logits.shape[0] == b * n:
+                            logits = logits.reshape(b, n, *logits.shape[1:])  # a Softmax on batched heads
                         merged = outs[k + 1 : k + len(c.merge_chain)]
                         k += len(c.merge_chain)
                         values = list(outs[k : k + len(terms[id(c.softmax)])])
@@ -321,6 +333,8 @@ class Analysis:
             still = []
             for entry in pending:
                 c = entry[0]
+                if flat[id(c.softmax)]:  # terms added to the [B·N, S, T] scores read as [B, N, S, T]
+                    terms[id(c.softmax)] = flat_head_terms(terms[id(c.softmax)], per_cand[id(c.softmax)], entry[1])
                 verdict = classify_mask(per_cand[id(c.softmax)], [] if m is None else [m])
                 own = own_term(c, terms[id(c.softmax)])
                 if not isinstance(verdict, MaskVerdict) and own is not None:
@@ -397,9 +411,9 @@ class Analysis:
         if qh.ndim != 4 or qh.shape[0] != B or qh.shape[2] != S:
             return f"query heads have shape {list(qh.shape)}, expected [batch, heads, seq, head_dim]"
         n, d = qh.shape[1], qh.shape[3]
-        if c.q.stop - c.q.start != n * d:
-            return f"query projection has {c.q.stop - c.q.start} columns, not num_heads*head_dim = {n}*{d}"
-        kcols, vcols = c.k.stop - c.k.start, c.v.stop - c.v.start
+        if c.q.width != n * d:
+            return f"query projection has {c.q.width} columns, not num_heads*head_dim = {n}*{d}"
+        kcols, vcols = c.k.width, c.v.width
         if kcols != vcols or kcols % d or n % max(1, kcols // d):
             return (f"key/value projections have {kcols}/{vcols} columns: not a group of heads of "
                     f"num_heads*head_dim = {n}*{d}")

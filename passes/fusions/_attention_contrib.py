@@ -227,7 +227,7 @@ def score_bias(m: AttentionMatch, rw: Rewriter, graph: ir.Graph, cache: dict[tup
         return None
     _rebuild_shapes(m, rw, graph, cache, opset)
     clamp = op_layout and _guarded_empty_rows(m)
-    key = (op_layout, clamp) + tuple((id(t.value), t.fill, t.blocked_when) for t in terms)
+    key = (op_layout, clamp) + tuple((id(t.value), t.fill, t.blocked_when, t.heads) for t in terms)
     if key in cache:
         return cache[key]
     anchor = m.output.producer()
@@ -249,6 +249,9 @@ def score_bias(m: AttentionMatch, rw: Rewriter, graph: ir.Graph, cache: dict[tup
         if t.fill is not None:
             fill, zero = const(t.fill, "attention_bias_fill"), const(0, "attention_bias_zero")
             part = make("Where", [t.value, fill, zero] if t.blocked_when else [t.value, zero, fill])
+        if t.heads:  # added to [B·N, S|1, T] scores: [B·N, 1, S|1, T] -> [B, N, S|1, T]
+            up = make("Unsqueeze", [part, const([1], "attention_bias_head_axis", np.int64)])
+            part = make("Reshape", [up, const([-1, t.heads, 0, 0], "attention_bias_heads_shape", np.int64)])
         out = part if out is None else make("Add", [out, part])
     assert out is not None
     if op_layout and m.mask.bias_rank < 4:
@@ -318,5 +321,5 @@ def empty_rows(m: AttentionMatch, cache: dict[tuple[Any, ...], ir.Value]) -> ir.
     """
     if not m.mask.bias or not _guarded_empty_rows(m):
         return None
-    key = ("rows", True, True) + tuple((id(t.value), t.fill, t.blocked_when) for t in m.mask.bias)
+    key = ("rows", True, True) + tuple((id(t.value), t.fill, t.blocked_when, t.heads) for t in m.mask.bias)
     return cache.get(key)

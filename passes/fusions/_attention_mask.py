@@ -45,14 +45,21 @@ BLOCKED = -1e4 * 0.999
 
 @dataclass(frozen=True)
 class BiasTerm:
-    """One part of a score bias: ``value`` itself, or with ``fill`` set, ``fill`` where ``value == blocked_when``."""
+    """One part of a score bias: ``value`` itself, or with ``fill`` set, ``fill`` where ``value == blocked_when``.
+
+    ``heads`` > 0: the term is added to scores viewed as ``[B·heads, S, T]`` (Bloom's ALiBi, see
+    :mod:`passes.fusions._attention_heads3d`) and is read as ``[B, heads, S, T]``.
+    """
 
     value: ir.Value
     fill: float | None = None
     blocked_when: bool = True
+    heads: int = 0
 
     def evaluate(self, arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
         """The term's values, given the probe's value of :attr:`value`."""
+        if self.heads and arr.ndim == 3 and arr.shape[0] % self.heads == 0:
+            arr = arr.reshape(arr.shape[0] // self.heads, self.heads, *arr.shape[1:])
         if self.fill is None:
             return arr
         return np.where(arr.astype(bool) == self.blocked_when, np.array(self.fill, dtype), np.array(0, dtype))

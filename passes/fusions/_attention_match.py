@@ -18,6 +18,7 @@ import numpy as np
 
 import ir
 
+from ._attention_columns import view_columns
 from ._attention_mask import MaskVerdict
 from ._attention_pattern import MS, operand_path, path_nodes, projection, scores_matmuls, walk_layout
 from ..framework.match import const_array, producer, scalar
@@ -29,7 +30,12 @@ __all__ = ["MS", "Projection", "OperandPath", "Candidate", "AttentionMatch", "fi
 
 @dataclass
 class Projection:
-    """``x @ weight[:, start:stop] + bias[start:stop]`` (columns of a possibly packed projection)."""
+    """``x @ weight[:, start:stop] + bias[start:stop]`` (columns of a possibly packed projection).
+
+    With ``columns`` set, the columns are those indices instead (in that order): a role picked
+    out of a view of the packed projection (Bloom's per-head ``[N, 3, d]``, see
+    :mod:`passes.fusions._attention_columns`).
+    """
 
     x: ir.Value
     weight: ir.Value
@@ -38,16 +44,23 @@ class Projection:
     start: int
     stop: int
     nodes: list[ir.Node]
+    columns: np.ndarray | None = None
+
+    @property
+    def width(self) -> int:
+        """How many columns the projection gives the operand."""
+        return self.stop - self.start if self.columns is None else int(self.columns.size)
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """The ``[K, stop - start]`` weight columns and their bias (zeros when there is none)."""
+        """The ``[K, width]`` weight columns and their bias (zeros when there is none)."""
         w = const_array(self.weight)
         assert w is not None
         if self.trans_b:
             w = w.T
-        w = w[:, self.start : self.stop]
+        pick = slice(self.start, self.stop) if self.columns is None else self.columns
+        w = w[:, pick]
         b = const_array(self.bias) if self.bias is not None else None
-        b = np.zeros(w.shape[1], w.dtype) if b is None else b.reshape(-1)[self.start : self.stop]
+        b = np.zeros(w.shape[1], w.dtype) if b is None else b.reshape(-1)[pick]
         return w, b.astype(w.dtype)
 
 
@@ -184,12 +197,74 @@ def _head_blocks(p: ir.Node) -> tuple[tuple[str, Any], ir.Node] | None:
     return ("slice", (lo * d, hi * d)), reshape
 
 
+def _view_pick(p: ir.Node) -> tuple[tuple[str, Any], ir.Node] | None:
+    """A Gather or Slice of one trailing axis of a packed projection viewed as ``[B, S, *dims]``.
+
+    Bloom's ``qkv.view(B, S, heads, 3, d)[..., i, :]``: the role's columns are interleaved per
+    head (:func:`passes.fusions._attention_columns.view_columns`). Returns the segment
+    ``("view", (dims, axis, pick))`` and the Reshape, or ``None`` for another form.
+    """
+    if p.op_type not in ("Slice", "Gather") or not p.inputs or p.inputs[0] is None:
+        return None
+    reshape = producer(p.inputs[0], "Reshape")
+    dims = _view_dims(reshape) if reshape is not None else None
+    if reshape is None or dims is None:
+        return None
+    rank = len(dims) + 2
+    if p.op_type == "Gather":
+        idx = const_array(p.inputs[1])
+        if idx is None or idx.ndim != 0:
+            return None  # a 1-element index keeps the axis: the Slice form, not read here
+        axis = int(p.attr("axis", 0))
+        pick: dict[str, int] = {"index": int(idx)}
+    else:
+        starts, ends = const_array(p.inputs[1]), const_array(p.inputs[2])
+        axes = const_array(p.inputs[3]) if len(p.inputs) > 3 and p.inputs[3] is not None else None
+        steps = const_array(p.inputs[4]) if len(p.inputs) > 4 and p.inputs[4] is not None else None
+        if starts is None or ends is None or axes is None or starts.size != 1 or axes.size != 1:
+            return None
+        axis = int(axes.reshape(-1)[0])
+        pick = {"start": int(starts.reshape(-1)[0]), "stop": int(ends.reshape(-1)[0]),
+                "step": 1 if steps is None else int(steps.reshape(-1)[0])}
+    axis = axis + rank if axis < 0 else axis
+    if axis < 2 or axis >= rank:
+        return None
+    return ("view", (dims, axis - 2, pick)), reshape
+
+
+def _view_dims(reshape: ir.Node) -> list[int] | None:
+    """The trailing dims of a Reshape of ``[B, S, C]`` to ``[B, S, *dims]`` (rank ≥ 4), else ``None``.
+
+    From the output's static shape, or else from a constant target shape (``0`` copies the input's
+    dim, ``-1`` takes the rest of ``C``)."""
+    out, inp = reshape.outputs[0].shape, reshape.inputs[0].shape
+    if out is not None and len(out) >= 4 and all(isinstance(x, int) for x in out[2:]):
+        return [int(x) for x in out[2:]]
+    target = const_array(reshape.inputs[1]) if len(reshape.inputs) > 1 else None
+    if target is None or target.ndim != 1 or target.size < 4 or (inp is not None and len(inp) != 3):
+        return None
+    if reshape.attr("allowzero", 0) and 0 in target:
+        return None
+    cols = inp[2] if inp is not None else None
+    dims = [int(cols) if t == 0 and i == 2 and isinstance(cols, int) else int(t) for i, t in enumerate(target[2:], 2)]
+    if any(t == 0 for t in dims) or dims.count(-1) > 1 or int(target[0]) == -1 or int(target[1]) == -1:
+        return None
+    if -1 in dims:
+        known = int(np.prod([t for t in dims if t != -1]))
+        if not isinstance(cols, int) or known <= 0 or cols % known:
+            return None
+        dims[dims.index(-1)] = cols // known
+    return dims
+
+
 def _projection(src: ir.Value) -> Projection | str:
     """Resolve ``src`` as (a column slice of) ``x @ W + b``."""
     nodes: list[ir.Node] = []
     seg: tuple[str, Any] | None = None
     p = src.producer()
     blocks = _head_blocks(p) if p is not None else None
+    if blocks is None and p is not None:
+        blocks = _view_pick(p)
     if blocks is not None:
         seg, reshape = blocks
         nodes += [p, reshape]  # type: ignore[list-item]
@@ -257,15 +332,25 @@ def _finish_projection(
             return f"split sizes {sizes} do not cover the {cols} projection columns"
         start = sum(sizes[:idx])
         stop = start + sizes[idx]
+    elif seg is not None and seg[0] == "view":
+        dims, axis, pick = seg[1]
+        columns = view_columns(cols, dims, axis, **pick)
+        if isinstance(columns, str):
+            return columns
+        return _checked_bias(Projection(x, weight, bias, trans_b, 0, cols, nodes, columns), cols)
     elif seg is not None:
         s, e = seg[1]
         start = max(0, min(cols, s + cols if s < 0 else s))
         stop = max(0, min(cols, e + cols if e < 0 else e))
-    if bias is not None:
-        b = const_array(bias)
+    return _checked_bias(Projection(x, weight, bias, trans_b, start, stop, nodes), cols)
+
+
+def _checked_bias(proj: Projection, cols: int) -> Projection | str:
+    if proj.bias is not None:
+        b = const_array(proj.bias)
         if b is None or b.size != cols:
-            return f"bias %{bias.name} does not match the {cols} projection columns"
-    return Projection(x, weight, bias, trans_b, start, stop, nodes)
+            return f"bias %{proj.bias.name} does not match the {cols} projection columns"
+    return proj
 
 
 def find_candidate(sm: ir.Node, opset: int) -> Candidate | str:
@@ -275,6 +360,7 @@ def find_candidate(sm: ir.Node, opset: int) -> Candidate | str:
     logits = sm.inputs[0]
     nodes = [sm]
     p = sm.outputs[0]
+    reshapes = 0
     while True:
         if p.is_graph_output():
             return "the attention probabilities are a graph output"
@@ -290,6 +376,13 @@ def find_candidate(sm: ir.Node, opset: int) -> Candidate | str:
                 nodes += [isnan, where]
                 p = where.outputs[0]
                 continue
+        if len(users) == 1 and users[0].op_type == "Reshape" and users[0].inputs[0] is p and reshapes < 2:
+            # Bloom: probabilities [B, N, S, T] viewed back as [B·N, S, T] for a batched MatMul
+            # (checked by evaluation to be that view: the context is probed in the same layout).
+            reshapes += 1
+            nodes.append(users[0])
+            p = users[0].outputs[0]
+            continue
         break
     users = p.consumers()
     if len(users) != 1 or users[0].op_type != "MatMul" or users[0].inputs[0] is not p:

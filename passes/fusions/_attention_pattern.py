@@ -88,13 +88,17 @@ def _unset(v: object) -> bool:
 
 
 def _computed_inputs(p: ir.Node) -> list[ir.Value]:
+    if p.op_type == "Reshape":  # the data, never the computed target shape
+        return [p.inputs[0]] if p.inputs and p.inputs[0] is not None else []
     return [x for x in p.inputs if x is not None and const_array(x) is None]
 
 
 def _scores(op, query, key):
     # Any computed input of a scale or mask op may lead to the scores; the nearest MatMuls first.
-    return op.through(op.MatMul(query, key, _name="scores"), ops=MASK_OPS, follow=_computed_inputs, lazy=True,
-                      max=7, _name="mask_ops")
+    # A Reshape may sit among them: Bloom's 3-D scores [B·N, S, T] are viewed as [B, N, S, T]
+    # for the mask (whether that is a view of the heads is checked by evaluation).
+    return op.through(op.MatMul(query, key, _name="scores"), ops=MASK_OPS | {"Reshape"}, follow=_computed_inputs,
+                      lazy=True, max=8, _name="mask_ops")
 
 
 def _layout_walk(op, src):

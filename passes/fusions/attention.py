@@ -23,6 +23,13 @@ Syntax is matched only loosely (which ops may sit on each path); what the paths 
   MultiHeadAttention's ``attention_bias``. A sliding-window mask is such a ``B``, checked at a
   length past the window.
 
+Batched heads (Bloom's ``baddbmm``/``bmm``): the MatMuls may work on ``[B·N, S, ·]`` operands,
+with Reshapes between the scores and the 4-D mask/Softmax region and between the probabilities
+and the context MatMul; the check reads them as batch-major ``[B, N, ·, ·]`` views
+(:mod:`~passes.fusions._attention_heads3d`), a bias term added in the 3-D view (ALiBi) included.
+A role picked out of a view of the packed projection (Bloom's per-head ``[N, 3, d]``) takes its
+weight columns by a compile-time gather (:mod:`~passes.fusions._attention_columns`).
+
 Decoder paths may also hold, from the operand back (see :mod:`~passes.fusions._attention_match`):
 a GQA head repeat (``Unsqueeze/Expand/Reshape``), a KV cache ``Concat(past, new)`` on the
 sequence axis, and a ``com.microsoft::RotaryEmbedding`` (so ``fuse-rotary`` runs first in the
