@@ -233,3 +233,29 @@ def test_slice_between_any_two_transposes(data: st.DataObject) -> None:
         }}""", _x(*shape), modified=True)
     # One Transpose at most is left (none when the perms compose to the identity).
     assert sorted(op_types(m)) in (["Slice"], ["Slice", "Transpose"])
+
+
+@pytest.mark.parametrize(("view", "select", "columns"), [
+    ("2, 3, 6, 8", "q = Slice(v, four, five, two)", (32, 40)),          # Falcon: head 4 of 6, d = 8
+    ("2, 3, 6, 8", "q = Slice(v, zero, mtwo, mtwo)", (0, 32)),          # the query heads, [..., :-2, :]
+    ("2, 3, 3, 4, 4", "q = Slice(v, one, two, mthree)", (16, 32)),      # ModernBERT's unbind, axis -3 of 5
+    ("2, 3, 3, 4, 4", "q = Gather<axis = -3>(v, one)", (16, 32)),
+    ("2, 3, 3, 4, 4", "q = Slice(v, one, two, mtwo)", None),            # axis 3 is inside a block
+])
+def test_the_attention_matcher_reads_a_slice_of_the_block_axis_as_columns(view, select, columns) -> None:
+    # What the canonical form is for: a Slice of whole blocks of a packed QKV view.
+    from passes.fusions._attention_match import _head_blocks
+
+    n = view.count(",") + 1
+    m = lower(HEAD + f"""
+        g (float[2, 3, 48] x) => (q) <int64[{n}] s = {{{view}}}, int64[1] zero = {{0}}, int64[1] one = {{1}},
+          int64[1] two = {{2}}, int64[1] four = {{4}}, int64[1] five = {{5}}, int64[1] mtwo = {{-2}},
+          int64[1] mthree = {{-3}}> {{
+          v = Reshape(x, s)
+          {select}
+        }}""")
+    ir.infer_shapes(m)
+    got = _head_blocks(m.graph.nodes[1])
+    assert (got[0][1] if got else None) == columns
+    if got:
+        assert got[1] is m.graph.nodes[0]
