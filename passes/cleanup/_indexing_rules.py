@@ -29,7 +29,7 @@ from ..framework.base import PassContext
 from ..framework.pattern import Match, PatternRule, absent_or, capture
 from ..framework.rules import NoMatch
 
-__all__ = ["INDEXING_RULES", "GATHER_ND_TO_GATHER", "GATHER_TO_SLICE", "SLICE_BETWEEN_TRANSPOSES"]
+__all__ = ["INDEXING_RULES", "GATHER_ND_TO_GATHER", "GATHER_TO_SLICE", "SLICE_BETWEEN_TRANSPOSES", "slice_bounds"]
 
 #: Slice's "to the end" bound.
 _END = np.iinfo(np.int64).max
@@ -64,8 +64,8 @@ def _gather_nd_as_gather(op, x, match):
     return op.Gather(x, match.const("indices")[..., 0].astype(np.int64), axis=0)
 
 
-GATHER_ND_TO_GATHER = _CanonicalRule("gather-nd-to-gather", _gather_nd, _gather_nd_as_gather, check=_check_gather_nd,
-                                  stat="GatherND to Gather")
+GATHER_ND_TO_GATHER = _CanonicalRule("gather-nd-to-gather", _gather_nd, _gather_nd_as_gather,
+                                     check=_check_gather_nd, stat="GatherND to Gather")
 
 
 # -- Gather(x, [i0, i0 + s, ...], axis) → Slice(x, [i0], [i_last + 1], [axis], [s]) ------------
@@ -109,7 +109,7 @@ def _gather_as_slice(op, x, axis, match):
 
 
 GATHER_TO_SLICE = _CanonicalRule("gather-to-slice", _gather, _gather_as_slice, check=_check_gather,
-                              stat="Gather to Slice")
+                                 stat="Gather to Slice")
 
 
 # -- Transpose(Slice(Transpose(x, p1), axes), p2) → Transpose(Slice(x, p1[axes]), p1∘p2) -------
@@ -123,17 +123,18 @@ def _sandwich(op, x, starts, ends):
 
 def _perms(m: Match) -> tuple[list[int], list[int], list[int]] | str:
     """The two perms (defaults made explicit) and the new Slice's axes, or why they are unknown."""
-    shape = m.x.shape
-    r = len(m.p1) if m.p1 is not None else len(m.p2) if m.p2 is not None else None if shape is None else len(shape)
+    given = next((len(p) for p in (m.p1, m.p2) if p is not None), None)
+    r = given if given is not None else len(m.x.shape) if m.x.shape is not None else None
     if r is None:
         return "default perms of an input of unknown rank"
     p1, p2 = (list(p) if p is not None else list(range(r))[::-1] for p in (m.p1, m.p2))
-    axes = _int_array(m.const("axes")) if m.axes is not None else None
+    if m.axes is not None:
+        axes = _int_array(m.const("axes"))
+    else:  # absent: the first len(starts) axes
+        starts = m.const("starts")
+        axes = None if starts is None else np.arange(starts.size)
     if axes is None:
-        starts = m.const("starts") if m.axes is None else None
-        if starts is None:
-            return "the Slice's axes are not a constant"
-        axes = np.arange(starts.size)
+        return "the Slice's axes are not known"
     axes = [int(a) + r if int(a) < 0 else int(a) for a in axes.reshape(-1)]
     if len(p1) != r or len(p2) != r or any(not 0 <= a < r for a in axes):
         return "perms and axes of different ranks"
@@ -149,14 +150,14 @@ def _slice_first(op, x, starts, ends, match, steps=None):
     p1, p2, axes = _perms(match)  # type: ignore[misc]
     s = op.Slice(x, starts, ends, np.array(axes, np.int64), steps)
     perm = [p1[i] for i in p2]
-    out = s if perm == sorted(perm) else op.Transpose(s, perm=perm)
+    out = s if perm == list(range(len(perm))) else op.Transpose(s, perm=perm)
     if not match.read_elsewhere("inner"):
         return out
     return {"out": out, "inner": op.Transpose(x, perm=p1)}  # the other readers get an equal Transpose
 
 
-SLICE_BETWEEN_TRANSPOSES = _CanonicalRule("slice-between-transposes", _sandwich, _slice_first, check=_check_sandwich,
-                                       stat="moved a Slice before Transposes")
+SLICE_BETWEEN_TRANSPOSES = _CanonicalRule("slice-between-transposes", _sandwich, _slice_first,
+                                          check=_check_sandwich, stat="moved a Slice before Transposes")
 
 #: The rules of this module, in the order simplify applies them.
 INDEXING_RULES = (GATHER_ND_TO_GATHER, GATHER_TO_SLICE, SLICE_BETWEEN_TRANSPOSES)
