@@ -1,5 +1,9 @@
 """Algebraic simplification: drop no-op nodes, merge Transpose and Reshape chains, share duplicates.
 
+Constant-index gathers become Slices, and a Slice between two Transposes moves before them
+(:mod:`passes.cleanup._indexing_rules`), so that one selection has one form whichever exporter
+wrote it.
+
 Node-local simplifications are :class:`~passes.Rule`\\ s run by :func:`~passes.apply_rules`, so
 ``--explain`` reports why one did not fire (``no-op-reshape at Reshape 'r': input dim 0 is
 symbolic``). Each is exact: a node is removed only when it provably returns its input unchanged
@@ -31,6 +35,7 @@ from ..framework.pattern import Match, PatternRule
 from ..framework.rules import NoMatch, Rule, apply_rules
 from ..framework.registry import register_pass
 from ..framework.rewriter import Rewriter
+from ._indexing_rules import INDEXING_RULES
 
 __all__ = ["SimplifyPass", "NO_OP_RULES", "TransposeMerge", "ReshapeMerge"]
 
@@ -260,7 +265,8 @@ class SimplifyPass(Pass):
     """
 
     name: ClassVar[str] = "simplify"
-    summary: ClassVar[str] = "remove no-ops, merge Transpose/Reshape chains, deduplicate constants and nodes"
+    summary: ClassVar[str] = ("remove no-ops, merge Transpose/Reshape chains, constant gathers to Slices, "
+                               "deduplicate constants and nodes")
 
     dedup_constants: bool = True
     cse: bool = True
@@ -268,7 +274,7 @@ class SimplifyPass(Pass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         """Apply the rules and the deduplications until none changes the model."""
         rw = Rewriter()
-        rules: list[Rule] = [*NO_OP_RULES, TransposeMerge(), ReshapeMerge()]
+        rules: list[Rule] = [*NO_OP_RULES, TransposeMerge(), ReshapeMerge(), *INDEXING_RULES]
         for _ in range(_MAX_ROUNDS):
             # The rules run to their own fixed point; sharing duplicates can enable them again.
             apply_rules(model, rules, ctx, rw, pass_name=self.name)

@@ -164,37 +164,43 @@ def _operand(v: ir.Value) -> tuple[ir.Value, list[ir.Node], OperandPath]:
 
 
 def _head_blocks(p: ir.Node) -> tuple[tuple[str, Any], ir.Node] | None:
-    """A Slice or Gather of whole heads of a packed projection viewed as ``[B, S, G, d]``.
+    """A Slice or Gather of whole blocks of a packed projection viewed as ``[B, S, G, ...]``.
 
-    Falcon's multi-query layout: ``qkv.view(B, S, heads + 2, d)``, then ``[..., :-2, :]`` (the
-    query heads), ``[..., [-2], :]`` (the key) and ``[..., [-1], :]`` (the value). Returns the
-    column segment ``("slice", (start, stop))`` and the Reshape, or ``None`` for another form.
+    The block axis is the first one the view splits the hidden axis into (2, however written:
+    ``-2`` of 4 dims, ``-3`` of 5); a block is the product of the dims after it. Falcon's
+    multi-query layout: ``qkv.view(B, S, heads + 2, d)``, then ``[..., :-2, :]`` (the query
+    heads), ``[..., [-2], :]`` (the key) and ``[..., [-1], :]`` (the value); ModernBERT's
+    ``qkv.view(B, S, 3, heads, d).unbind(2)`` from the dynamo exporter: a ``[i:i+1]`` Slice of
+    axis 2 each. Returns the column segment ``("slice", (start, stop))`` and the Reshape, or
+    ``None`` for another form.
     """
     if p.op_type not in ("Slice", "Gather") or not p.inputs or p.inputs[0] is None:
         return None
     reshape = producer(p.inputs[0], "Reshape")
     out, inp = p.inputs[0].shape, reshape.inputs[0].shape if reshape is not None else None
-    if reshape is None or out is None or inp is None or len(out) != 4 or len(inp) != 3:
+    if reshape is None or out is None or inp is None or len(out) < 4 or len(inp) != 3:
         return None
-    groups, d, hidden = out[2], out[3], inp[2]
-    if not all(isinstance(x, int) for x in (groups, d, hidden)) or groups * d != hidden:
+    groups, hidden = out[2], inp[2]
+    block = int(np.prod(out[3:])) if all(isinstance(x, int) for x in out[3:]) else None
+    if not isinstance(groups, int) or block is None or not isinstance(hidden, int) or groups * block != hidden:
         return None
     if p.op_type == "Gather":
         idx = const_array(p.inputs[1])
-        if p.attr("axis", 0) not in (2, -2) or idx is None or idx.size != 1:
+        if p.attr("axis", 0) not in (2, 2 - len(out)) or idx is None or idx.size != 1:
             return None
         i = int(idx.reshape(-1)[0]) % groups
-        return ("slice", (i * d, (i + 1) * d)), reshape
+        return ("slice", (i * block, (i + 1) * block)), reshape
     starts, ends = const_array(p.inputs[1]), const_array(p.inputs[2])
     axes = const_array(p.inputs[3]) if len(p.inputs) > 3 and p.inputs[3] is not None else None
     steps = const_array(p.inputs[4]) if len(p.inputs) > 4 and p.inputs[4] is not None else None
-    if starts is None or ends is None or axes is None or starts.size != 1 or int(axes.reshape(-1)[0]) not in (2, -2):
+    if starts is None or ends is None or axes is None or starts.size != 1 or int(axes.reshape(-1)[0]) not in (
+            2, 2 - len(out)):
         return None
     if steps is not None and int(steps.reshape(-1)[0]) != 1:
         return None
     lo, hi = (int(a.reshape(-1)[0]) for a in (starts, ends))
     lo, hi = (max(0, min(groups, x + groups if x < 0 else x)) for x in (lo, hi))
-    return ("slice", (lo * d, hi * d)), reshape
+    return ("slice", (lo * block, hi * block)), reshape
 
 
 def _view_pick(p: ir.Node) -> tuple[tuple[str, Any], ir.Node] | None:
