@@ -397,9 +397,9 @@ class Analysis:
         if qh.ndim != 4 or qh.shape[0] != B or qh.shape[2] != S:
             return f"query heads have shape {list(qh.shape)}, expected [batch, heads, seq, head_dim]"
         n, d = qh.shape[1], qh.shape[3]
-        if c.q.stop - c.q.start != n * d:
-            return f"query projection has {c.q.stop - c.q.start} columns, not num_heads*head_dim = {n}*{d}"
-        kcols, vcols = c.k.stop - c.k.start, c.v.stop - c.v.start
+        if c.q.width != n * d:
+            return f"query projection has {c.q.width} columns, not num_heads*head_dim = {n}*{d}"
+        kcols, vcols = c.k.width, c.v.width
         if kcols != vcols or kcols % d or n % max(1, kcols // d):
             return (f"key/value projections have {kcols}/{vcols} columns: not a group of heads of "
                     f"num_heads*head_dim = {n}*{d}")

@@ -18,6 +18,7 @@ import numpy as np
 
 import ir
 
+from ._attention_columns import CUT_OPS, VIEW_OPS, role_columns
 from ._attention_mask import MaskVerdict
 from ._attention_pattern import MS, operand_path, path_nodes, projection, scores_matmuls, walk_layout
 from ..framework.match import const_array, producer, scalar
@@ -29,7 +30,11 @@ __all__ = ["MS", "Projection", "OperandPath", "Candidate", "AttentionMatch", "fi
 
 @dataclass
 class Projection:
-    """``x @ weight[:, start:stop] + bias[start:stop]`` (columns of a possibly packed projection)."""
+    """``x @ weight[:, cols] + bias[cols]`` (columns of a possibly packed projection).
+
+    ``cols`` is ``start:stop``, or the explicit ``columns`` when the role's columns are spread
+    over a projection packed within each head (:mod:`passes.fusions._attention_columns`).
+    """
 
     x: ir.Value
     weight: ir.Value
@@ -38,16 +43,23 @@ class Projection:
     start: int
     stop: int
     nodes: list[ir.Node]
+    columns: np.ndarray | None = None
+
+    @property
+    def width(self) -> int:
+        """How many columns the role reads."""
+        return int(self.columns.size) if self.columns is not None else self.stop - self.start
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """The ``[K, stop - start]`` weight columns and their bias (zeros when there is none)."""
+        """The ``[K, width]`` weight columns and their bias (zeros when there is none)."""
         w = const_array(self.weight)
         assert w is not None
         if self.trans_b:
             w = w.T
-        w = w[:, self.start : self.stop]
+        cols = self.columns if self.columns is not None else slice(self.start, self.stop)
+        w = w[:, cols]
         b = const_array(self.bias) if self.bias is not None else None
-        b = np.zeros(w.shape[1], w.dtype) if b is None else b.reshape(-1)[self.start : self.stop]
+        b = np.zeros(w.shape[1], w.dtype) if b is None else b.reshape(-1)[cols]
         return w, b.astype(w.dtype)
 
 
@@ -184,8 +196,56 @@ def _head_blocks(p: ir.Node) -> tuple[tuple[str, Any], ir.Node] | None:
     return ("slice", (lo * d, hi * d)), reshape
 
 
+def _packed(src: ir.Value) -> Projection | str | None:
+    """``src`` cut (Split/Slice/Gather) from a view of ``x @ W + b``: its columns by index arithmetic.
+
+    GPT-NeoX's ``[B,S,N,3d]`` and CodeGen's ``[B,S,mp,3L]`` pack Q/K/V within each head or group
+    (see :mod:`passes.fusions._attention_columns`). ``None`` when ``src`` is not cut behind a
+    view (a cut of the projection output itself is a column range, read by :func:`_projection`).
+    """
+    cut = src.producer()
+    if cut is None or cut.op_type not in CUT_OPS or cut.domain or not cut.inputs or cut.inputs[0] is None:
+        return None
+    view: list[ir.Node] = []
+    base = cut.inputs[0]
+    while (p := base.producer()) is not None and p.op_type in VIEW_OPS and not p.domain and p.inputs[0] is not None:
+        view.append(p)
+        base = p.inputs[0]
+    if not view:
+        return None
+    m = projection(base)
+    if isinstance(m, str):
+        return None
+    gemm = m.node("gemm")
+    weight, bias = (m.gemm_weight, m.gemm_bias) if gemm is not None else (m.weight, m.bias)
+    trans_b = bool(m.trans_b) if gemm is not None else False
+    w = const_array(weight)
+    assert w is not None
+    cols = role_columns(src, view[::-1] + [cut], w.shape[0] if trans_b else w.shape[1])
+    if isinstance(cols, str):
+        return cols
+    nodes = [cut, *view, *m.chain("reshapes")]
+    nodes += [gemm, m.node("flat")] if gemm is not None else [n for n in (m.node("bias_add"), m.node("mm")) if n]
+    proj = _finish_projection(m.x, weight, bias, trans_b, None, nodes)
+    if isinstance(proj, Projection) and not np.array_equal(cols, np.arange(cols[0], cols[0] + cols.size)):
+        proj.columns = cols
+    elif isinstance(proj, Projection):
+        proj.start, proj.stop = int(cols[0]), int(cols[0]) + cols.size
+    return proj
+
+
 def _projection(src: ir.Value) -> Projection | str:
-    """Resolve ``src`` as (a column slice of) ``x @ W + b``."""
+    """Resolve ``src`` as (a column slice of) ``x @ W + b``: packed within heads, else a column range."""
+    packed = _packed(src)
+    if isinstance(packed, Projection):
+        return packed
+    segment = _segment_projection(src)
+    # A view the index arithmetic could not read says why, rather than the column-range reading.
+    return packed if isinstance(segment, str) and isinstance(packed, str) else segment
+
+
+def _segment_projection(src: ir.Value) -> Projection | str:
+    """``src`` as a column range of ``x @ W + b``: a Split/Slice of the hidden axis or of whole heads."""
     nodes: list[ir.Node] = []
     seg: tuple[str, Any] | None = None
     p = src.producer()
