@@ -49,7 +49,7 @@ TODAY: dict[str, dict[str, tuple[int, int, int, int] | str]] = {
     "gemma": {"script": (2, 5, 2, 4), "dynamo": (2, 5, 2, 4)},  # allows (2, 5, 2, 4)
     "gemma2": {"script": (0, 9, 2, 4), "dynamo": (0, 9, 2, 4)},  # allows (2, 9, 2, 4)
     "stablelm": {"script": (2, 5, 2, 4), "dynamo": (2, 5, 2, 4)},  # allows (2, 5, 2, 4)
-    "falcon": {"script": (2, 3, 2, 4), "dynamo": (0, 3, 2, 4)},  # allows (2, 3, 2, 4)
+    "falcon": {"script": (2, 3, 2, 4), "dynamo": (2, 3, 2, 4)},  # allows (2, 3, 2, 4)
     "bloom": {"script": (0, 6, 2, 0), "dynamo": (0, 6, 2, 0)},  # allows (2, 6, 2, 0)
     "mpt": {"script": (2, 5, 2, 0), "dynamo": (2, 5, 2, 0)},  # allows (2, 5, 2, 0)
     "opt": {"script": (2, 5, 0, 0), "dynamo": (2, 5, 0, 0)},  # allows (2, 5, 0, 0)

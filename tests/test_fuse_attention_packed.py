@@ -233,3 +233,31 @@ def test_a_view_mixing_tokens_into_heads_is_a_near_miss():
     notes = [str(d) for d in ctx.diagnostics]
     assert len(notes) == 1, notes
     assert "Softmax" in notes[0] and "packed projection" in notes[0] and "mixes token and column axes" in notes[0]
+
+
+@pytest.mark.parametrize("cut", ["Gather", "GatherND"])
+def test_multi_query_heads_cut_by_gather(cut):
+    # Falcon: qkv.view(B, S, N + 2, d); key = [..., [-2], :] (dynamo: GatherND on the head axis
+    # moved to the front), query = [..., :-2, :].
+    inits = [_init("w", np.zeros((H, (N + 2) * D), np.float32)),
+             _init("view_shape", np.array([0, 0, N + 2, D], np.int64)),
+             _init("s0", np.array([0], np.int64)), _init("m2", np.array([-2], np.int64)),
+             _init("ax2", np.array([2], np.int64)),
+             _init("key_at", np.array([[-2]] if cut == "GatherND" else [-2], np.int64))]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["qkv"]),
+             helper.make_node("Reshape", ["qkv", "view_shape"], ["view"]),
+             helper.make_node("Slice", ["view", "s0", "m2", "ax2"], ["q"])]
+    if cut == "GatherND":
+        nodes += [helper.make_node("Transpose", ["view"], ["heads_first"], perm=[2, 0, 1, 3]),
+                  helper.make_node("GatherND", ["heads_first", "key_at"], ["k"])]
+    else:
+        nodes += [helper.make_node("Gather", ["view", "key_at"], ["k"], axis=2)]
+    g = helper.make_graph(nodes, "falcon_cut", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", H])],
+                          [helper.make_tensor_value_info(v, TensorProto.FLOAT, None) for v in "qk"], inits)
+    model = ir.from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=8))
+    by_out = {n.outputs[0].name: n for n in model.graph}
+    view = [by_out["view"]] + ([by_out["heads_first"]] if cut == "GatherND" else [])
+    q = role_columns(by_out["q"].outputs[0], [by_out["view"], by_out["q"]], (N + 2) * D)
+    k = role_columns(by_out["k"].outputs[0], view + [by_out["k"]], (N + 2) * D)
+    np.testing.assert_array_equal(q, np.arange(N * D))
+    np.testing.assert_array_equal(k, np.arange(N * D, (N + 1) * D))

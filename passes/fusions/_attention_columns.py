@@ -11,7 +11,7 @@ roles *after* a view, so each role's columns are not one contiguous block:
   the contiguous cases of the same arithmetic.
 
 :func:`role_columns` follows the view (``Reshape``, ``Transpose``, ``Squeeze``/``Unsqueeze``)
-and the cut (``Split``, ``Slice`` or ``Gather``) on an array of indices instead of data: the
+and the cut (``Split``, ``Slice``, ``Gather`` or ``GatherND``) on an array of indices instead of data: the
 projection output ``[tokens..., C]`` holds ``token · C + column``, every axis whose size the
 graph does not fix (batch, sequence) has size 1, and the role's entries of the first token, in
 the role's own axis order, are its columns. Nothing here is trusted: the attention check
@@ -34,14 +34,14 @@ __all__ = ["VIEW_OPS", "CUT_OPS", "role_columns"]
 #: Ops a view of the projection output may be made of (they move data, never compute).
 VIEW_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Flatten"})
 #: Ops that cut one role out of the viewed projection.
-CUT_OPS = frozenset({"Split", "Slice", "Gather"})
+CUT_OPS = frozenset({"Split", "Slice", "Gather", "GatherND"})
 
 
 def role_columns(role: ir.Value, view: list[ir.Node], columns: int) -> np.ndarray | str:
     """The projection columns that ``role`` holds, in its head order, or why they cannot be read.
 
     Args:
-        role: an output of the cut (a ``Split``, ``Slice`` or ``Gather``, the last node of
+        role: an output of the cut (a ``Split``, ``Slice``, ``Gather`` or ``GatherND``, the last node of
             ``view``) that one attention operand is read from.
         view: the nodes from the projection output to the cut, in graph order: the first reads
             the projection output ``[tokens..., columns]`` (``[B, S, C]``, or ``[B·S, C]`` from
@@ -126,6 +126,15 @@ def _follow(node: ir.Node, index: np.ndarray, out: ir.Value) -> np.ndarray | str
         if np.any(idx < -dim) or np.any(idx >= dim):
             return f"gathers past the {dim} entries of axis {axis}"
         return np.take(index, idx % dim, axis=axis)
+    if op == "GatherND":  # dynamo's qkv[..., [-2], :] (Falcon), on the head axis moved to the front
+        idx = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        if idx is None or idx.ndim < 1 or int(node.attr("batch_dims", 0)) != 0 or idx.shape[-1] > index.ndim:
+            return "the gathered indices are not constant index tuples"
+        idx, dims = np.asarray(idx).astype(np.int64), np.array(index.shape[: idx.shape[-1]])
+        if np.any(idx < -dims) or np.any(idx >= dims):
+            return "gathers past the end of an axis"
+        idx = idx % dims
+        return index[tuple(idx[..., i] for i in range(idx.shape[-1]))]
     return f"{op} is not a view"
 
 

@@ -197,7 +197,7 @@ def _head_blocks(p: ir.Node) -> tuple[tuple[str, Any], ir.Node] | None:
 
 
 def _packed(src: ir.Value) -> Projection | str | None:
-    """``src`` cut (Split/Slice/Gather) from a view of ``x @ W + b``: its columns by index arithmetic.
+    """``src`` cut (Split/Slice/Gather[ND]) from a view of ``x @ W + b``: its columns by index arithmetic.
 
     GPT-NeoX's ``[B,S,N,3d]`` and CodeGen's ``[B,S,mp,3L]`` pack Q/K/V within each head or group
     (see :mod:`passes.fusions._attention_columns`). ``None`` when ``src`` is not cut behind a
