@@ -261,3 +261,22 @@ def test_multi_query_heads_cut_by_gather(cut):
     k = role_columns(by_out["k"].outputs[0], view + [by_out["k"]], (N + 2) * D)
     np.testing.assert_array_equal(q, np.arange(N * D))
     np.testing.assert_array_equal(k, np.arange(N * D, (N + 1) * D))
+
+
+def test_a_cut_of_the_batch_axis_is_no_column_set():
+    # A static batch of 2 viewed as [2, S, N, 3d] and sliced to its first row: tokens of the
+    # second row hold nothing, so the cut is no set of columns shared by every token.
+    inits = [_init("w", np.zeros((H, 3 * H), np.float32)), _init("neox_shape", np.array([0, 0, N, 3 * D], np.int64)),
+             _init("s0", np.array([0], np.int64)), _init("s1", np.array([1], np.int64))]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["qkv"]),
+             helper.make_node("Reshape", ["qkv", "neox_shape"], ["view"]),
+             helper.make_node("Slice", ["view", "s0", "s1", "s0"], ["row0"])]
+    g = helper.make_graph(nodes, "batch_cut", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, H])],
+                          [helper.make_tensor_value_info("row0", TensorProto.FLOAT, None)], inits,
+                          value_info=[helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [2, 5, 3 * H])])
+    model = ir.from_onnx(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=8))
+    view, cut = list(model.graph)[1:]
+    whole = role_columns(view.outputs[0], [view, cut], 3 * H)  # (not the cut's output)
+    assert isinstance(whole, str) and "not cut" in whole
+    got = role_columns(cut.outputs[0], [view, cut], 3 * H)
+    assert isinstance(got, str) and "different columns" in got, got

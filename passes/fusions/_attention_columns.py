@@ -74,14 +74,15 @@ def role_columns(role: ir.Value, view: list[ir.Node], columns: int) -> np.ndarra
         if isinstance(step, str):
             return f"{node.label()} on the packed projection: {step}"
         index = step
-    token, column = np.divmod(index, columns)
-    cols = column[token == 0]
-    if cols.size == 0:
+    token, column = np.divmod(index.reshape(-1), columns)
+    if token.size == 0:
         return f"%{role.name} holds no column of the packed projection"
-    for t in range(1, tokens):
-        if not np.array_equal(column[token == t], cols):
-            return f"%{role.name} takes different columns of the packed projection for different tokens"
-    return cols.astype(np.int64)
+    # Each token's entries in the role's order (a stable sort by token keeps it), one row a token.
+    per_token = np.bincount(token, minlength=tokens)
+    by_token = column[np.argsort(token, kind="stable")]
+    if np.any(per_token != per_token[0]) or np.any(by_token.reshape(tokens, -1) != by_token[: per_token[0]]):
+        return f"%{role.name} takes different columns of the packed projection for different tokens"
+    return by_token[: per_token[0]].astype(np.int64)
 
 
 def _follow(node: ir.Node, index: np.ndarray, out: ir.Value) -> np.ndarray | str:
