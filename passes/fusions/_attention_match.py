@@ -2,7 +2,8 @@
 
 :func:`find_candidate` starts at a Softmax and follows the data flow loosely (which ops may sit on
 each path: the patterns of :mod:`passes.fusions._attention_pattern`, on the framework's matcher) to
-a :class:`Candidate`: the two MatMuls, the Q/K/V :class:`Projection` columns, each operand's
+a :class:`Candidate`: the two MatMuls, the Q/K/V :class:`Projection` columns (a range, or read by
+index arithmetic where Q/K/V are packed within each head: :mod:`passes.fusions._attention_columns`), each operand's
 :class:`OperandPath` (rotary, KV-cache ``Concat``, GQA ``Expand``) and the head-merge chain. What those paths compute is checked by evaluation in
 :mod:`passes.fusions._attention_check`, which turns a candidate into an :class:`AttentionMatch`;
 the emitters (:mod:`passes.fusions._attention_contrib`, :mod:`passes.fusions._attention_standard`)
@@ -225,7 +226,8 @@ def _packed(src: ir.Value) -> Projection | str | None:
     if isinstance(cols, str):
         return cols
     nodes = [cut, *view, *m.chain("reshapes")]
-    nodes += [gemm, m.node("flat")] if gemm is not None else [n for n in (m.node("bias_add"), m.node("mm")) if n]
+    linear = (gemm, m.node("flat")) if gemm is not None else (m.node("bias_add"), m.node("mm"))
+    nodes += [n for n in linear if n is not None]
     proj = _finish_projection(m.x, weight, bias, trans_b, None, nodes)
     if isinstance(proj, Projection) and not np.array_equal(cols, np.arange(cols[0], cols[0] + cols.size)):
         proj.columns = cols
