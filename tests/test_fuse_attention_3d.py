@@ -22,7 +22,7 @@ import ir
 import targets
 from conftest import ort_run
 from passes import PassContext, PassManager
-from passes.fusions._attention_columns import view_columns
+from passes.fusions._attention_columns import role_columns
 
 H, N, D = 8, 2, 4
 CONTRIB = targets.get("x86")
@@ -169,13 +169,13 @@ def test_near_misses_stay_as_they_are(order, bias, why):
     assert np.isfinite(ort_run(proto, feeds)["out"]).all()
 
 
-def test_view_columns_of_bloom_packing():
-    """[N, 3, d] per head: the query of head h is columns h·3d .. h·3d + d; a Slice keeps its axis."""
-    q = view_columns(3 * H, [N, 3, D], 1, index=0)
-    k = view_columns(3 * H, [N, 3, D], -2, index=1)
+def test_role_columns_of_bloom_packing():
+    """[N, 3, d] per head: the query of head h is columns h·3d .. h·3d + d (index arithmetic on the view)."""
+    model = ir.from_onnx(_layer())
+    ir.infer_shapes(model)
+    nodes = {n.outputs[0].name: n for n in model.graph}
+    view = nodes["qkv5"]
+    q = role_columns(nodes["q4"].outputs[0], [view, nodes["q4"]], 3 * H)
+    k = role_columns(nodes["k4"].outputs[0], [view, nodes["k4"]], 3 * H)
     assert list(q) == [h * 3 * D + j for h in range(N) for j in range(D)]
     assert list(k) == [h * 3 * D + D + j for h in range(N) for j in range(D)]
-    falcon = view_columns(4 * D, [4, D], 0, start=0, stop=-2)  # Falcon's query heads: contiguous
-    assert list(falcon) == list(range(2 * D))
-    assert isinstance(view_columns(3 * H, [N, 4, D], 1, index=0), str)  # the view does not cover them
-    assert isinstance(view_columns(3 * H, [N, 3, D], 1, index=3), str)

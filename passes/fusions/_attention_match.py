@@ -2,7 +2,8 @@
 
 :func:`find_candidate` starts at a Softmax and follows the data flow loosely (which ops may sit on
 each path: the patterns of :mod:`passes.fusions._attention_pattern`, on the framework's matcher) to
-a :class:`Candidate`: the two MatMuls, the Q/K/V :class:`Projection` columns, each operand's
+a :class:`Candidate`: the two MatMuls, the Q/K/V :class:`Projection` columns (a range, or read by
+index arithmetic where Q/K/V are packed within each head: :mod:`passes.fusions._attention_columns`), each operand's
 :class:`OperandPath` (rotary, KV-cache ``Concat``, GQA ``Expand``) and the head-merge chain. What those paths compute is checked by evaluation in
 :mod:`passes.fusions._attention_check`, which turns a candidate into an :class:`AttentionMatch`;
 the emitters (:mod:`passes.fusions._attention_contrib`, :mod:`passes.fusions._attention_standard`)
@@ -18,7 +19,7 @@ import numpy as np
 
 import ir
 
-from ._attention_columns import view_columns
+from ._attention_columns import CUT_OPS, VIEW_OPS, role_columns
 from ._attention_mask import MaskVerdict
 from ._attention_pattern import MS, operand_path, path_nodes, projection, scores_matmuls, walk_layout
 from ..framework.match import const_array, producer, scalar
@@ -30,11 +31,10 @@ __all__ = ["MS", "Projection", "OperandPath", "Candidate", "AttentionMatch", "fi
 
 @dataclass
 class Projection:
-    """``x @ weight[:, start:stop] + bias[start:stop]`` (columns of a possibly packed projection).
+    """``x @ weight[:, cols] + bias[cols]`` (columns of a possibly packed projection).
 
-    With ``columns`` set, the columns are those indices instead (in that order): a role picked
-    out of a view of the packed projection (Bloom's per-head ``[N, 3, d]``, see
-    :mod:`passes.fusions._attention_columns`).
+    ``cols`` is ``start:stop``, or the explicit ``columns`` when the role's columns are spread
+    over a projection packed within each head (:mod:`passes.fusions._attention_columns`).
     """
 
     x: ir.Value
@@ -48,8 +48,8 @@ class Projection:
 
     @property
     def width(self) -> int:
-        """How many columns the projection gives the operand."""
-        return self.stop - self.start if self.columns is None else int(self.columns.size)
+        """How many columns the role reads."""
+        return int(self.columns.size) if self.columns is not None else self.stop - self.start
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """The ``[K, width]`` weight columns and their bias (zeros when there is none)."""
@@ -57,10 +57,10 @@ class Projection:
         assert w is not None
         if self.trans_b:
             w = w.T
-        pick = slice(self.start, self.stop) if self.columns is None else self.columns
-        w = w[:, pick]
+        cols = self.columns if self.columns is not None else slice(self.start, self.stop)
+        w = w[:, cols]
         b = const_array(self.bias) if self.bias is not None else None
-        b = np.zeros(w.shape[1], w.dtype) if b is None else b.reshape(-1)[pick]
+        b = np.zeros(w.shape[1], w.dtype) if b is None else b.reshape(-1)[cols]
         return w, b.astype(w.dtype)
 
 
@@ -203,74 +203,61 @@ def _head_blocks(p: ir.Node) -> tuple[tuple[str, Any], ir.Node] | None:
     return ("slice", (lo * block, hi * block)), reshape
 
 
-def _view_pick(p: ir.Node) -> tuple[tuple[str, Any], ir.Node] | None:
-    """A Gather or Slice of one trailing axis of a packed projection viewed as ``[B, S, *dims]``.
+def _packed(src: ir.Value) -> Projection | str | None:
+    """``src`` cut (Split/Slice/Gather[ND]) from a view of ``x @ W + b``: its columns by index arithmetic.
 
-    Bloom's ``qkv.view(B, S, heads, 3, d)[..., i, :]``: the role's columns are interleaved per
-    head (:func:`passes.fusions._attention_columns.view_columns`). Returns the segment
-    ``("view", (dims, axis, pick))`` and the Reshape, or ``None`` for another form.
+    GPT-NeoX's ``[B,S,N,3d]`` and CodeGen's ``[B,S,mp,3L]`` pack Q/K/V within each head or group
+    (see :mod:`passes.fusions._attention_columns`). ``None`` when ``src`` is not cut behind a
+    view (a cut of the projection output itself is a column range, read by :func:`_projection`).
     """
-    if p.op_type not in ("Slice", "Gather") or not p.inputs or p.inputs[0] is None:
+    cut = src.producer()
+    if cut is None or cut.op_type not in CUT_OPS or cut.domain or not cut.inputs or cut.inputs[0] is None:
         return None
-    reshape = producer(p.inputs[0], "Reshape")
-    dims = _view_dims(reshape) if reshape is not None else None
-    if reshape is None or dims is None:
+    view: list[ir.Node] = []
+    base = cut.inputs[0]
+    while (p := base.producer()) is not None and p.op_type in VIEW_OPS and not p.domain and p.inputs[0] is not None:
+        view.append(p)
+        base = p.inputs[0]
+    if not view:
         return None
-    rank = len(dims) + 2
-    if p.op_type == "Gather":
-        idx = const_array(p.inputs[1])
-        if idx is None or idx.ndim != 0:
-            return None  # a 1-element index keeps the axis: the Slice form, not read here
-        axis = int(p.attr("axis", 0))
-        pick: dict[str, int] = {"index": int(idx)}
-    else:
-        starts, ends = const_array(p.inputs[1]), const_array(p.inputs[2])
-        axes = const_array(p.inputs[3]) if len(p.inputs) > 3 and p.inputs[3] is not None else None
-        steps = const_array(p.inputs[4]) if len(p.inputs) > 4 and p.inputs[4] is not None else None
-        if starts is None or ends is None or axes is None or starts.size != 1 or axes.size != 1:
-            return None
-        axis = int(axes.reshape(-1)[0])
-        pick = {"start": int(starts.reshape(-1)[0]), "stop": int(ends.reshape(-1)[0]),
-                "step": 1 if steps is None else int(steps.reshape(-1)[0])}
-    axis = axis + rank if axis < 0 else axis
-    if axis < 2 or axis >= rank:
+    m = projection(base)
+    if isinstance(m, str):
         return None
-    return ("view", (dims, axis - 2, pick)), reshape
-
-
-def _view_dims(reshape: ir.Node) -> list[int] | None:
-    """The trailing dims of a Reshape of ``[B, S, C]`` to ``[B, S, *dims]`` (rank ≥ 4), else ``None``.
-
-    From the output's static shape, or else from a constant target shape (``0`` copies the input's
-    dim, ``-1`` takes the rest of ``C``)."""
-    out, inp = reshape.outputs[0].shape, reshape.inputs[0].shape
-    if out is not None and len(out) >= 4 and all(isinstance(x, int) for x in out[2:]):
-        return [int(x) for x in out[2:]]
-    target = const_array(reshape.inputs[1]) if len(reshape.inputs) > 1 else None
-    if target is None or target.ndim != 1 or target.size < 4 or (inp is not None and len(inp) != 3):
-        return None
-    if reshape.attr("allowzero", 0) and 0 in target:
-        return None
-    cols = inp[2] if inp is not None else None
-    dims = [int(cols) if t == 0 and i == 2 and isinstance(cols, int) else int(t) for i, t in enumerate(target[2:], 2)]
-    if any(t == 0 for t in dims) or dims.count(-1) > 1 or int(target[0]) == -1 or int(target[1]) == -1:
-        return None
-    if -1 in dims:
-        known = int(np.prod([t for t in dims if t != -1]))
-        if not isinstance(cols, int) or known <= 0 or cols % known:
-            return None
-        dims[dims.index(-1)] = cols // known
-    return dims
+    gemm = m.node("gemm")
+    weight, bias = (m.gemm_weight, m.gemm_bias) if gemm is not None else (m.weight, m.bias)
+    trans_b = bool(m.trans_b) if gemm is not None else False
+    w = const_array(weight)
+    assert w is not None
+    cols = role_columns(src, view[::-1] + [cut], w.shape[0] if trans_b else w.shape[1])
+    if isinstance(cols, str):
+        return cols
+    nodes = [cut, *view, *m.chain("reshapes")]
+    linear = (gemm, m.node("flat")) if gemm is not None else (m.node("bias_add"), m.node("mm"))
+    nodes += [n for n in linear if n is not None]
+    proj = _finish_projection(m.x, weight, bias, trans_b, None, nodes)
+    if isinstance(proj, Projection) and not np.array_equal(cols, np.arange(cols[0], cols[0] + cols.size)):
+        proj.columns = cols
+    elif isinstance(proj, Projection):
+        proj.start, proj.stop = int(cols[0]), int(cols[0]) + cols.size
+    return proj
 
 
 def _projection(src: ir.Value) -> Projection | str:
-    """Resolve ``src`` as (a column slice of) ``x @ W + b``."""
+    """Resolve ``src`` as (a column slice of) ``x @ W + b``: packed within heads, else a column range."""
+    packed = _packed(src)
+    if isinstance(packed, Projection):
+        return packed
+    segment = _segment_projection(src)
+    # A view the index arithmetic could not read says why, rather than the column-range reading.
+    return packed if isinstance(segment, str) and isinstance(packed, str) else segment
+
+
+def _segment_projection(src: ir.Value) -> Projection | str:
+    """``src`` as a column range of ``x @ W + b``: a Split/Slice of the hidden axis or of whole heads."""
     nodes: list[ir.Node] = []
     seg: tuple[str, Any] | None = None
     p = src.producer()
     blocks = _head_blocks(p) if p is not None else None
-    if blocks is None and p is not None:
-        blocks = _view_pick(p)
     if blocks is not None:
         seg, reshape = blocks
         nodes += [p, reshape]  # type: ignore[list-item]
@@ -338,12 +325,6 @@ def _finish_projection(
             return f"split sizes {sizes} do not cover the {cols} projection columns"
         start = sum(sizes[:idx])
         stop = start + sizes[idx]
-    elif seg is not None and seg[0] == "view":
-        dims, axis, pick = seg[1]
-        columns = view_columns(cols, dims, axis, **pick)
-        if isinstance(columns, str):
-            return columns
-        return _checked_bias(Projection(x, weight, bias, trans_b, 0, cols, nodes, columns), cols)
     elif seg is not None:
         s, e = seg[1]
         start = max(0, min(cols, s + cols if s < 0 else s))

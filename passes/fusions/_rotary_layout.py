@@ -39,6 +39,13 @@ def value_rank(v: ir.Value | None, depth: int = 0) -> int | None:
         return value_rank(p.inputs[0], depth + 1)
     if p.op_type == "Reshape":
         return _length(p.inputs[1], depth + 1)
+    if p.op_type in ("Add", "Sub", "Mul", "Div", "MatMul"):  # broadcasting: the largest input rank
+        ranks = [a.ndim if (a := const_array(i)) is not None else value_rank(i, depth + 1) for i in p.inputs]
+        if None in ranks or p.op_type == "MatMul" and min(ranks) < 2:  # type: ignore[operator]
+            return None
+        return max(ranks)  # type: ignore[type-var]
+    if p.op_type == "Gemm":
+        return 2
     return None
 
 
