@@ -353,3 +353,29 @@ def test_replaces_limits_which_named_values_may_be_read_elsewhere() -> None:
     assert _apply(model, PatternRule("sum-only", relu_sum, needs_rewrite_state, replaces=("sum",)))[0] == 1
     assert calls  # declared: run while matching, then committed
     _same_numerics(_proto(body, inits=W), model)
+
+
+def test_a_variable_bound_to_a_value_the_match_computes_is_refused_and_the_next_reading_taken() -> None:
+    """``Add(Add(x, b), skip)`` over ``v = Add(x, b); Add(v, v)`` would bind ``skip`` to ``v``, which
+    the rewrite erases (it raised in the replacement); the bias-free alternative matches instead."""
+    rule = PatternRule("sum-of-two", lambda op, x, skip: op.Relu(
+        op.Add(op.Add(x, op.const(name="b", ndim=1)), skip) | op.Add(x, skip)),
+        lambda op, x, skip, b=None: op.Relu(op.Sum(x, *([] if b is None else [b]), skip)))
+    proto = _proto("v = Add(x, b)\n s = Add(v, v)\n y = Relu(s)", inits="<float[4] b = {1, 2, 3, 4}>")
+    model = ir.from_onnx(proto)
+    fired, _ = _apply(model, rule)
+    assert fired == 1
+    assert _ops(model) == ["Add", "Sum", "Relu"]  # Sum(v, v): the inner Add kept
+    _same_numerics(proto, model)
+
+
+def test_residual_sum_norm_over_a_doubled_biased_value_fuses_without_error() -> None:
+    """The case the pipeline property test found: LayerNorm(Add(v, v)) with v = Add(x, bias)."""
+    from passes import PassManager
+
+    proto = _proto("v = Add(x, b)\n s = Add(v, v)\n y = LayerNormalization <axis = -1> (s, g, b)",
+                   inputs="float[2,4] x", inits="<float[4] b = {1, 2, 3, 4}, float[4] g = {1, 1, 2, 2}>")
+    model = ir.from_onnx(proto)
+    PassManager("fuse-layer-norm", verify=True, check_modified=True).run(model, PassContext(target=X86))
+    assert "Sum" in _ops(model) and "Add" in _ops(model)
+    _same_numerics(proto, model)

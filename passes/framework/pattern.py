@@ -256,6 +256,10 @@ class PatternRule(Rule):
         refused: NoMatch | None = None
         for _ in _match_all(self.outputs, self._root_values(node), st):
             matched = [*st.nodes.values(), *st.extra]
+            inside = _bound_inside(st.values, matched)
+            if inside:
+                st.fail(inside)
+                continue
             leak, named_leak = self._interior_leak(node, matched, st.named)
             if leak:
                 st.fail(leak)
@@ -492,6 +496,18 @@ def _root_input_heads(pat: Pattern | None) -> list[tuple[tuple[str, str], set[tu
         reads = set().union(*(h for h in heads if h is not None))
         out.extend((op, reads) for op in _node_ops(o.node))
     return out
+
+
+def _bound_inside(values: Mapping[str, Any], matched: list[ir.Node]) -> str:
+    """Why a match binds a variable to a value its own nodes compute (``""`` when none does).
+
+    ``Add(Add(x, b), skip)`` over ``v = Add(x, b); Add(v, v)`` binds ``skip`` to ``v``, which the
+    rewrite erases: such a match is refused (backtracking tries the next reading)."""
+    members = set(matched)
+    for name, v in values.items():
+        if isinstance(v, ir.Value) and v.producer() in members:
+            return f"{name} would be %{v.name}, which the match itself computes"
+    return ""
 
 
 def _node_ops(node: NodePattern) -> set[tuple[str, str]]:
