@@ -236,3 +236,12 @@ def test_golden_causal_layer_without_mask_input():
         assert err <= 1e-5, (batch, err)
     modified, _ = _run(model)
     assert not modified
+
+
+def test_zoo_measure_does_not_count_the_standard_forms_own_softmax_as_unexplained(zoo_exported) -> None:
+    """On the onnx target the fused layer is a standard-op form with a Softmax of its own: only the
+    original's Softmax nodes left in place need an --explain line."""
+    from passes.tools import zoo
+
+    m = zoo.measure(zoo_exported("bert"), "onnx")
+    assert m.max_abs <= 1e-4 and m.unexplained == [], m.unexplained
