@@ -78,6 +78,23 @@ def _encoder_graph(mask_kind: str = "padding") -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
+def causal_padding_where() -> list[onnx.NodeProto]:
+    """``logits = Where(causal & padding, scores, ninf)``: key j <= query i from Range(0, seq), and the
+    [B, T] ``mask``; reads ``x``, ``scores`` and the initializers idx1, zero, step, ax0, ax1, axes12, ninf."""
+    return [
+        helper.make_node("Shape", ["x"], ["xshape"]),
+        helper.make_node("Gather", ["xshape", "idx1"], ["seqlen"], axis=0),
+        helper.make_node("Range", ["zero", "seqlen", "step"], ["pos"]),
+        helper.make_node("Unsqueeze", ["pos", "ax0"], ["keys"]),
+        helper.make_node("Unsqueeze", ["pos", "ax1"], ["queries"]),
+        helper.make_node("LessOrEqual", ["keys", "queries"], ["causal"]),
+        helper.make_node("Cast", ["mask"], ["maskb"], to=TensorProto.BOOL),
+        helper.make_node("Unsqueeze", ["maskb", "axes12"], ["pad"]),
+        helper.make_node("And", ["causal", "pad"], ["allowed"]),
+        helper.make_node("Where", ["allowed", "scores", "ninf"], ["logits"]),
+    ]
+
+
 def _decoder_graph() -> onnx.ModelProto:
     """GPT-2-style attention: one packed projection split in three, a boolean causal+padding Where mask."""
     rng = np.random.default_rng(1)
@@ -108,17 +125,7 @@ def _decoder_graph() -> onnx.ModelProto:
         helper.make_node("Transpose", ["v4"], ["vh"], perm=[0, 2, 1, 3]),
         helper.make_node("Mul", ["qh", "scale"], ["qs"]),
         helper.make_node("MatMul", ["qs", "kt"], ["scores"]),
-        # causal: key j <= query i, from Range(0, seq)
-        helper.make_node("Shape", ["x"], ["xshape"]),
-        helper.make_node("Gather", ["xshape", "idx1"], ["seqlen"], axis=0),
-        helper.make_node("Range", ["zero", "seqlen", "step"], ["pos"]),
-        helper.make_node("Unsqueeze", ["pos", "ax0"], ["keys"]),
-        helper.make_node("Unsqueeze", ["pos", "ax1"], ["queries"]),
-        helper.make_node("LessOrEqual", ["keys", "queries"], ["causal"]),
-        helper.make_node("Cast", ["mask"], ["maskb"], to=TensorProto.BOOL),
-        helper.make_node("Unsqueeze", ["maskb", "axes12"], ["pad"]),
-        helper.make_node("And", ["causal", "pad"], ["allowed"]),
-        helper.make_node("Where", ["allowed", "scores", "ninf"], ["logits"]),
+        *causal_padding_where(),
         helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
         helper.make_node("MatMul", ["probs", "vh"], ["ctx"]),
         helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),

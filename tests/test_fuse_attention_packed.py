@@ -22,6 +22,7 @@ import targets
 from conftest import ort_run
 from passes import PassContext, PassManager
 from passes.fusions._attention_columns import role_columns
+from test_fuse_attention import causal_padding_where
 
 N, D, ROT = 4, 8, 4  # heads, head size, rotary dims (partial)
 H = N * D
@@ -110,16 +111,7 @@ def _packed_graph(layout: str, rotary: bool = True) -> onnx.ModelProto:
         helper.make_node("Transpose", [k], ["kt"], perm=[0, 1, 3, 2]),
         helper.make_node("Mul", [q, "scale"], ["qs"]),
         helper.make_node("MatMul", ["qs", "kt"], ["scores"]),
-        helper.make_node("Shape", ["x"], ["xshape"]),
-        helper.make_node("Gather", ["xshape", "idx1"], ["seqlen"], axis=0),
-        helper.make_node("Range", ["zero", "seqlen", "step"], ["pos"]),
-        helper.make_node("Unsqueeze", ["pos", "ax0"], ["keys"]),
-        helper.make_node("Unsqueeze", ["pos", "ax1"], ["queries"]),
-        helper.make_node("LessOrEqual", ["keys", "queries"], ["causal"]),
-        helper.make_node("Cast", ["mask"], ["maskb"], to=TensorProto.BOOL),
-        helper.make_node("Unsqueeze", ["maskb", "axes12"], ["pad"]),
-        helper.make_node("And", ["causal", "pad"], ["allowed"]),
-        helper.make_node("Where", ["allowed", "scores", "ninf"], ["logits"]),
+        *causal_padding_where(),
         helper.make_node("Softmax", ["logits"], ["probs"], axis=-1),
         helper.make_node("MatMul", ["probs", "vh"], ["ctx"]),
         helper.make_node("Transpose", ["ctx"], ["ctx_t"], perm=[0, 2, 1, 3]),
