@@ -3,8 +3,11 @@
 :func:`apply_plan` writes the chosen ops in the policy's format (``integer-ops``: contrib
 ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat`` / ``QAttention``; ``qdq``: standard
 ``DynamicQuantizeLinear`` / ``DequantizeLinear`` around the float ``MatMul``), with the plan's
-SmoothQuant factors and outlier channels. :func:`build_switch_model` writes every candidate
-both ways behind a run-time flag, so that one session measures any subset.
+SmoothQuant factors and outlier channels, and the plan's ``nbits`` ops (kept out of the int8 set
+by the budget) as 8-bit block-wise weight-only ``MatMulNBits`` (:mod:`passes.quantization.weight_only`'s
+rewrite, ``accuracy_level=4``: activations quantized per block of 32, not per tensor).
+:func:`build_switch_model` writes every candidate every way behind run-time flags, so that one
+session measures any assignment of forms.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from .quant_math import quantize_weight
 from ..framework.base import PassError
 from ..framework.rewriter import Rewriter
 
-__all__ = ["Plan", "apply_plan", "build_switch_model", "copy_model"]
+__all__ = ["Plan", "apply_plan", "build_switch_model", "copy_model", "flag_feeds"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class Plan:
         outliers: input channels computed in float, by activation name (LLM.int8()-style: the
             quantized path reads the activation with those channels zeroed, and a small float
             ``MatMul`` of the gathered channels with the matching weight rows is added back).
+        nbits: indices of MatMul/Gemm candidates not in ``chosen`` to compute as 8-bit block-wise
+            weight-only ``MatMulNBits`` instead of float.
     """
 
     chosen: frozenset[int]
@@ -47,6 +52,17 @@ class Plan:
     format: str
     smooth: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     outliers: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    nbits: frozenset[int] = frozenset()
+
+
+#: The weight-only form of :attr:`Plan.nbits`: ``MatMulNBits`` options.
+NBITS_BITS, NBITS_BLOCK, NBITS_ACCURACY = 8, 32, 4
+
+
+def _nbits_pass():  # noqa: ANN202 (weight_only imports this module: imported late)
+    from .weight_only import WeightOnlyQuantizePass
+
+    return WeightOnlyQuantizePass(bits=NBITS_BITS, block_size=NBITS_BLOCK, accuracy_level=NBITS_ACCURACY)
 
 
 def _bias_add(node: ir.Node, n: int) -> ir.Node | None:
@@ -124,11 +140,19 @@ def apply_plan(model: ir.Model, candidates: list[Candidate], plan: Plan) -> Rewr
     graph = model.graph
     nodes = list(graph)
     chosen = [(c, nodes[c.index]) for c in candidates if c.index in plan.chosen]
-    if not chosen:
+    weight_only = [(c, nodes[c.index]) for c in candidates
+                   if c.index in plan.nbits and c.index not in plan.chosen and c.op != "Attention"]
+    if not chosen and not weight_only:
         return rw
-    for c, node in chosen:
+    for c, node in chosen + weight_only:
         if node.op_type != c.op or node.inputs[0] is None or node.inputs[0].name != c.activation:
             raise PassError(f"quantize: candidate {c.name} no longer matches node {node.label()}")
+    if weight_only:
+        nbits = _nbits_pass()
+        for c, node in weight_only:
+            nbits._rewrite(graph, rw, node, c.op, NBITS_BITS)
+            rw.count(f"{c.op} -> MatMulNBits ({NBITS_BITS}-bit)")
+        rw.import_opset(model, MS)
     if plan.format == "integer-ops":
         rw.import_opset(model, MS)
     # Group the chosen ops by the activation they read; smoothing may give a group a new activation.
@@ -273,17 +297,20 @@ def copy_model(model: ir.Model) -> ir.Model:
     return ir.from_onnx(ir.to_onnx(model))
 
 
-def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan) -> tuple[ir.Model, dict[int, str]]:
-    """A copy of ``model`` where every candidate can be switched between float and int8 at run time.
+def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan, *, nbits: bool = False
+                       ) -> tuple[ir.Model, dict[tuple[int, str], str]]:
+    """A copy of ``model`` where every candidate can be switched between its forms at run time.
 
     Each candidate's output ``y`` becomes ``y + flag * (y_int8 - y)`` with ``flag`` a scalar graph
-    input: one onnxruntime session then measures any subset of quantized ops, instead of one
-    session per subset. ``flag = 0`` gives the float output exactly; the int8 path is the same
-    arithmetic :func:`apply_plan` emits (one quantizer per op instead of a shared one, which
-    computes the same numbers).
+    input (with ``nbits``, MatMul/Gemm ones also ``+ flag_nbits * (y_nbits - y)``): one onnxruntime
+    session then measures any assignment of forms, instead of one session per assignment. All
+    flags 0 gives the float output exactly; the int8 path is the same arithmetic :func:`apply_plan`
+    emits (one quantizer per op instead of a shared one, which computes the same numbers), and the
+    ``nbits`` path reads the unsmoothed activation, as :func:`apply_plan`'s weight-only ops do.
 
     Returns:
-        The copy, and the flag input's name for each candidate index.
+        The copy, and the flag input's name for each ``(candidate index, form)``, form ``int8`` or
+        ``nbits`` (see :func:`flag_feeds`).
     """
     m = copy_model(model)
     graph = m.graph
@@ -291,14 +318,16 @@ def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan)
     if plan.format == "integer-ops":
         rw.import_opset(m, MS)
     nodes = list(graph)
-    flags: dict[int, str] = {}
+    flags: dict[tuple[int, str], str] = {}
     smoothed: dict[str, ir.Value] = {}
     scalar = ir.TensorType(ir.DataType.FLOAT, ())
+    weight_only = _nbits_pass() if nbits else None
     for c in candidates:
         node = nodes[c.index]
         x, y = node.inputs[0], node.outputs[0]
         assert x is not None and y is not None
         w, bias = weight_of(node)  # type: ignore[misc]
+        x_float, w_float = x, w
         s = plan.smooth.get(c.activation)
         if s is not None:
             if c.activation not in smoothed:
@@ -342,18 +371,29 @@ def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan)
         if outlier is not None:
             part = _outlier_matmul(graph, rw, outlier, w, base, after=last)
             last = rw.make("Add", [last.outputs[0], part], after=part.producer())
-        yq_out = last.outputs[0]
-        flag = ir.Value(graph.unique_name(f"quant_flag_{c.index}"), scalar)
-        graph.add_input(flag)
-        flags[c.index] = flag.name
-        diff = rw.make("Sub", [yq_out, y], after=last)
-        scaled = rw.make("Mul", [diff.outputs[0], flag], after=diff)
-        mixed = rw.make("Add", [y, scaled.outputs[0]], after=scaled, types=[y.type])
-        for user, idx in y.uses():
-            if user is not diff and user is not mixed:
-                user.replace_input(idx, mixed.outputs[0])
+        paths = [("int8", last)]
+        if weight_only is not None and c.op != "Attention":
+            paths.append(("nbits", weight_only._nbits(graph, rw, x_float, w_float, bias, NBITS_BITS, f"{base}_nbits",
+                                                      y.type, after=last)))
+        uses = list(y.uses())
+        acc, after = y, paths[-1][1]
+        for form, path in paths:
+            flag = ir.Value(graph.unique_name(f"quant_flag_{c.index}" + ("" if form == "int8" else f"_{form}")), scalar)
+            graph.add_input(flag)
+            flags[(c.index, form)] = flag.name
+            diff = rw.make("Sub", [path.outputs[0], y], after=after)
+            scaled = rw.make("Mul", [diff.outputs[0], flag], after=diff)
+            mixed = rw.make("Add", [acc, scaled.outputs[0]], after=scaled, types=[y.type])
+            acc, after = mixed.outputs[0], mixed
+        for user, idx in uses:
+            user.replace_input(idx, acc)
         if y.is_graph_output():
-            rw.replace_graph_output(y, mixed.outputs[0])
+            rw.replace_graph_output(y, acc)
     graph.sort()
     return m, flags
+
+
+def flag_feeds(flags: dict[tuple[int, str], str], forms: dict[int, str]) -> dict[str, np.ndarray]:
+    """The switch model's flag inputs for ``forms`` (candidate index -> ``int8`` / ``nbits``; absent: float)."""
+    return {name: np.array(1.0 if forms.get(i) == form else 0.0, np.float32) for (i, form), name in flags.items()}
 
