@@ -111,8 +111,10 @@ def test_second_run_hits_the_cache(tiny: pathlib.Path) -> None:
 
 def test_candidates_follow_target_capabilities() -> None:
     x86 = [c.name for c in candidates(targets.get("x86"))]
-    assert len(x86) == 6 and any("residual skip" in n for n in x86) and any("int4" in n for n in x86)
-    assert any("quantize{fallback=nbits}" in c.pipeline for c in candidates(targets.get("x86")))
+    assert len(x86) == 7 and any("residual skip" in n for n in x86) and any("int4" in n for n in x86)
+    pipes = [c.pipeline for c in candidates(targets.get("x86"))]
+    assert any(p.endswith("quantize{fallback=nbits},dead-flow") for p in pipes)
+    assert any("quantize{fallback=nbits,static=on}" in p for p in pipes), pipes
     assert "fuse-layer-norm{residual=skip}" in candidates(targets.get("x86"))[1].pipeline
     generic = [c.name for c in candidates(targets.get("onnx"))]  # no contrib ops: no SkipLayerNorm, no MatMulNBits
     assert len(generic) == 2 and not any("MatMulNBits" in n or "residual" in n.split("(")[-1] for n in generic[1:])

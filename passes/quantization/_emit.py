@@ -43,6 +43,10 @@ class Plan:
             ``MatMul`` of the gathered channels with the matching weight rows is added back).
         nbits: indices of MatMul/Gemm candidates not in ``chosen`` to compute as 8-bit block-wise
             weight-only ``MatMulNBits`` instead of float.
+        static: static activation quantization by activation name: the uint8 ``(scale, zero_point)``
+            (0-d arrays) of its quantizer's input (after smoothing and outlier masking), from
+            calibration (:mod:`passes.quantization.static_scales`); a ``QuantizeLinear`` with these
+            constants replaces the run-time ``DynamicQuantizeLinear``.
     """
 
     chosen: frozenset[int]
@@ -53,6 +57,18 @@ class Plan:
     smooth: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     outliers: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     nbits: frozenset[int] = frozenset()
+    static: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
+
+
+def _static_quantizer(graph: ir.Graph, rw: Rewriter, x: ir.Value, qparams: tuple[np.ndarray, np.ndarray],
+                      base: str, *, before: ir.Node | None = None, after: ir.Node | None = None
+                      ) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """``QuantizeLinear(x, scale, zero_point)`` with constant (calibrated) parameters: ``(x_q, scale, zero_point)``."""
+    scale = rw.constant(graph, np.asarray(qparams[0], np.float32), name=f"{base}_static_scale")
+    zp = rw.constant(graph, np.asarray(qparams[1], np.uint8), name=f"{base}_static_zero_point")
+    q = rw.make("QuantizeLinear", [x, scale, zp], before=before, after=after, name=f"{base}_static_quant",
+                output_names=[f"{base}_static_q"], types=[ir.TensorType(ir.DataType.UINT8, None)])
+    return q.outputs[0], scale, zp
 
 
 #: The weight-only form of :attr:`Plan.nbits`: ``MatMulNBits`` options.
@@ -175,12 +191,19 @@ def apply_plan(model: ir.Model, candidates: list[Candidate], plan: Plan) -> Rewr
             outlier = (gathered, idx)
             rw.count("outlier channels", len(idx))
         shared: tuple[ir.Value, ...] | None = None
+        static = plan.static.get(act)
         if plan.format == "qdq":
-            dql = rw.make("DynamicQuantizeLinear", [x], before=first, name=f"{act}_quant", num_outputs=3,
-                          output_names=[f"{act}_q", f"{act}_scale", f"{act}_zero_point"])
-            dq = rw.make("DequantizeLinear", list(dql.outputs), before=first, name=f"{act}_dequant",
+            if static is not None:
+                qx: list[ir.Value] = list(_static_quantizer(graph, rw, x, static, act, before=first))
+            else:
+                qx = list(rw.make("DynamicQuantizeLinear", [x], before=first, name=f"{act}_quant", num_outputs=3,
+                                  output_names=[f"{act}_q", f"{act}_scale", f"{act}_zero_point"]).outputs)
+            dq = rw.make("DequantizeLinear", qx, before=first, name=f"{act}_dequant",
                          output_names=[f"{act}_dq"], types=[x.type])
             shared = (dq.outputs[0],)
+        elif static is not None:
+            shared = _static_quantizer(graph, rw, x, static, act, before=first)
+            rw.count("static activation scales")
         elif len(members) > 1 or any(c.op == "Attention" for c, _ in members):
             dql = rw.make("DynamicQuantizeLinear", [x], before=first, name=f"{act}_quant", num_outputs=3,
                           output_names=[f"{act}_q", f"{act}_scale", f"{act}_zero_point"])
@@ -342,10 +365,16 @@ def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan,
             x, gathered = _outlier_inputs(graph, rw, x, idx, c.weight_shape[0], node, base)
             outlier = (gathered, idx)
         after = node
+        static = plan.static.get(c.activation)
         if plan.format == "qdq":
             qw = quantize_weight(w, per_channel=plan.per_channel, signed=plan.signed, reduce_range=plan.reduce_range)
-            dql = rw.make("DynamicQuantizeLinear", [x], after=after, num_outputs=3)
-            dqx = rw.make("DequantizeLinear", list(dql.outputs), after=dql)
+            if static is not None:
+                qx = _static_quantizer(graph, rw, x, static, base, after=after)
+                dql = qx[0].producer()
+            else:
+                dql = rw.make("DynamicQuantizeLinear", [x], after=after, num_outputs=3)
+                qx = tuple(dql.outputs)
+            dqx = rw.make("DequantizeLinear", list(qx), after=dql)
             attrs = {"axis": 1} if qw.axis is not None else {}
             dqw = rw.make("DequantizeLinear", [rw.constant(graph, qw.q, name=f"{base}_w_q"),
                                                rw.constant(graph, qw.scale, name=f"{base}_w_scale"),
@@ -360,12 +389,19 @@ def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan,
             ws = rw.constant(graph, qw.scale, name=f"{base}_w_scale")
             wz = rw.constant(graph, qw.zero_point, name=f"{base}_w_zp")
             b = rw.constant(graph, bias, name=f"{base}_bias") if bias is not None else None
-            if c.op == "Attention":
+            if static is not None:
+                xq, xs, xz = _static_quantizer(graph, rw, x, static, base, after=after)
+                after = xq.producer()
+            elif c.op == "Attention":
                 dql = rw.make("DynamicQuantizeLinear", [x], after=after, num_outputs=3)
                 xq, xs, xz = dql.outputs
+                after = dql
+            if c.op == "Attention":
                 attrs = {k: a for k, a in node.attributes.items() if k in QATTENTION_ATTRS}
                 mask = node.inputs[3] if len(node.inputs) > 3 else None
-                last = rw.make("QAttention", [xq, wq, b, xs, ws, mask, xz, wz], dict(attrs), after=dql, domain=MS)
+                last = rw.make("QAttention", [xq, wq, b, xs, ws, mask, xz, wz], dict(attrs), after=after, domain=MS)
+            elif static is not None:
+                last = rw.make("MatMulIntegerToFloat", [xq, wq, xs, ws, xz, wz, b], after=after, domain=MS)
             else:
                 last = rw.make("DynamicQuantizeMatMul", [x, wq, ws, wz, b], after=after, domain=MS)
         if outlier is not None:

@@ -62,6 +62,7 @@ from ..framework.numerics import model_bytes_or_path, session
 from .calibration import calibration_batches
 from .quant_math import outlier_channels, smooth_factors
 from .sensitivity import Evaluator, Score
+from .static_scales import ChannelRanges, channel_ranges, static_qparams
 from ..framework.registry import register_pass
 
 __all__ = ["QuantizePass", "find_candidates", "Candidate", "Plan", "apply_plan", "build_switch_model"]
@@ -96,6 +97,13 @@ class QuantizePass(Pass):
             block-wise weight-only ``MatMulNBits`` with ``accuracy_level=4``, where the target
             provides it; MatMul/Gemm only): after the int8 set is chosen, the other ops are moved to
             it under the same budget and search, and those that still break it stay float.
+        static: static activation scales from calibration (a ``QuantizeLinear`` with constant scale
+            and zero point instead of the per-call ``DynamicQuantizeLinear``, see
+            :mod:`passes.quantization.static_scales`): ``off``; ``auto`` (the best dynamic remedy is
+            also tried with static scales at each of ``static_clips``, and the form that measures
+            better is kept); ``on`` (every remedy with static scales only).
+        static_clips: the percentiles of each channel's calibration values its static range covers
+            (100: min/max).
         sensitivity: measure each op and keep the sensitive ones float (``False``: quantize every
             candidate without measuring anything).
         screen_fraction: measure each op alone, and screen every subset tried, on this fraction of
@@ -127,6 +135,8 @@ class QuantizePass(Pass):
     outlier_threshold: float = 2.0
     outlier_fraction: float = 0.02
     fallback: str = "float"
+    static: str = "off"
+    static_clips: tuple[float, ...] = (100.0, 99.99)
     sensitivity: bool = True
     screen_fraction: float = 0.15
     calibration_batch: int = 8
@@ -145,6 +155,8 @@ class QuantizePass(Pass):
             raise PassError(f"quantize: smooth must be auto, on or off, not {self.smooth!r}")
         if self.outliers not in ("auto", "on", "off"):
             raise PassError(f"quantize: outliers must be auto, on or off, not {self.outliers!r}")
+        if self.static not in ("auto", "on", "off"):
+            raise PassError(f"quantize: static must be auto, on or off, not {self.static!r}")
         if self.fallback not in ("float", "nbits"):
             raise PassError(f"quantize: fallback must be float or nbits, not {self.fallback!r}")
         ops = tuple(o for o in policy.ops if policy.format == "integer-ops" or o != "Attention")
@@ -209,14 +221,26 @@ class QuantizePass(Pass):
         variants = self._variants(model, ev, candidates, base)
         all_on = {c.index: "int8" for c in candidates}
         best: tuple[str, Plan, Any, dict[tuple[int, str], str], Score] | None = None
-        for vname, vplan in variants:
-            switch, flags = build_switch_model(model, candidates, vplan, nbits=nbits)
-            sess = ev.session(model_bytes_or_path(switch)[0])
-            del switch
-            s = ev.score_session(sess, flag_feeds(flags, all_on))
-            ctx.report_progress(f"quantize: all {len(candidates)} ops int8 with {vname}: {s}")
-            if best is None or budget.slack(s) > budget.slack(best[4]):
-                best = (vname, vplan, sess, flags, s)
+
+        def measure(variants: list[tuple[str, Plan]]) -> None:
+            nonlocal best
+            for vname, vplan in variants:
+                switch, flags = build_switch_model(model, candidates, vplan, nbits=nbits)
+                sess = ev.session(model_bytes_or_path(switch)[0])
+                del switch
+                s = ev.score_session(sess, flag_feeds(flags, all_on))
+                ctx.report_progress(f"quantize: all {len(candidates)} ops int8 with {vname}: {s}")
+                if best is None or budget.slack(s) > budget.slack(best[4]):
+                    best = (vname, vplan, sess, flags, s)
+
+        if self.static != "on":
+            measure(variants)
+        if self.static != "off":
+            ranges = _channel_ranges(model, ev, sorted({c.activation for c in candidates}), tuple(self.static_clips))
+            tried = variants if self.static == "on" else [(best[0], best[1])]  # type: ignore[index]
+            measure([(f"{vname} + static scales (clip {clip:g})", dataclasses.replace(vplan, static={
+                act: static_qparams(r, vplan.smooth.get(act), vplan.outliers.get(act)) for act, r in ranges[clip].items()
+            })) for vname, vplan in tried for clip in self.static_clips])
         assert best is not None
         best_name, plan, sess, flags, all_score = best
 
@@ -399,6 +423,27 @@ def _smooth_groups(model: ir.Model, candidates: list[Candidate]) -> dict[str, li
         if p is not None and (p.domain, p.op_type) in NORM_OPS and x.index() == 0:  # type: ignore[union-attr]
             groups.setdefault(c.activation, []).append(c)
     return groups
+
+
+def _channel_ranges(model: ir.Model, ev: Evaluator, names: list[str], clips: tuple[float, ...]
+                    ) -> dict[float, dict[str, ChannelRanges]]:
+    """Per-channel calibration ranges of the activations ``names`` (graph inputs read from the feeds)."""
+    m = copy_model(model)
+    by_name = {o.name: o for n in m.graph for o in n.outputs if o is not None}
+    present = {v.name for v in m.graph.outputs}
+    m.graph.outputs.extend(by_name[n] for n in names if n in by_name and n not in present)
+    sess = ev.session(model_bytes_or_path(m)[0])
+    del m
+
+    def run(wanted: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        produced = [n for n in wanted if n in by_name]
+        got = dict(zip(produced, sess.run(produced, feeds)))
+        return [got[n] if n in got else feeds[n] for n in wanted]
+
+    try:
+        return channel_ranges(ev.batches, run, names, clips, ev.mask_name)
+    except ValueError as e:
+        raise PassError(f"quantize: static_clips: {e}") from None
 
 
 def _activation_absmax(model: ir.Model, ev: Evaluator, names: list[str]) -> dict[str, np.ndarray]:

@@ -12,7 +12,9 @@ the profile's fixed rules are a guess; here they are measured:
    LayerNormalization) where the target provides SkipLayerNormalization; int8 with dynamic
    activations (the ``quantize`` pass, its own per-op budget), and where the target provides
    ``MatMulNBits`` the same with the ops that budget keeps float as 8-bit block-wise weight-only
-   ``MatMulNBits`` (``quantize{fallback=nbits}``) and block-wise weight-only int8 and int4 for
+   ``MatMulNBits`` (``quantize{fallback=nbits}``), that with static activation scales from
+   calibration (``static=on``: constant-scale ``QuantizeLinear``, no per-call
+   ``DynamicQuantizeLinear``), and block-wise weight-only int8 and int4 for
    every op (``quantize-weights``).
 2. **Compile** each from a copy of the same IR.
 3. **Accuracy** on the calibration inputs (the quantize pass's: ``--calibration``, or
@@ -243,6 +245,8 @@ def candidates(target: targets.Target) -> list[Candidate]:
         fallback = _with_quantize_option(target.quantize_pipeline, "fallback", "nbits")
         if fallback is not None:
             out.append(Candidate("int8 dynamic + MatMulNBits fallback", f"{base},{fallback}", quantized=True))
+            static = _with_quantize_option(fallback, "static", "on")
+            out.append(Candidate("int8 static scales + MatMulNBits fallback", f"{base},{static}", quantized=True))
         for bits in (8, 4):
             out.append(Candidate(f"weight-only int{bits} (MatMulNBits)",
                                  f"{base},quantize-weights{{bits={bits},block_size=32,accuracy_level=4}},dead-flow",
