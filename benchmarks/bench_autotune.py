@@ -40,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import ir  # noqa: E402
 import targets  # noqa: E402
 from passes.framework.numerics import session  # noqa: E402
-from passes.tools.autotune import KEY_FLAGS, autotune, host_cpu_flags  # noqa: E402
+from passes.tools.autotune import KEY_FLAGS, autotune, candidates, host_cpu_flags  # noqa: E402
 from passes.tools.export import export, load_model, minilm_dir  # noqa: E402
 
 SENTENCES = ROOT / "benchmarks" / "data" / "sentences.txt"
@@ -111,7 +111,8 @@ def run_seq(seq: int, src: pathlib.Path, work: pathlib.Path, lines: list[str], h
     target = targets.get("native")
     print(f"\n== seq {seq}: autotune on {target.name} ==", flush=True)
     t0 = time.perf_counter()
-    tuned = autotune(ir.load(str(src)), target, source=str(src), min_cosine=args.min_cosine,
+    cands = [c for c in candidates(target) if not args.only or any(o in c.name for o in args.only)]
+    tuned = autotune(ir.load(str(src)), target, source=str(src), min_cosine=args.min_cosine, candidate_list=cands,
                      min_mean_cosine=args.min_mean_cosine, max_calibration=args.max_calibration,
                      options={"tokenizer": str(minilm_dir()), "texts": str(work / "calib.txt")},
                      batch=1, seq=seq, threads=2, budget_s=args.budget_s, use_cache=False, keep_models=True,
@@ -208,6 +209,9 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=600.0)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                    help="only the autotune candidates whose name contains one of these (the first must be "
+                         "the default fp32: ratios are to it)")
     ap.add_argument("--work", default=None)
     ap.add_argument("--plot", default=None, help="default benchmarks/bench_autotune.png (minilm), "
                     "benchmarks/bench_autotune_MODEL.png (others)")

@@ -124,11 +124,12 @@ def test_cli_autotune_then_cached(tiny: pathlib.Path, capsys: pytest.CaptureFixt
     from passes.tools.compile import main
 
     out = tiny.with_suffix(".tuned.onnx")
-    argv = [str(tiny), "--target", "x86", "--autotune", "--tune-seq", "8", "--min-cosine", "0.99", "--quiet",
-            "-o", str(out)]
+    argv = [str(tiny), "--target", "x86", "--autotune", "--tune-seq", "8", "--min-cosine", "0.99",
+            "--min-mean-cosine", "0.995", "--quiet", "-o", str(out)]
     assert main(argv) == 0
     first = capsys.readouterr().out
     assert "autotune:" in first and "winner:" in first and out.is_file()
+    assert "worst cosine >= 0.99, mean >= 0.995" in first
     assert main(argv) == 0
     assert "(cached decision)" in capsys.readouterr().out
     assert main([*argv, "--pipeline", "dead-flow"]) == 2  # autotune chooses the pipeline

@@ -25,6 +25,8 @@ What it does, in order:
    checked, on the few calibration batches the fully quantized model does worst on
    (``screen_fraction``); a subset that misses the budget there misses it on the full set (a worst
    over fewer samples is never lower), so only those that pass are measured on every batch.
+   With ``static`` the remedies are also tried with static activation scales from calibration
+   (:mod:`passes.quantization.static_scales`), measured the same way.
 5. **Rewrite** by ``policy.format``:
 
    * ``integer-ops``: ``com.microsoft::DynamicQuantizeMatMul(A, B_q, b_scale, b_zero_point, bias)``
