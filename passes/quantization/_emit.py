@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -71,14 +72,10 @@ def _static_quantizer(graph: ir.Graph, rw: Rewriter, x: ir.Value, qparams: tuple
     return q.outputs[0], scale, zp
 
 
-#: The weight-only form of :attr:`Plan.nbits`: ``MatMulNBits`` options.
-NBITS_BITS, NBITS_BLOCK, NBITS_ACCURACY = 8, 32, 4
-
-
-def _nbits_pass():  # noqa: ANN202 (weight_only imports this module: imported late)
-    from .weight_only import WeightOnlyQuantizePass
-
-    return WeightOnlyQuantizePass(bits=NBITS_BITS, block_size=NBITS_BLOCK, accuracy_level=NBITS_ACCURACY)
+#: The weight-only form of :attr:`Plan.nbits`: ``MatMulNBits`` bits (its writer, a
+#: :class:`~passes.quantization.weight_only.WeightOnlyQuantizePass`, is passed in by the caller:
+#: ``weight_only`` imports this module).
+NBITS_BITS = 8
 
 
 def _bias_add(node: ir.Node, n: int) -> ir.Node | None:
@@ -146,8 +143,11 @@ def _position(graph: ir.Graph, node: ir.Node) -> int:
     return -1
 
 
-def apply_plan(model: ir.Model, candidates: list[Candidate], plan: Plan) -> Rewriter:
+def apply_plan(model: ir.Model, candidates: list[Candidate], plan: Plan, weight_only: Any = None) -> Rewriter:
     """Quantize the chosen candidates of ``model`` in place.
+
+    ``weight_only`` (a ``WeightOnlyQuantizePass`` of :data:`NBITS_BITS` bits) writes the plan's
+    ``nbits`` ops; it is needed only when there are some.
 
     Returns:
         The rewriter that made the changes (its stats count the quantized ops).
@@ -156,17 +156,18 @@ def apply_plan(model: ir.Model, candidates: list[Candidate], plan: Plan) -> Rewr
     graph = model.graph
     nodes = list(graph)
     chosen = [(c, nodes[c.index]) for c in candidates if c.index in plan.chosen]
-    weight_only = [(c, nodes[c.index]) for c in candidates
-                   if c.index in plan.nbits and c.index not in plan.chosen and c.op != "Attention"]
-    if not chosen and not weight_only:
+    nbits_ops = [(c, nodes[c.index]) for c in candidates
+                 if c.index in plan.nbits and c.index not in plan.chosen and c.op != "Attention"]
+    if not chosen and not nbits_ops:
         return rw
-    for c, node in chosen + weight_only:
+    for c, node in chosen + nbits_ops:
         if node.op_type != c.op or node.inputs[0] is None or node.inputs[0].name != c.activation:
             raise PassError(f"quantize: candidate {c.name} no longer matches node {node.label()}")
-    if weight_only:
-        nbits = _nbits_pass()
-        for c, node in weight_only:
-            nbits._rewrite(graph, rw, node, c.op, NBITS_BITS)
+    if nbits_ops:
+        if weight_only is None:
+            raise PassError("quantize: a plan with MatMulNBits ops needs their writer (weight_only=)")
+        for c, node in nbits_ops:
+            weight_only._rewrite(graph, rw, node, c.op, NBITS_BITS)
             rw.count(f"{c.op} -> MatMulNBits ({NBITS_BITS}-bit)")
         rw.import_opset(model, MS)
     if plan.format == "integer-ops":
@@ -320,12 +321,13 @@ def copy_model(model: ir.Model) -> ir.Model:
     return ir.from_onnx(ir.to_onnx(model))
 
 
-def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan, *, nbits: bool = False
+def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan, *, weight_only: Any = None
                        ) -> tuple[ir.Model, dict[tuple[int, str], str]]:
     """A copy of ``model`` where every candidate can be switched between its forms at run time.
 
     Each candidate's output ``y`` becomes ``y + flag * (y_int8 - y)`` with ``flag`` a scalar graph
-    input (with ``nbits``, MatMul/Gemm ones also ``+ flag_nbits * (y_nbits - y)``): one onnxruntime
+    input (with ``weight_only``, the MatMulNBits writer as in :func:`apply_plan`, MatMul/Gemm ones also
+    ``+ flag_nbits * (y_nbits - y)``): one onnxruntime
     session then measures any assignment of forms, instead of one session per assignment. All
     flags 0 gives the float output exactly; the int8 path is the same arithmetic :func:`apply_plan`
     emits (one quantizer per op instead of a shared one, which computes the same numbers), and the
@@ -344,7 +346,6 @@ def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan,
     flags: dict[tuple[int, str], str] = {}
     smoothed: dict[str, ir.Value] = {}
     scalar = ir.TensorType(ir.DataType.FLOAT, ())
-    weight_only = _nbits_pass() if nbits else None
     for c in candidates:
         node = nodes[c.index]
         x, y = node.inputs[0], node.outputs[0]

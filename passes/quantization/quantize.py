@@ -58,16 +58,21 @@ import numpy as np
 import ir
 
 from ._candidates import MS, NORM_OPS, Candidate, find_candidates, weight_of
-from ._emit import Plan, apply_plan, build_switch_model, copy_model, flag_feeds
+from ._emit import NBITS_BITS, Plan, apply_plan, build_switch_model, copy_model, flag_feeds
 from ..framework.base import Pass, PassContext, PassError, PassResult
 from ..framework.numerics import model_bytes_or_path, session
 from .calibration import calibration_batches
 from .quant_math import outlier_channels, smooth_factors
 from .sensitivity import Evaluator, Score
 from .static_scales import ChannelRanges, channel_ranges, static_qparams
+from .weight_only import WeightOnlyQuantizePass
 from ..framework.registry import register_pass
 
 __all__ = ["QuantizePass", "find_candidates", "Candidate", "Plan", "apply_plan", "build_switch_model"]
+
+
+#: The writer of ``fallback=nbits``'s ops: 8-bit block-wise MatMulNBits, activations per block of 32.
+NBITS = WeightOnlyQuantizePass(bits=NBITS_BITS, block_size=32, accuracy_level=4)
 
 
 @register_pass
@@ -193,7 +198,7 @@ class QuantizePass(Pass):
             })
         if not plan.chosen and not plan.nbits:
             return PassResult(False, stats=Counter({"kept float": len(candidates)}), rows=report)
-        rw = apply_plan(model, candidates, plan)
+        rw = apply_plan(model, candidates, plan, NBITS)
         rw.count("kept float", len(candidates) - len(plan.chosen) - len(plan.nbits))
         smoothed = {c.activation for c in candidates if c.index in plan.chosen and c.activation in plan.smooth}
         if smoothed:
@@ -227,7 +232,7 @@ class QuantizePass(Pass):
         def measure(variants: list[tuple[str, Plan]]) -> None:
             nonlocal best
             for vname, vplan in variants:
-                switch, flags = build_switch_model(model, candidates, vplan, nbits=nbits)
+                switch, flags = build_switch_model(model, candidates, vplan, weight_only=NBITS if nbits else None)
                 sess = ev.session(model_bytes_or_path(switch)[0])
                 del switch
                 s = ev.score_session(sess, flag_feeds(flags, all_on))
@@ -287,7 +292,7 @@ class QuantizePass(Pass):
         alone = {**{i: s.worst for i, s in nb_scores.items()}, **{i: s.worst for i, s in scores.items()}}
         while forms:
             trial = copy_model(model)
-            apply_plan(trial, candidates, _with_forms(plan, forms))
+            apply_plan(trial, candidates, _with_forms(plan, forms), NBITS)
             final = ev.score(model_bytes_or_path(trial)[0])
             if budget.holds(final):
                 break
