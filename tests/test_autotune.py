@@ -111,7 +111,10 @@ def test_second_run_hits_the_cache(tiny: pathlib.Path) -> None:
 
 def test_candidates_follow_target_capabilities() -> None:
     x86 = [c.name for c in candidates(targets.get("x86"))]
-    assert len(x86) == 5 and any("residual skip" in n for n in x86) and any("int4" in n for n in x86)
+    assert len(x86) == 7 and any("residual skip" in n for n in x86) and any("int4" in n for n in x86)
+    pipes = [c.pipeline for c in candidates(targets.get("x86"))]
+    assert any(p.endswith("quantize{fallback=nbits},dead-flow") for p in pipes)
+    assert any("quantize{fallback=nbits,static=on}" in p for p in pipes), pipes
     assert "fuse-layer-norm{residual=skip}" in candidates(targets.get("x86"))[1].pipeline
     generic = [c.name for c in candidates(targets.get("onnx"))]  # no contrib ops: no SkipLayerNorm, no MatMulNBits
     assert len(generic) == 2 and not any("MatMulNBits" in n or "residual" in n.split("(")[-1] for n in generic[1:])
@@ -121,11 +124,12 @@ def test_cli_autotune_then_cached(tiny: pathlib.Path, capsys: pytest.CaptureFixt
     from passes.tools.compile import main
 
     out = tiny.with_suffix(".tuned.onnx")
-    argv = [str(tiny), "--target", "x86", "--autotune", "--tune-seq", "8", "--min-cosine", "0.99", "--quiet",
-            "-o", str(out)]
+    argv = [str(tiny), "--target", "x86", "--autotune", "--tune-seq", "8", "--min-cosine", "0.99",
+            "--min-mean-cosine", "0.995", "--quiet", "-o", str(out)]
     assert main(argv) == 0
     first = capsys.readouterr().out
     assert "autotune:" in first and "winner:" in first and out.is_file()
+    assert "worst cosine >= 0.99, mean >= 0.995" in first
     assert main(argv) == 0
     assert "(cached decision)" in capsys.readouterr().out
     assert main([*argv, "--pipeline", "dead-flow"]) == 2  # autotune chooses the pipeline
@@ -139,3 +143,20 @@ def test_quantize_calibrates_at_the_timing_batch(tiny: pathlib.Path) -> None:
         res = _tune(tiny, [int8], min_cosine=0.9, options=options)
         spec = next(r.spec for r in res.records if r.spec.startswith("quantize"))
         assert f"calibration_batch={expected}" in spec, spec
+
+
+def test_the_mean_budget_is_held_beside_the_worst(tiny: pathlib.Path) -> None:
+    """int4 meets a loose worst bound; a mean bound above its mean keeps it out, and the table says both."""
+    loose = _tune(tiny, [FP32, INT4], min_cosine=0.9, runner_hook=_slow("fp32"))
+    int4 = next(r for r in loose.rows if r["name"] == "int4")
+    assert loose.winner["name"] == "int4" and int4["mean_cosine"] < 0.99999
+    res = _tune(tiny, [FP32, INT4], min_cosine=0.9, min_mean_cosine=0.99999, runner_hook=_slow("fp32"))
+    rows = {r["name"]: r for r in res.rows}
+    assert res.winner["name"] == "fp32" and not rows["int4"]["within_budget"]
+    assert rows["int4"]["worst_cosine"] >= 0.9, "out on the mean alone"
+    assert "mean >= 0.99999" in res.table() and res.setup["min_mean_cosine"] == 0.99999
+    # the quantize pass inside a candidate gets the mean bound too
+    int8 = Candidate("int8", "quantize,dead-flow", quantized=True)
+    spec = next(r.spec for r in _tune(tiny, [int8], min_cosine=0.5, min_mean_cosine=0.9).records
+                if r.spec.startswith("quantize"))
+    assert "min_mean_cosine=0.9" in spec, spec

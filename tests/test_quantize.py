@@ -613,3 +613,102 @@ def test_text_calibration_batches_follow_the_batch_size() -> None:
     assert all(b["attention_mask"].shape[0] == 1 and b["attention_mask"].all() for b in one)
     assert any(not b["attention_mask"].all() for b in eight)
     assert [int(b["attention_mask"].sum()) for b in one] == [int(m.sum()) for b in eight for m in b["attention_mask"]]
+
+
+# --------------------------------------------------------------------------------------------- #
+# The mean budget and the weight-only fallback
+# --------------------------------------------------------------------------------------------- #
+
+
+def _primary_cosines(reference: str | pathlib.Path, model: ir.Model, x: np.ndarray, batch: int = 8) -> np.ndarray:
+    """Per sample: the worst cosine over the outputs, calibrated per batch as the pass scores it."""
+    ref_sess, got_sess = ort_session(reference), ort_session(model_bytes_or_path(model)[0])
+    out = []
+    for i in range(0, len(x), batch):
+        refs, gots = ref_sess.run(None, {"x": x[i:i + batch]}), got_sess.run(None, {"x": x[i:i + batch]})
+        out.append(np.min([cosine_rows(r, g) for r, g in zip(refs, gots)], axis=0))
+    return np.concatenate(out)
+
+
+def test_mean_budget_keeps_float_the_ops_the_worst_budget_alone_would_quantize(tmp_path: pathlib.Path) -> None:
+    """With a worst bound every op meets, only the mean bound decides: the sensitive ops (bad on a
+    quarter of the samples) stay float, the benign ones go int8, and the model holds the mean bound."""
+    path, npz = _benign_and_sensitive(tmp_path)
+    x = np.load(npz)["x"]
+    loose, _, rec = _quantize(path, "x86-avx2", min_cosine=0.0, calibration=npz)
+    assert rec.stats["quantized MatMul"] == 6, "the worst bound alone quantizes everything"
+    assert _primary_cosines(path, loose, x).mean() < 0.999
+    model, ctx, rec = _quantize(path, "x86-avx2", min_cosine=0.0, min_mean_cosine=0.999, calibration=npz)
+    decisions = {r["name"].split("'")[1]: r["decision"] for r in rec.rows}
+    assert {n for n, d in decisions.items() if d == "quantized"} == {"benign0", "benign1", "benign2"}, decisions
+    assert _primary_cosines(path, model, x).mean() >= 0.999
+    note = next(str(d) for d in ctx.diagnostics if "ops int8" in str(d))
+    assert "min_mean_cosine=0.999" in note and "3/6 ops int8" in note, note
+
+
+def _first_block_blind(tmp_path: pathlib.Path) -> tuple[pathlib.Path, str]:
+    """``x [64, 64]`` with an outlier channel 0 (every sample) into MatMuls: 'benign' ones read it,
+    'blind' ones have zero weight rows on the whole first block of 32 channels. A per-tensor
+    activation scale (set by channel 0) swamps what the blind ones read; MatMulNBits' per-block
+    activation scale does not (their block 1 is quantized on its own range)."""
+    rng = np.random.default_rng(2)
+    k, n = 64, 16
+    nodes, inits, outs = [], [], []
+    for i, kind in enumerate(["benign", "benign", "blind", "blind"]):
+        w = rng.standard_normal((k, n)).astype(np.float32) * 0.2
+        if kind == "blind":
+            w[:32, :] = 0.0
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"{kind}{i}"))
+        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["b", n]))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])], outs, inits)
+    path = _write(tmp_path, helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    x = rng.standard_normal((64, k)).astype(np.float32)
+    x[:, 0] = 300.0 * np.sign(x[:, 0])
+    np.savez(tmp_path / "c.npz", x=x)
+    return path, str(tmp_path / "c.npz")
+
+
+def test_nbits_fallback_takes_the_ops_the_budget_keeps_out_of_int8(tmp_path: pathlib.Path) -> None:
+    path, npz = _first_block_blind(tmp_path)
+    x = np.load(npz)["x"]
+    plain, _, rec = _quantize(path, "x86", min_cosine=0.995, calibration=npz, outliers="off")
+    assert _ops(plain) == {"DynamicQuantizeLinear": 1, "MatMulIntegerToFloat": 2, "MatMul": 2}
+    model, ctx, rec = _quantize(path, "x86", min_cosine=0.995, calibration=npz, outliers="off", fallback="nbits")
+    decisions = {r["name"].split("'")[1]: r["decision"] for r in rec.rows}
+    assert decisions == {"benign0": "quantized", "benign1": "quantized",
+                         "blind2": "weight-only int8 (MatMulNBits)", "blind3": "weight-only int8 (MatMulNBits)"}
+    assert _ops(model) == {"DynamicQuantizeLinear": 1, "MatMulIntegerToFloat": 2, "MatMulNBits": 2}
+    nb = next(n for n in model.graph if n.op_type == "MatMulNBits")
+    assert {k: nb.attributes[k].value for k in ("bits", "block_size", "accuracy_level")} == \
+        {"bits": 8, "block_size": 32, "accuracy_level": 4}
+    assert rec.stats["MatMul -> MatMulNBits (8-bit)"] == 2 and rec.stats.get("kept float", 0) == 0
+    assert _primary_cosines(path, model, x).min() >= 0.995
+    assert any("2 weight-only int8 (MatMulNBits)" in str(d) for d in ctx.diagnostics)
+    # a target without MatMulNBits keeps them float
+    onnx_model, _, _ = _quantize(path, "onnx", min_cosine=0.995, calibration=npz, outliers="off", fallback="nbits")
+    assert "MatMulNBits" not in _ops(onnx_model)
+
+
+def test_switch_model_nbits_path_is_the_emitted_one(tmp_path: pathlib.Path) -> None:
+    """The switch model's flags reproduce apply_plan's output for a mixed plan (int8, MatMulNBits, float)."""
+    from passes.quantization._emit import Plan, apply_plan, build_switch_model, flag_feeds
+    from passes.quantization.quantize import NBITS
+
+    path, npz = _first_block_blind(tmp_path)
+    x = np.load(npz)["x"][:8]
+    model = ir.load(str(path))
+    cands = find_candidates(model, ("MatMul",))
+    forms = {cands[0].index: "int8", cands[2].index: "nbits"}
+    plan = Plan(frozenset([cands[0].index]), True, False, True, "integer-ops", nbits=frozenset([cands[2].index]))
+    switch, flags = build_switch_model(model, cands, plan, weight_only=NBITS)
+    assert set(flags) == {(c.index, f) for c in cands for f in ("int8", "nbits")}
+    got_switch = ort_session(model_bytes_or_path(switch)[0]).run(None, {"x": x, **flag_feeds(flags, forms)})
+    apply_plan(model, cands, plan, NBITS)
+    assert _ops(model) == {"DynamicQuantizeMatMul": 1, "MatMulNBits": 1, "MatMul": 2}
+    got = ort_session(model_bytes_or_path(model)[0]).run(None, {"x": x})
+    ref = ort_session(str(path)).run(None, {"x": x})
+    for g, s, r in zip(got, got_switch, ref):
+        np.testing.assert_allclose(s, g, rtol=1e-4, atol=1e-3)
+    assert not np.allclose(got[2], ref[2], atol=1e-6), "the nbits path is not the float one"
+    np.testing.assert_array_equal(got[1], ref[1])

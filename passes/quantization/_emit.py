@@ -3,14 +3,18 @@
 :func:`apply_plan` writes the chosen ops in the policy's format (``integer-ops``: contrib
 ``DynamicQuantizeMatMul`` / ``MatMulIntegerToFloat`` / ``QAttention``; ``qdq``: standard
 ``DynamicQuantizeLinear`` / ``DequantizeLinear`` around the float ``MatMul``), with the plan's
-SmoothQuant factors and outlier channels. :func:`build_switch_model` writes every candidate
-both ways behind a run-time flag, so that one session measures any subset.
+SmoothQuant factors and outlier channels, and the plan's ``nbits`` ops (kept out of the int8 set
+by the budget) as 8-bit block-wise weight-only ``MatMulNBits`` (:mod:`passes.quantization.weight_only`'s
+rewrite, ``accuracy_level=4``: activations quantized per block of 32, not per tensor).
+:func:`build_switch_model` writes every candidate every way behind run-time flags, so that one
+session measures any assignment of forms.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +25,7 @@ from .quant_math import quantize_weight
 from ..framework.base import PassError
 from ..framework.rewriter import Rewriter
 
-__all__ = ["Plan", "apply_plan", "build_switch_model", "copy_model"]
+__all__ = ["Plan", "apply_plan", "build_switch_model", "copy_model", "flag_feeds"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,12 @@ class Plan:
         outliers: input channels computed in float, by activation name (LLM.int8()-style: the
             quantized path reads the activation with those channels zeroed, and a small float
             ``MatMul`` of the gathered channels with the matching weight rows is added back).
+        nbits: indices of MatMul/Gemm candidates not in ``chosen`` to compute as 8-bit block-wise
+            weight-only ``MatMulNBits`` instead of float.
+        static: static activation quantization by activation name: the uint8 ``(scale, zero_point)``
+            (0-d arrays) of its quantizer's input (after smoothing and outlier masking), from
+            calibration (:mod:`passes.quantization.static_scales`); a ``QuantizeLinear`` with these
+            constants replaces the run-time ``DynamicQuantizeLinear``.
     """
 
     chosen: frozenset[int]
@@ -47,6 +57,25 @@ class Plan:
     format: str
     smooth: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     outliers: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    nbits: frozenset[int] = frozenset()
+    static: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
+
+
+def _static_quantizer(graph: ir.Graph, rw: Rewriter, x: ir.Value, qparams: tuple[np.ndarray, np.ndarray],
+                      base: str, *, before: ir.Node | None = None, after: ir.Node | None = None
+                      ) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """``QuantizeLinear(x, scale, zero_point)`` with constant (calibrated) parameters: ``(x_q, scale, zero_point)``."""
+    scale = rw.constant(graph, np.asarray(qparams[0], np.float32), name=f"{base}_static_scale")
+    zp = rw.constant(graph, np.asarray(qparams[1], np.uint8), name=f"{base}_static_zero_point")
+    q = rw.make("QuantizeLinear", [x, scale, zp], before=before, after=after, name=f"{base}_static_quant",
+                output_names=[f"{base}_static_q"], types=[ir.TensorType(ir.DataType.UINT8, None)])
+    return q.outputs[0], scale, zp
+
+
+#: The weight-only form of :attr:`Plan.nbits`: ``MatMulNBits`` bits (its writer, a
+#: :class:`~passes.quantization.weight_only.WeightOnlyQuantizePass`, is passed in by the caller:
+#: ``weight_only`` imports this module).
+NBITS_BITS = 8
 
 
 def _bias_add(node: ir.Node, n: int) -> ir.Node | None:
@@ -114,8 +143,11 @@ def _position(graph: ir.Graph, node: ir.Node) -> int:
     return -1
 
 
-def apply_plan(model: ir.Model, candidates: list[Candidate], plan: Plan) -> Rewriter:
+def apply_plan(model: ir.Model, candidates: list[Candidate], plan: Plan, weight_only: Any = None) -> Rewriter:
     """Quantize the chosen candidates of ``model`` in place.
+
+    ``weight_only`` (a ``WeightOnlyQuantizePass`` of :data:`NBITS_BITS` bits) writes the plan's
+    ``nbits`` ops; it is needed only when there are some.
 
     Returns:
         The rewriter that made the changes (its stats count the quantized ops).
@@ -124,11 +156,20 @@ def apply_plan(model: ir.Model, candidates: list[Candidate], plan: Plan) -> Rewr
     graph = model.graph
     nodes = list(graph)
     chosen = [(c, nodes[c.index]) for c in candidates if c.index in plan.chosen]
-    if not chosen:
+    nbits_ops = [(c, nodes[c.index]) for c in candidates
+                 if c.index in plan.nbits and c.index not in plan.chosen and c.op != "Attention"]
+    if not chosen and not nbits_ops:
         return rw
-    for c, node in chosen:
+    for c, node in chosen + nbits_ops:
         if node.op_type != c.op or node.inputs[0] is None or node.inputs[0].name != c.activation:
             raise PassError(f"quantize: candidate {c.name} no longer matches node {node.label()}")
+    if nbits_ops:
+        if weight_only is None:
+            raise PassError("quantize: a plan with MatMulNBits ops needs their writer (weight_only=)")
+        for c, node in nbits_ops:
+            weight_only._rewrite(graph, rw, node, c.op, NBITS_BITS)
+            rw.count(f"{c.op} -> MatMulNBits ({NBITS_BITS}-bit)")
+        rw.import_opset(model, MS)
     if plan.format == "integer-ops":
         rw.import_opset(model, MS)
     # Group the chosen ops by the activation they read; smoothing may give a group a new activation.
@@ -151,12 +192,19 @@ def apply_plan(model: ir.Model, candidates: list[Candidate], plan: Plan) -> Rewr
             outlier = (gathered, idx)
             rw.count("outlier channels", len(idx))
         shared: tuple[ir.Value, ...] | None = None
+        static = plan.static.get(act)
         if plan.format == "qdq":
-            dql = rw.make("DynamicQuantizeLinear", [x], before=first, name=f"{act}_quant", num_outputs=3,
-                          output_names=[f"{act}_q", f"{act}_scale", f"{act}_zero_point"])
-            dq = rw.make("DequantizeLinear", list(dql.outputs), before=first, name=f"{act}_dequant",
+            if static is not None:
+                qx: list[ir.Value] = list(_static_quantizer(graph, rw, x, static, act, before=first))
+            else:
+                qx = list(rw.make("DynamicQuantizeLinear", [x], before=first, name=f"{act}_quant", num_outputs=3,
+                                  output_names=[f"{act}_q", f"{act}_scale", f"{act}_zero_point"]).outputs)
+            dq = rw.make("DequantizeLinear", qx, before=first, name=f"{act}_dequant",
                          output_names=[f"{act}_dq"], types=[x.type])
             shared = (dq.outputs[0],)
+        elif static is not None:
+            shared = _static_quantizer(graph, rw, x, static, act, before=first)
+            rw.count("static activation scales")
         elif len(members) > 1 or any(c.op == "Attention" for c, _ in members):
             dql = rw.make("DynamicQuantizeLinear", [x], before=first, name=f"{act}_quant", num_outputs=3,
                           output_names=[f"{act}_q", f"{act}_scale", f"{act}_zero_point"])
@@ -273,17 +321,21 @@ def copy_model(model: ir.Model) -> ir.Model:
     return ir.from_onnx(ir.to_onnx(model))
 
 
-def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan) -> tuple[ir.Model, dict[int, str]]:
-    """A copy of ``model`` where every candidate can be switched between float and int8 at run time.
+def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan, *, weight_only: Any = None
+                       ) -> tuple[ir.Model, dict[tuple[int, str], str]]:
+    """A copy of ``model`` where every candidate can be switched between its forms at run time.
 
     Each candidate's output ``y`` becomes ``y + flag * (y_int8 - y)`` with ``flag`` a scalar graph
-    input: one onnxruntime session then measures any subset of quantized ops, instead of one
-    session per subset. ``flag = 0`` gives the float output exactly; the int8 path is the same
-    arithmetic :func:`apply_plan` emits (one quantizer per op instead of a shared one, which
-    computes the same numbers).
+    input (with ``weight_only``, the MatMulNBits writer as in :func:`apply_plan`, MatMul/Gemm ones also
+    ``+ flag_nbits * (y_nbits - y)``): one onnxruntime
+    session then measures any assignment of forms, instead of one session per assignment. All
+    flags 0 gives the float output exactly; the int8 path is the same arithmetic :func:`apply_plan`
+    emits (one quantizer per op instead of a shared one, which computes the same numbers), and the
+    ``nbits`` path reads the unsmoothed activation, as :func:`apply_plan`'s weight-only ops do.
 
     Returns:
-        The copy, and the flag input's name for each candidate index.
+        The copy, and the flag input's name for each ``(candidate index, form)``, form ``int8`` or
+        ``nbits`` (see :func:`flag_feeds`).
     """
     m = copy_model(model)
     graph = m.graph
@@ -291,7 +343,7 @@ def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan)
     if plan.format == "integer-ops":
         rw.import_opset(m, MS)
     nodes = list(graph)
-    flags: dict[int, str] = {}
+    flags: dict[tuple[int, str], str] = {}
     smoothed: dict[str, ir.Value] = {}
     scalar = ir.TensorType(ir.DataType.FLOAT, ())
     for c in candidates:
@@ -299,6 +351,7 @@ def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan)
         x, y = node.inputs[0], node.outputs[0]
         assert x is not None and y is not None
         w, bias = weight_of(node)  # type: ignore[misc]
+        x_float, w_float = x, w
         s = plan.smooth.get(c.activation)
         if s is not None:
             if c.activation not in smoothed:
@@ -313,10 +366,16 @@ def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan)
             x, gathered = _outlier_inputs(graph, rw, x, idx, c.weight_shape[0], node, base)
             outlier = (gathered, idx)
         after = node
+        static = plan.static.get(c.activation)
         if plan.format == "qdq":
             qw = quantize_weight(w, per_channel=plan.per_channel, signed=plan.signed, reduce_range=plan.reduce_range)
-            dql = rw.make("DynamicQuantizeLinear", [x], after=after, num_outputs=3)
-            dqx = rw.make("DequantizeLinear", list(dql.outputs), after=dql)
+            if static is not None:
+                qx = _static_quantizer(graph, rw, x, static, base, after=after)
+                dql = qx[0].producer()
+            else:
+                dql = rw.make("DynamicQuantizeLinear", [x], after=after, num_outputs=3)
+                qx = tuple(dql.outputs)
+            dqx = rw.make("DequantizeLinear", list(qx), after=dql)
             attrs = {"axis": 1} if qw.axis is not None else {}
             dqw = rw.make("DequantizeLinear", [rw.constant(graph, qw.q, name=f"{base}_w_q"),
                                                rw.constant(graph, qw.scale, name=f"{base}_w_scale"),
@@ -331,29 +390,47 @@ def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan)
             ws = rw.constant(graph, qw.scale, name=f"{base}_w_scale")
             wz = rw.constant(graph, qw.zero_point, name=f"{base}_w_zp")
             b = rw.constant(graph, bias, name=f"{base}_bias") if bias is not None else None
-            if c.op == "Attention":
+            if static is not None:
+                xq, xs, xz = _static_quantizer(graph, rw, x, static, base, after=after)
+                after = xq.producer()
+            elif c.op == "Attention":
                 dql = rw.make("DynamicQuantizeLinear", [x], after=after, num_outputs=3)
                 xq, xs, xz = dql.outputs
+                after = dql
+            if c.op == "Attention":
                 attrs = {k: a for k, a in node.attributes.items() if k in QATTENTION_ATTRS}
                 mask = node.inputs[3] if len(node.inputs) > 3 else None
-                last = rw.make("QAttention", [xq, wq, b, xs, ws, mask, xz, wz], dict(attrs), after=dql, domain=MS)
+                last = rw.make("QAttention", [xq, wq, b, xs, ws, mask, xz, wz], dict(attrs), after=after, domain=MS)
+            elif static is not None:
+                last = rw.make("MatMulIntegerToFloat", [xq, wq, xs, ws, xz, wz, b], after=after, domain=MS)
             else:
                 last = rw.make("DynamicQuantizeMatMul", [x, wq, ws, wz, b], after=after, domain=MS)
         if outlier is not None:
             part = _outlier_matmul(graph, rw, outlier, w, base, after=last)
             last = rw.make("Add", [last.outputs[0], part], after=part.producer())
-        yq_out = last.outputs[0]
-        flag = ir.Value(graph.unique_name(f"quant_flag_{c.index}"), scalar)
-        graph.add_input(flag)
-        flags[c.index] = flag.name
-        diff = rw.make("Sub", [yq_out, y], after=last)
-        scaled = rw.make("Mul", [diff.outputs[0], flag], after=diff)
-        mixed = rw.make("Add", [y, scaled.outputs[0]], after=scaled, types=[y.type])
-        for user, idx in y.uses():
-            if user is not diff and user is not mixed:
-                user.replace_input(idx, mixed.outputs[0])
+        paths = [("int8", last)]
+        if weight_only is not None and c.op != "Attention":
+            paths.append(("nbits", weight_only._nbits(graph, rw, x_float, w_float, bias, NBITS_BITS, f"{base}_nbits",
+                                                      y.type, after=last)))
+        uses = list(y.uses())
+        acc, after = y, paths[-1][1]
+        for form, path in paths:
+            flag = ir.Value(graph.unique_name(f"quant_flag_{c.index}" + ("" if form == "int8" else f"_{form}")), scalar)
+            graph.add_input(flag)
+            flags[(c.index, form)] = flag.name
+            diff = rw.make("Sub", [path.outputs[0], y], after=after)
+            scaled = rw.make("Mul", [diff.outputs[0], flag], after=diff)
+            mixed = rw.make("Add", [acc, scaled.outputs[0]], after=scaled, types=[y.type])
+            acc, after = mixed.outputs[0], mixed
+        for user, idx in uses:
+            user.replace_input(idx, acc)
         if y.is_graph_output():
-            rw.replace_graph_output(y, mixed.outputs[0])
+            rw.replace_graph_output(y, acc)
     graph.sort()
     return m, flags
+
+
+def flag_feeds(flags: dict[tuple[int, str], str], forms: dict[int, str]) -> dict[str, np.ndarray]:
+    """The switch model's flag inputs for ``forms`` (candidate index -> ``int8`` / ``nbits``; absent: float)."""
+    return {name: np.array(1.0 if forms.get(i) == form else 0.0, np.float32) for (i, form), name in flags.items()}
 

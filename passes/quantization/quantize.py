@@ -18,11 +18,15 @@ What it does, in order:
    (:mod:`passes.quantization.sensitivity`). Candidates are then quantized in order of accuracy lost per
    multiply-add moved to int8 (``K*N``, a proxy for the time saved)
    while the combined model (re-measured, not summed) keeps the worst sample's cosine at or above
-   ``min_cosine``; the others stay float. If not even one op fits, the model stays float and a note
+   ``min_cosine`` (and, with ``min_mean_cosine``, the mean cosine at or above that); the others stay
+   float, or with ``fallback=nbits`` go to 8-bit block-wise weight-only ``MatMulNBits`` as far as the
+   same budget and search allow. If not even one op fits, the model stays float and a note
    says so. Screening keeps this cheap: the ops alone are ranked, and every subset tried is first
    checked, on the few calibration batches the fully quantized model does worst on
    (``screen_fraction``); a subset that misses the budget there misses it on the full set (a worst
    over fewer samples is never lower), so only those that pass are measured on every batch.
+   With ``static`` the remedies are also tried with static activation scales from calibration
+   (:mod:`passes.quantization.static_scales`), measured the same way.
 5. **Rewrite** by ``policy.format``:
 
    * ``integer-ops``: ``com.microsoft::DynamicQuantizeMatMul(A, B_q, b_scale, b_zero_point, bias)``
@@ -46,22 +50,29 @@ import math
 from collections import Counter
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, ClassVar, Optional
 
 import numpy as np
 
 import ir
 
-from ._candidates import NORM_OPS, Candidate, find_candidates, weight_of
-from ._emit import Plan, apply_plan, build_switch_model, copy_model
+from ._candidates import MS, NORM_OPS, Candidate, find_candidates, weight_of
+from ._emit import NBITS_BITS, Plan, apply_plan, build_switch_model, copy_model, flag_feeds
 from ..framework.base import Pass, PassContext, PassError, PassResult
 from ..framework.numerics import model_bytes_or_path, session
 from .calibration import calibration_batches
 from .quant_math import outlier_channels, smooth_factors
 from .sensitivity import Evaluator, Score
+from .static_scales import ChannelRanges, channel_ranges, static_qparams
+from .weight_only import WeightOnlyQuantizePass
 from ..framework.registry import register_pass
 
 __all__ = ["QuantizePass", "find_candidates", "Candidate", "Plan", "apply_plan", "build_switch_model"]
+
+
+#: The writer of ``fallback=nbits``'s ops: 8-bit block-wise MatMulNBits, activations per block of 32.
+NBITS = WeightOnlyQuantizePass(bits=NBITS_BITS, block_size=32, accuracy_level=4)
 
 
 @register_pass
@@ -71,6 +82,9 @@ class QuantizePass(Pass):
 
     Attributes:
         min_cosine: the budget: the worst calibration sample's cosine to the float model.
+        min_mean_cosine: a second budget beside it: the mean cosine over the calibration samples
+            (``0``: none). A decision holds both: a loose worst with a tight mean lets the ops whose
+            error shows on a few samples only go int8 while the typical sample stays exact.
         exclude: node names or op types never to quantize.
         calibration: an ``.npz`` of model inputs to calibrate on.
         tokenizer: a tokenizer folder, with ``texts``, to calibrate on real text.
@@ -86,6 +100,17 @@ class QuantizePass(Pass):
             many times the level of the channels past the budget (see
             :func:`passes.quantization.quant_math.outlier_channels`).
         outlier_fraction: the largest fraction of an activation's channels kept float.
+        fallback: where the ops the budget keeps out of int8 go: ``float``, or ``nbits`` (8-bit
+            block-wise weight-only ``MatMulNBits`` with ``accuracy_level=4``, where the target
+            provides it; MatMul/Gemm only): after the int8 set is chosen, the other ops are moved to
+            it under the same budget and search, and those that still break it stay float.
+        static: static activation scales from calibration (a ``QuantizeLinear`` with constant scale
+            and zero point instead of the per-call ``DynamicQuantizeLinear``, see
+            :mod:`passes.quantization.static_scales`): ``off``; ``auto`` (the best dynamic remedy is
+            also tried with static scales at each of ``static_clips``, and the form that measures
+            better is kept); ``on`` (every remedy with static scales only).
+        static_clips: the percentiles of each channel's calibration values its static range covers
+            (100: min/max).
         sensitivity: measure each op and keep the sensitive ones float (``False``: quantize every
             candidate without measuring anything).
         screen_fraction: measure each op alone, and screen every subset tried, on this fraction of
@@ -102,6 +127,7 @@ class QuantizePass(Pass):
     summary: ClassVar[str] = "int8 weights per op under an accuracy budget (dynamic activations)"
 
     min_cosine: float = 0.999
+    min_mean_cosine: float = 0.0
     exclude: tuple[str, ...] = ()
     calibration: str = ""
     tokenizer: str = ""
@@ -115,6 +141,9 @@ class QuantizePass(Pass):
     outliers: str = "auto"
     outlier_threshold: float = 2.0
     outlier_fraction: float = 0.02
+    fallback: str = "float"
+    static: str = "off"
+    static_clips: tuple[float, ...] = (100.0, 99.99)
     sensitivity: bool = True
     screen_fraction: float = 0.15
     calibration_batch: int = 8
@@ -133,6 +162,10 @@ class QuantizePass(Pass):
             raise PassError(f"quantize: smooth must be auto, on or off, not {self.smooth!r}")
         if self.outliers not in ("auto", "on", "off"):
             raise PassError(f"quantize: outliers must be auto, on or off, not {self.outliers!r}")
+        if self.static not in ("auto", "on", "off"):
+            raise PassError(f"quantize: static must be auto, on or off, not {self.static!r}")
+        if self.fallback not in ("float", "nbits"):
+            raise PassError(f"quantize: fallback must be float or nbits, not {self.fallback!r}")
         ops = tuple(o for o in policy.ops if policy.format == "integer-ops" or o != "Attention")
         exclude = set(self.exclude)
         min_cos = float(self.min_cosine)
@@ -158,14 +191,15 @@ class QuantizePass(Pass):
             err = scores.get(c.index)
             report.append({
                 "name": c.name, "op": c.op, "shape": list(c.weight_shape),
-                "decision": "quantized" if c.index in plan.chosen else "kept float",
+                "decision": "quantized" if c.index in plan.chosen else (
+                    "weight-only int8 (MatMulNBits)" if c.index in plan.nbits else "kept float"),
                 "error": None if err is None else round(1.0 - err.worst, 7),
                 "smoothed": c.activation in plan.smooth and c.index in plan.chosen,
             })
-        if not plan.chosen:
+        if not plan.chosen and not plan.nbits:
             return PassResult(False, stats=Counter({"kept float": len(candidates)}), rows=report)
-        rw = apply_plan(model, candidates, plan)
-        rw.count("kept float", len(candidates) - len(plan.chosen))
+        rw = apply_plan(model, candidates, plan, NBITS)
+        rw.count("kept float", len(candidates) - len(plan.chosen) - len(plan.nbits))
         smoothed = {c.activation for c in candidates if c.index in plan.chosen and c.activation in plan.smooth}
         if smoothed:
             rw.count("smoothed activations", len(smoothed))
@@ -176,6 +210,7 @@ class QuantizePass(Pass):
         self, model: ir.Model, ctx: PassContext, candidates: list[Candidate], base: Plan, min_cos: float
     ) -> tuple[Plan, dict[int, Score]]:
         t0 = time.perf_counter()
+        budget = Budget(min_cos, float(self.min_mean_cosine))
         source, _ = model_bytes_or_path(model)
         meta = session(source, 1).get_inputs()
         calib = calibration_batches(model, meta, calibration=self.calibration, tokenizer=self.tokenizer,
@@ -186,86 +221,98 @@ class QuantizePass(Pass):
         ctx.report_progress(f"quantize: {len(candidates)} candidates, calibrating on {calib.source}")
         ev = Evaluator(source, calib.batches, threads=self.threads)
         del source
+        nbits = self.fallback == "nbits" and ctx.target is not None and ctx.target.supports("MatMulNBits", MS) \
+            and any(c.op != "Attention" for c in candidates)
 
         # 1. remedies for activation outliers, each measured on the fully quantized model
         variants = self._variants(model, ev, candidates, base)
-        all_on = {c.index: 1.0 for c in candidates}
-        best: tuple[str, Plan, Any, dict[int, str], Score] | None = None
-        for vname, vplan in variants:
-            switch, flags = build_switch_model(model, candidates, vplan)
-            sess = ev.session(model_bytes_or_path(switch)[0])
-            del switch
-            s = ev.score_session(sess, _flag_feeds(flags, all_on))
-            ctx.report_progress(f"quantize: all {len(candidates)} ops int8 with {vname}: {s}")
-            if best is None or s.worst > best[4].worst:
-                best = (vname, vplan, sess, flags, s)
+        all_on = {c.index: "int8" for c in candidates}
+        best: tuple[str, Plan, Any, dict[tuple[int, str], str], Score] | None = None
+
+        def measure(variants: list[tuple[str, Plan]]) -> None:
+            nonlocal best
+            for vname, vplan in variants:
+                switch, flags = build_switch_model(model, candidates, vplan, weight_only=NBITS if nbits else None)
+                sess = ev.session(model_bytes_or_path(switch)[0])
+                del switch
+                s = ev.score_session(sess, flag_feeds(flags, all_on))
+                ctx.report_progress(f"quantize: all {len(candidates)} ops int8 with {vname}: {s}")
+                if best is None or budget.slack(s) > budget.slack(best[4]):
+                    best = (vname, vplan, sess, flags, s)
+
+        if self.static != "on":
+            measure(variants)
+        if self.static != "off":
+            ranges = _channel_ranges(model, ev, sorted({c.activation for c in candidates}), tuple(self.static_clips))
+            tried = variants if self.static == "on" else [(best[0], best[1])]  # type: ignore[index]
+            measure([(f"{vname} + static scales (clip {clip:g})", dataclasses.replace(vplan, static={
+                act: static_qparams(r, vplan.smooth.get(act), vplan.outliers.get(act)) for act, r in ranges[clip].items()
+            })) for vname, vplan in tried for clip in self.static_clips])
         assert best is not None
         best_name, plan, sess, flags, all_score = best
 
         # Screening: the batches the fully quantized model does worst on. The worst over a subset is
-        # never below the worst over all batches, so a subset that misses the budget settles a trial
-        # for the full set; only trials that pass it are measured on every batch.
+        # never below the worst over all batches, so a subset that misses the worst budget settles a
+        # trial for the full set; only trials that pass it are measured on every batch (the mean
+        # has no such bound, so it is checked on every batch only).
         hard = ev.hardest(all_score, math.ceil(self.screen_fraction * len(ev.batches)))
 
-        def score(chosen: set[int], on: Evaluator = ev) -> Score:
-            return on.score_session(sess, _flag_feeds(flags, {i: 1.0 for i in chosen}))
+        def score(forms: dict[int, str], on: Evaluator = ev) -> Score:
+            return on.score_session(sess, flag_feeds(flags, forms))
 
-        def fits(chosen: set[int]) -> bool:
-            if hard is not None and score(chosen, hard).worst < min_cos:
+        def fits(forms: dict[int, str]) -> bool:
+            if hard is not None and score(forms, hard).worst < min_cos:
                 return False
-            return score(chosen).worst >= min_cos
+            return budget.holds(score(forms))
 
         scores: dict[int, Score] = {}
-        chosen: list[int]
-        if all_score.worst >= min_cos:
-            chosen = [c.index for c in candidates]
+        nb_scores: dict[int, Score] = {}
+        forms: dict[int, str]
+        if budget.holds(all_score):
+            forms = dict(all_on)
         else:
             # 2. sensitivity of each op alone (on the hardest batches when screening: a ranking)
             for i, c in enumerate(candidates):
-                scores[c.index] = score({c.index}, hard or ev)
+                scores[c.index] = score({c.index: "int8"}, hard or ev)
                 if i % 12 == 11:
                     ctx.report_progress(f"quantize: measured {i + 1}/{len(candidates)} ops alone")
-            # Time-aware: the least accuracy lost per multiply-add moved to int8 goes first (the
-            # int8 speed-up of an op is about proportional to its weight's K*N per token).
-            order = sorted(candidates, key=lambda c: (max(1.0 - scores[c.index].worst, 1e-9) / _macs(c),
-                                                      -scores[c.index].worst))
-            alone = [c for c in order if scores[c.index].worst >= min_cos]
-            # 3. the longest prefix of the least sensitive ops that fits (bisection), then greedy additions
-            lo, hi = 0, len(alone)
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if fits({c.index for c in alone[:mid]}):
-                    lo = mid
+            forms = _grow({}, candidates, "int8", scores, fits, min_cos)
+            # 3. the ops left float: weight-only MatMulNBits under the same budget and search
+            rest = [c for c in candidates if c.index not in forms and c.op != "Attention"] if nbits else []
+            if rest:
+                with_rest = {**forms, **{c.index: "nbits" for c in rest}}
+                if fits(with_rest):
+                    forms = with_rest
                 else:
-                    hi = mid - 1
-            chosen = [c.index for c in alone[:lo]]
-            for c in alone[lo + 1 :]:
-                if fits({*chosen, c.index}):
-                    chosen.append(c.index)
+                    for c in rest:
+                        nb_scores[c.index] = score({**forms, c.index: "nbits"}, hard or ev)
+                    forms = _grow(forms, rest, "nbits", nb_scores, fits, min_cos)
         # 4. the real rewrite, measured once more (the switch model is a faithful stand-in, but check)
         final: Score | None = None
-        while chosen:
+        alone = {**{i: s.worst for i, s in nb_scores.items()}, **{i: s.worst for i, s in scores.items()}}
+        while forms:
             trial = copy_model(model)
-            apply_plan(trial, candidates, dataclasses.replace(plan, chosen=frozenset(chosen)))
+            apply_plan(trial, candidates, _with_forms(plan, forms), NBITS)
             final = ev.score(model_bytes_or_path(trial)[0])
-            if final.worst >= min_cos:
+            if budget.holds(final):
                 break
-            worst = min(chosen, key=lambda i: scores[i].worst if i in scores else 1.0)
-            chosen.remove(worst)
+            del forms[min(forms, key=lambda i: alone.get(i, 1.0))]
             final = None
         seconds = time.perf_counter() - t0
-        if not chosen:
+        if not forms:
             least = max((s.worst for s in scores.values()), default=all_score.worst)
-            ctx.note(self.name, "model", f"the budget min_cosine={min_cos} cannot be met: the least sensitive op alone "
+            ctx.note(self.name, "model", f"the budget {budget} cannot be met: the least sensitive op alone "
                      f"gives worst cosine {least:.6f} on {calib.source}; the model is left in float")
-            return dataclasses.replace(plan, chosen=frozenset()), scores
-        ctx.note(self.name, "model", f"{len(chosen)}/{len(candidates)} ops int8 ({best_name}), "
-                 f"{len(candidates) - len(chosen)} kept float; {final} (budget {min_cos}) on {calib.source}; "
+            return _with_forms(plan, {}), scores
+        n_int8 = sum(1 for f in forms.values() if f == "int8")
+        n_nbits = len(forms) - n_int8
+        ctx.note(self.name, "model", f"{n_int8}/{len(candidates)} ops int8 ({best_name}), "
+                 + (f"{n_nbits} weight-only int8 (MatMulNBits), " if n_nbits else "")
+                 + f"{len(candidates) - len(forms)} kept float; {final} (budget {budget}) on {calib.source}; "
                  f"{ev.stats.evaluations} measurements ({ev.stats.batches} batches"
                  f"{f', screening on {len(hard.batches)} of {len(ev.batches)}' if hard is not None else ''}) "
                  f"in {seconds:.1f} s")
-        return dataclasses.replace(plan, chosen=frozenset(chosen)), scores
-
+        return _with_forms(plan, forms), scores
 
     def _variants(self, model: ir.Model, ev: Evaluator, candidates: list[Candidate], base: Plan
                   ) -> list[tuple[str, Plan]]:
@@ -321,8 +368,56 @@ def _macs(c: Candidate) -> float:
     return float(c.weight_shape[0] * c.weight_shape[1])
 
 
-def _flag_feeds(flags: dict[int, str], on: dict[int, float]) -> dict[str, np.ndarray]:
-    return {name: np.array(on.get(i, 0.0), np.float32) for i, name in flags.items()}
+@dataclass(frozen=True)
+class Budget:
+    """The accuracy budget: the worst calibration sample's cosine, and the mean one (0: none)."""
+
+    worst: float
+    mean: float = 0.0
+
+    def holds(self, s: Score) -> bool:
+        """Whether ``s`` is within both bounds."""
+        return s.worst >= self.worst and s.mean >= self.mean
+
+    def slack(self, s: Score) -> float:
+        """How far inside the budget ``s`` is (negative: outside), in units of each bound's room to 1."""
+        out = (s.worst - self.worst) / max(1.0 - self.worst, 1e-9)
+        if self.mean > 0:
+            out = min(out, (s.mean - self.mean) / max(1.0 - self.mean, 1e-9))
+        return out
+
+    def __str__(self) -> str:
+        return f"min_cosine={self.worst}" + (f", min_mean_cosine={self.mean}" if self.mean > 0 else "")
+
+
+def _grow(start: dict[int, str], pool: list[Candidate], form: str, alone: dict[int, Score],
+          fits: Callable[[dict[int, str]], bool], min_cos: float) -> dict[int, str]:
+    """``start`` with the most ops of ``pool`` in ``form`` that ``fits``: the ops ordered by accuracy lost
+    (``alone``) per multiply-add moved (the speed-up of an op is about proportional to its weight's
+    ``K*N`` per token), the longest fitting prefix by bisection, then greedy additions."""
+    order = sorted(pool, key=lambda c: (max(1.0 - alone[c.index].worst, 1e-9) / _macs(c), -alone[c.index].worst))
+    ok = [c for c in order if alone[c.index].worst >= min_cos]
+
+    def with_first(k: int) -> dict[int, str]:
+        return {**start, **{c.index: form for c in ok[:k]}}
+
+    lo, hi = 0, len(ok)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(with_first(mid)):
+            lo = mid
+        else:
+            hi = mid - 1
+    forms = with_first(lo)
+    for c in ok[lo + 1 :]:
+        if fits({**forms, c.index: form}):
+            forms[c.index] = form
+    return forms
+
+
+def _with_forms(plan: Plan, forms: dict[int, str]) -> Plan:
+    return dataclasses.replace(plan, chosen=frozenset(i for i, f in forms.items() if f == "int8"),
+                               nbits=frozenset(i for i, f in forms.items() if f == "nbits"))
 
 
 def _smooth_groups(model: ir.Model, candidates: list[Candidate]) -> dict[str, list[Candidate]]:
@@ -335,6 +430,27 @@ def _smooth_groups(model: ir.Model, candidates: list[Candidate]) -> dict[str, li
         if p is not None and (p.domain, p.op_type) in NORM_OPS and x.index() == 0:  # type: ignore[union-attr]
             groups.setdefault(c.activation, []).append(c)
     return groups
+
+
+def _channel_ranges(model: ir.Model, ev: Evaluator, names: list[str], clips: tuple[float, ...]
+                    ) -> dict[float, dict[str, ChannelRanges]]:
+    """Per-channel calibration ranges of the activations ``names`` (graph inputs read from the feeds)."""
+    m = copy_model(model)
+    by_name = {o.name: o for n in m.graph for o in n.outputs if o is not None}
+    present = {v.name for v in m.graph.outputs}
+    m.graph.outputs.extend(by_name[n] for n in names if n in by_name and n not in present)
+    sess = ev.session(model_bytes_or_path(m)[0])
+    del m
+
+    def run(wanted: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        produced = [n for n in wanted if n in by_name]
+        got = dict(zip(produced, sess.run(produced, feeds)))
+        return [got[n] if n in got else feeds[n] for n in wanted]
+
+    try:
+        return channel_ranges(ev.batches, run, names, clips, ev.mask_name)
+    except ValueError as e:
+        raise PassError(f"quantize: static_clips: {e}") from None
 
 
 def _activation_absmax(model: ir.Model, ev: Evaluator, names: list[str]) -> dict[str, np.ndarray]:

@@ -1,6 +1,7 @@
 """``--autotune``: build candidate programs from one model, measure them on this host, keep the fastest accurate one.
 
-    python -m passes.compile model.onnx --target native --autotune [--min-cosine 0.999] [--budget-s 300]
+    python -m passes.compile model.onnx --target native --autotune [--min-cosine 0.999] [--min-mean-cosine 0.999]
+        [--budget-s 300]
 
 The best program differs per CPU (VNNI or not, cache size, memory bandwidth) and per shape, so
 the profile's fixed rules are a guess; here they are measured:
@@ -9,14 +10,19 @@ the profile's fixed rules are a guess; here they are measured:
    (never its name): the target's default fp32 pipeline; the other residual form before each
    LayerNorm (``fuse-layer-norm{residual=skip|sum}``: SkipLayerNormalization vs Sum +
    LayerNormalization) where the target provides SkipLayerNormalization; int8 with dynamic
-   activations (the ``quantize`` pass, its own per-op budget); block-wise weight-only int8 and
-   int4 (``quantize-weights``) where the target provides ``MatMulNBits``.
+   activations (the ``quantize`` pass, its own per-op budget), and where the target provides
+   ``MatMulNBits`` the same with the ops that budget keeps float as 8-bit block-wise weight-only
+   ``MatMulNBits`` (``quantize{fallback=nbits}``), that with static activation scales from
+   calibration (``static=on``: constant-scale ``QuantizeLinear``, no per-call
+   ``DynamicQuantizeLinear``), and block-wise weight-only int8 and int4 for
+   every op (``quantize-weights``).
 2. **Compile** each from a copy of the same IR.
 3. **Accuracy** on the calibration inputs (the quantize pass's: ``--calibration``, or
    ``--tokenizer`` + ``--texts``, else generated ones), in batches of the timing batch size (so
    are the quantize pass's decisions): the worst sample's cosine to the original
-   (mask-aware mean pooling for encoders, :class:`passes.quantization.sensitivity.Evaluator`). A
-   candidate below ``min_cosine`` is never picked.
+   (mask-aware mean pooling for encoders, :class:`passes.quantization.sensitivity.Evaluator`), and
+   their mean. A candidate below ``min_cosine`` (or with a mean below ``min_mean_cosine``) is never
+   picked.
 4. **Latency** of all of them in one interleaved run (the bench module's sessions: same feeds,
    ``threads`` intra-op threads, thread spinning off, round robin so drift hits every candidate
    alike), as the median.
@@ -147,7 +153,9 @@ class AutotuneResult:
         flags = ", ".join(s.get("cpu_flags", [])) or "none of " + "/".join(KEY_FLAGS)
         lines.append(f"  {'(cached decision) ' if self.cached else ''}batch {s['batch']}, seq {s['seq']}, "
                      f"{s['threads']} threads, {s['rounds']} interleaved rounds x {s['runs']} runs; "
-                     f"budget worst cosine >= {s['min_cosine']} on {s['calibration']}; CPU flags: {flags}")
+                     f"budget worst cosine >= {s['min_cosine']}"
+                     + (f", mean >= {s['min_mean_cosine']}" if s.get("min_mean_cosine") else "")
+                     + f" on {s['calibration']}; CPU flags: {flags}")
         lines.append(f"  winner: {self.winner['name']}: {self.reason}")
         return "\n".join(lines)
 
@@ -214,6 +222,14 @@ def _with_residual(pipeline: str, form: str) -> str | None:
     return format_pipeline(out) if found else None
 
 
+def _with_quantize_option(pipeline: str, key: str, value: Any) -> str | None:
+    """``pipeline`` with ``key=value`` on its ``quantize`` passes, or None when it has none."""
+    items = parse_pipeline(pipeline)
+    if not any(getattr(it, "name", "") == "quantize" for it in items):
+        return None
+    return format_pipeline(with_options(items, "quantize", {key: value}))
+
+
 def candidates(target: targets.Target) -> list[Candidate]:
     """The programs worth measuring on ``target``, from its capabilities (see the module docstring)."""
     base = target.pipeline
@@ -226,6 +242,11 @@ def candidates(target: targets.Target) -> list[Candidate]:
     if target.quantize_pipeline:
         out.append(Candidate("int8 dynamic (quantize)", f"{base},{target.quantize_pipeline}", quantized=True))
     if target.supports("MatMulNBits", MS):
+        fallback = _with_quantize_option(target.quantize_pipeline, "fallback", "nbits")
+        if fallback is not None:
+            out.append(Candidate("int8 dynamic + MatMulNBits fallback", f"{base},{fallback}", quantized=True))
+            static = _with_quantize_option(fallback, "static", "on")
+            out.append(Candidate("int8 static scales + MatMulNBits fallback", f"{base},{static}", quantized=True))
         for bits in (8, 4):
             out.append(Candidate(f"weight-only int{bits} (MatMulNBits)",
                                  f"{base},quantize-weights{{bits={bits},block_size=32,accuracy_level=4}},dead-flow",
@@ -248,6 +269,7 @@ def autotune(
     *,
     source: str | None = None,
     min_cosine: float = 0.999,
+    min_mean_cosine: float = 0.0,
     budget_s: float = 300.0,
     options: dict[str, Any] | None = None,
     batch: int = 1,
@@ -272,6 +294,7 @@ def autotune(
         target: the target whose capabilities give the candidates.
         source: the model's file, for the content hash and as the accuracy reference.
         min_cosine: the budget: worst calibration sample's cosine to the original.
+        min_mean_cosine: a second bound beside it: the mean cosine over the calibration samples (0: none).
         budget_s: time allowed for compiling and measuring; candidates left when it runs out are
             skipped, and timing stops after 3 rounds once it is spent.
         options: the quantize pass's options (``calibration``, ``tokenizer``, ``texts``, ``exclude``...);
@@ -298,12 +321,15 @@ def autotune(
     t_start = time.perf_counter()
     opts = dict(options or {})
     opts.setdefault("min_cosine", min_cosine)
+    if min_mean_cosine > 0:
+        opts.setdefault("min_mean_cosine", min_mean_cosine)
     # Activation scales are per call: calibrate and check accuracy at the batch being tuned for
     # (a padded batch of 8 shares each sentence's range with its padding, which batch 1 never does).
     opts.setdefault("calibration_batch", batch)
     cands = candidate_list if candidate_list is not None else candidates(target)
     flags = host_cpu_flags() if cpu_flags is None else set(cpu_flags)
-    settings = {"target": target.name, "min_cosine": float(min_cosine), "batch": batch, "seq": seq,
+    settings = {"target": target.name, "min_cosine": float(min_cosine), "min_mean_cosine": float(min_mean_cosine),
+                "batch": batch, "seq": seq,
                 "threads": threads, "candidates": [c.pipeline for c in cands],
                 "calibration": {k: str(opts.get(k, "")) for k in ("calibration", "tokenizer", "texts", "exclude",
                                                                    "calibration_batch")}}
@@ -355,7 +381,7 @@ def autotune(
             tr.compile_s = time.perf_counter() - t0
             tr.nodes = sum(1 for _ in trial.graph.all_nodes())
             tr.worst, tr.mean = score.worst, score.mean
-            tr.ok = score.worst >= min_cosine
+            tr.ok = score.worst >= min_cosine and score.mean >= min_mean_cosine
             runners[i] = runner_hook(c, run) if runner_hook is not None else run
             built[i] = (trial, passes)
             bar.update(1)
@@ -383,13 +409,15 @@ def autotune(
             tr.ratio = tr.median_ms / base
     ok = [i for i, tr in enumerate(trials) if tr.ok and tr.median_ms is not None]
     if not ok:
-        why = "; ".join(f"{tr.candidate.name}: {tr.error or f'worst cosine {tr.worst:.6f}'}" for tr in trials)
-        raise PassError(f"autotune: no candidate holds the budget min_cosine={min_cosine}: {why}")
+        why = "; ".join(f"{tr.candidate.name}: {tr.error or f'worst cosine {tr.worst:.6f}, mean {tr.mean:.6f}'}"
+                        for tr in trials)
+        mean = f", min_mean_cosine={min_mean_cosine}" if min_mean_cosine > 0 else ""
+        raise PassError(f"autotune: no candidate holds the budget min_cosine={min_cosine}{mean}: {why}")
     best = min(ok, key=lambda i: trials[i].median_ms)  # type: ignore[arg-type,return-value]
     reason = _reason(trials, best, min_cosine)
     winner_model, records = built[best]
     setup = {"batch": batch, "seq": seq, "threads": threads, "rounds": done_rounds, "runs": runs,
-             "min_cosine": float(min_cosine), "calibration": calib.source,
+             "min_cosine": float(min_cosine), "min_mean_cosine": float(min_mean_cosine), "calibration": calib.source,
              "cpu_flags": sorted(f for f in flags if f in KEY_FLAGS), "seconds": round(time.perf_counter() - t_start, 2)}
     result = AutotuneResult(winner_model, trials[best].row(), [tr.row() for tr in trials], reason, key, False, setup,
                             records, {cands[i].name: m for i, (m, _) in built.items()} if keep_models else {})
@@ -430,7 +458,7 @@ def _reason(trials: list[Trial], best: int, min_cosine: float) -> str:
                                                              if n and won < 0.75 * n else "")
     if faster_out:
         text += "; faster but outside the budget: " + ", ".join(
-            f"{tr.candidate.name} (worst cosine {tr.worst:.5f} < {min_cosine})" for tr in faster_out)
+            f"{tr.candidate.name} (worst cosine {tr.worst:.5f}, mean {tr.mean:.5f})" for tr in faster_out)
     return text
 
 

@@ -295,7 +295,8 @@ def compile_model(
             from .autotune import autotune as _autotune
 
             tuned = _autotune(model, tgt, source=source_name if original == source_name else None,
-                              min_cosine=float((options or {}).get("min_cosine", 0.999)), options=options,
+                              min_cosine=float((options or {}).get("min_cosine", 0.999)),
+                              min_mean_cosine=float((options or {}).get("min_mean_cosine", 0.0)), options=options,
                               progress=progress, **(autotune_options or {}))
             model, report.passes, report.autotune = tuned.model, list(tuned.records), tuned
             report.pipeline = tuned.winner["pipeline"]
@@ -372,6 +373,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--explain", action="store_true", help="report why fusions did not fire")
     p.add_argument("--quantize", choices=["int8"], help="quantize under the accuracy budget")
     p.add_argument("--min-cosine", type=float, help="accuracy budget for --quantize (cosine to fp32 outputs)")
+    p.add_argument("--min-mean-cosine", type=float,
+                   help="a second budget beside --min-cosine: the mean calibration cosine (default: none)")
     p.add_argument("--calibration", help=".npz of model inputs for calibration")
     p.add_argument("--tokenizer", help="tokenizer folder for --texts calibration")
     p.add_argument("--texts", help="text file, one sample per line, for calibration")
@@ -479,6 +482,8 @@ def _main(args: argparse.Namespace) -> int:
         options: dict[str, Any] = {}
         if args.min_cosine is not None:
             options["min_cosine"] = args.min_cosine
+        if args.min_mean_cosine is not None:
+            options["min_mean_cosine"] = args.min_mean_cosine
         for key in ("calibration", "tokenizer", "texts"):
             if getattr(args, key):
                 options[key] = getattr(args, key)
