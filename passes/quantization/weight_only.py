@@ -40,6 +40,7 @@ rewrite is measured once more. The per-op table goes to the result's ``rows``.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ from ..framework.base import Pass, PassContext, PassError, PassResult
 from ..framework.numerics import model_bytes_or_path, session
 from ..framework.registry import register_pass
 from ..framework.rewriter import Rewriter
+from .calibration import calibration_batches
+from .sensitivity import Evaluator, release_memory
 
 __all__ = ["WeightOnlyQuantizePass", "PackedWeight", "pack_weight", "dequantize_weight"]
 
@@ -238,22 +241,50 @@ class WeightOnlyQuantizePass(Pass):
     def _decide(self, model: ir.Model, ctx: PassContext, todo: list[Candidate]
                 ) -> tuple[dict[int, int], list[dict[str, Any]]]:
         """Bits per candidate index (0: float) under ``min_cosine``, and the per-op table."""
-        from .calibration import calibration_batches
-        from .sensitivity import Evaluator
-
         t0 = time.perf_counter()
-        source, _ = model_bytes_or_path(model)
-        calib = calibration_batches(model, session(source, 1).get_inputs(), calibration=self.calibration,
-                                    tokenizer=self.tokenizer, texts=self.texts, limit=self.max_calibration)
+        source, folder = model_bytes_or_path(model)
+        calib: Any = None
+
+        def batches(meta: list[Any]) -> Any:  # the evaluator's float session gives the input metadata
+            nonlocal calib
+            calib = calibration_batches(model, meta, calibration=self.calibration, tokenizer=self.tokenizer,
+                                        texts=self.texts, limit=self.max_calibration)
+            return calib.batches
+
+        try:
+            ev = Evaluator(source, batches, threads=self.threads, bar=ctx.bar)
+        finally:
+            del source
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
         if calib.generated:
             ctx.note(self.name, "calibration", "no calibration or tokenizer/texts given: deciding on generated "
                      "inputs, which may not show the activation ranges of real data")
-        ev = Evaluator(source, calib.batches, threads=self.threads)
-        del source
+        try:
+            levels, whole, alone, final = self._measure(model, ctx, todo, ev, calib.source)
+        finally:
+            ev.close()
+            release_memory()
+        counts = Counter(levels.values())
+        summary = ", ".join(f"{counts[b]} {'float' if b == 0 else f'int{b}'}" for b in sorted(counts, reverse=True))
+        ctx.note(self.name, "model", f"{summary} of {len(todo)} ops; {final if final is not None else whole} "
+                 f"(budget {self.min_cosine}) on {calib.source}; {ev.stats.evaluations} measurements in "
+                 f"{time.perf_counter() - t0:.1f} s")
+        rows = []
+        for c in todo:
+            err = {f"error int{b}": round(1.0 - alone[(c.index, b)], 7) for b in (self.bits, 8) if (c.index, b) in alone}
+            b = levels[c.index]
+            rows.append({"name": c.name, "op": c.op, "shape": list(c.weight_shape),
+                         "decision": "float" if b == 0 else f"int{b}", **err})
+        return levels, rows
+
+    def _measure(self, model: ir.Model, ctx: PassContext, todo: list[Candidate], ev: Any, calib_source: str
+                 ) -> tuple[dict[int, int], Any, dict[tuple[int, int], float], Any]:
+        """Levels under the budget, the all-``bits`` score, the errors alone and the final score."""
         lower = _LEVELS[self.fallback] if _LEVELS[self.fallback] > self.bits else 0  # int8 weights: float fallback
         precisions = [self.bits, lower] if lower else [self.bits]
         switch, flags = self._switch_model(model, todo, precisions)
-        sess = ev.session(model_bytes_or_path(switch)[0])
+        sess = ev.session_of(switch)
         del switch
 
         def score(levels: dict[int, int]) -> Any:
@@ -267,23 +298,21 @@ class WeightOnlyQuantizePass(Pass):
         alone: dict[tuple[int, int], float] = {}
         levels = first
         if whole.worst < budget:
-            for i, c in enumerate(todo):
-                alone[(c.index, self.bits)] = score({c.index: self.bits}).worst
-                if i % 8 == 7:
-                    ctx.report_progress(f"quantize-weights: measured {i + 1}/{len(todo)} ops alone at int{self.bits}")
+            self._alone(ctx, todo, self.bits, score, alone)
             order = sorted(todo, key=lambda c: alone[(c.index, self.bits)])  # largest error first
-            found = self._fewest(order, first, lower, score, budget)
+            found = self._fewest(ctx, order, first, lower, score, budget)
             if found is None and lower:  # int8 everywhere still breaks it: then float, worst int8 first
-                for c in todo:
-                    alone[(c.index, lower)] = score({c.index: lower}).worst
+                self._alone(ctx, todo, lower, score, alone)
                 order = sorted(todo, key=lambda c: alone[(c.index, lower)])
-                found = self._fewest(order, {c.index: lower for c in todo}, 0, score, budget)
+                found = self._fewest(ctx, order, {c.index: lower for c in todo}, 0, score, budget)
             if found is None:
                 ctx.note(self.name, "model", f"the budget min_cosine={budget} cannot be met even with every op "
-                         f"in float fallback on {calib.source}; the model is left in float")
+                         f"in float fallback on {calib_source}; the model is left in float")
                 levels = {c.index: 0 for c in todo}
             else:
                 levels = found
+        del sess  # the switch model's session holds every op at every precision: release it first
+        release_memory()
         final = None
         if any(levels.values()):  # the real rewrite, measured once more
             trial = copy_model(model)
@@ -293,43 +322,48 @@ class WeightOnlyQuantizePass(Pass):
                 if levels[c.index]:
                     self._rewrite(trial.graph, trial_rw, node, c.op, levels[c.index])
             trial_rw.import_opset(trial, MS)
-            final = ev.score(model_bytes_or_path(trial)[0])
+            final = ev.score_model(trial)
             del trial
             if final.worst < budget:
                 ctx.note(self.name, "model", f"the rewritten model measures {final} below the budget "
                          f"{budget} (the switch model measured it inside); the model is left in float")
                 levels = {c.index: 0 for c in todo}
-        counts = Counter(levels.values())
-        summary = ", ".join(f"{counts[b]} {'float' if b == 0 else f'int{b}'}" for b in sorted(counts, reverse=True))
-        ctx.note(self.name, "model", f"{summary} of {len(todo)} ops; {final if final is not None else whole} "
-                 f"(budget {budget}) on {calib.source}; {ev.stats.evaluations} measurements in "
-                 f"{time.perf_counter() - t0:.1f} s")
-        rows = []
-        for c in todo:
-            err = {f"error int{b}": round(1.0 - alone[(c.index, b)], 7) for b in (self.bits, 8) if (c.index, b) in alone}
-            b = levels[c.index]
-            rows.append({"name": c.name, "op": c.op, "shape": list(c.weight_shape),
-                         "decision": "float" if b == 0 else f"int{b}", **err})
-        return levels, rows
+        return levels, whole, alone, final
 
     @staticmethod
-    def _fewest(order: list[Candidate], start: dict[int, int], lower: int, score: Any, budget: float
+    def _alone(ctx: PassContext, todo: list[Candidate], bits: int, score: Any, alone: dict[tuple[int, int], float]
+               ) -> None:
+        """Each op at ``bits`` alone: its worst cosine into ``alone``."""
+        with ctx.bar(len(todo), f"quantize-weights: ops alone at int{bits}") as bar:
+            for i, c in enumerate(todo):
+                alone[(c.index, bits)] = score({c.index: bits}).worst
+                bar.update()
+                if i % 8 == 7:
+                    ctx.report_progress(f"quantize-weights: measured {i + 1}/{len(todo)} ops alone at int{bits}")
+
+    @staticmethod
+    def _fewest(ctx: PassContext, order: list[Candidate], start: dict[int, int], lower: int, score: Any, budget: float
                 ) -> dict[int, int] | None:
         """``start`` with the fewest leading ops of ``order`` at ``lower`` that holds the budget (bisection)."""
 
         def moved(k: int) -> dict[int, int]:
             return {**start, **{c.index: lower for c in order[:k]}}
 
-        if score(moved(len(order))).worst < budget:
-            return None
-        lo, hi = 0, len(order)  # moved(hi) holds
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if score(moved(mid)).worst >= budget:
-                hi = mid
-            else:
-                lo = mid + 1
-        return moved(hi)
+        # one trial for all ops moved, then a bisection over how many
+        with ctx.bar(1 + max(1, len(order)).bit_length(), "quantize-weights: subsets tried") as bar:
+            bar.update()
+            if score(moved(len(order))).worst < budget:
+                return None
+            lo, hi = 0, len(order)  # moved(hi) holds
+            while lo < hi:
+                mid = (lo + hi) // 2
+                ok = score(moved(mid)).worst >= budget
+                bar.update()
+                if ok:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            return moved(hi)
 
     def _switch_model(self, model: ir.Model, todo: list[Candidate], precisions: list[int]
                       ) -> tuple[ir.Model, dict[tuple[int, int], str]]:
