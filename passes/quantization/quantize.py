@@ -58,7 +58,7 @@ from ..framework.base import Pass, PassContext, PassError, PassResult
 from ..framework.numerics import model_bytes_or_path, session
 from .calibration import calibration_batches
 from .quant_math import outlier_channels, smooth_factors
-from .sensitivity import Evaluator, Score
+from .sensitivity import Evaluator, Score, release_memory
 from ..framework.registry import register_pass
 
 __all__ = ["QuantizePass", "find_candidates", "Candidate", "Plan", "apply_plan", "build_switch_model"]
@@ -184,23 +184,28 @@ class QuantizePass(Pass):
             ctx.note(self.name, "calibration", "no --calibration or --tokenizer/--texts given: deciding on generated "
                      "inputs, which may not show the activation ranges of real data")
         ctx.report_progress(f"quantize: {len(candidates)} candidates, calibrating on {calib.source}")
-        ev = Evaluator(source, calib.batches, threads=self.threads)
+        ev = Evaluator(source, calib.batches, threads=self.threads, bar=ctx.bar)
         del source
 
         # 1. remedies for activation outliers, each measured on the fully quantized model
         variants = self._variants(model, ev, candidates, base)
         all_on = {c.index: 1.0 for c in candidates}
         best: tuple[str, Plan, Any, dict[int, str], Score] | None = None
-        for vname, vplan in variants:
-            switch, flags = build_switch_model(model, candidates, vplan)
-            sess = ev.session(model_bytes_or_path(switch)[0])
-            del switch
-            s = ev.score_session(sess, _flag_feeds(flags, all_on))
-            ctx.report_progress(f"quantize: all {len(candidates)} ops int8 with {vname}: {s}")
-            if best is None or s.worst > best[4].worst:
-                best = (vname, vplan, sess, flags, s)
+        with ctx.bar(len(variants), "quantize: remedies") as bar:
+            for vname, vplan in variants:
+                switch, flags = build_switch_model(model, candidates, vplan)
+                sess = ev.session_of(switch)
+                del switch
+                s = ev.score_session(sess, _flag_feeds(flags, all_on))
+                ctx.report_progress(f"quantize: all {len(candidates)} ops int8 with {vname}: {s}")
+                if best is None or s.worst > best[4].worst:
+                    best = (vname, vplan, sess, flags, s)
+                del sess  # a switch session holds the model twice: keep the best one only
+                release_memory()
+                bar.update()
         assert best is not None
         best_name, plan, sess, flags, all_score = best
+        best = None
 
         # Screening: the batches the fully quantized model does worst on. The worst over a subset is
         # never below the worst over all batches, so a subset that misses the budget settles a trial
@@ -221,10 +226,12 @@ class QuantizePass(Pass):
             chosen = [c.index for c in candidates]
         else:
             # 2. sensitivity of each op alone (on the hardest batches when screening: a ranking)
-            for i, c in enumerate(candidates):
-                scores[c.index] = score({c.index}, hard or ev)
-                if i % 12 == 11:
-                    ctx.report_progress(f"quantize: measured {i + 1}/{len(candidates)} ops alone")
+            with ctx.bar(len(candidates), "quantize: ops alone") as bar:
+                for i, c in enumerate(candidates):
+                    scores[c.index] = score({c.index}, hard or ev)
+                    bar.update()
+                    if i % 12 == 11:
+                        ctx.report_progress(f"quantize: measured {i + 1}/{len(candidates)} ops alone")
             # Time-aware: the least accuracy lost per multiply-add moved to int8 goes first (the
             # int8 speed-up of an op is about proportional to its weight's K*N per token).
             order = sorted(candidates, key=lambda c: (max(1.0 - scores[c.index].worst, 1e-9) / _macs(c),
@@ -232,22 +239,28 @@ class QuantizePass(Pass):
             alone = [c for c in order if scores[c.index].worst >= min_cos]
             # 3. the longest prefix of the least sensitive ops that fits (bisection), then greedy additions
             lo, hi = 0, len(alone)
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if fits({c.index for c in alone[:mid]}):
-                    lo = mid
-                else:
-                    hi = mid - 1
+            with ctx.bar(max(1, len(alone)).bit_length(), "quantize: subsets tried (bisection)") as bar:
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    if fits({c.index for c in alone[:mid]}):
+                        lo = mid
+                    else:
+                        hi = mid - 1
+                    bar.update()
             chosen = [c.index for c in alone[:lo]]
-            for c in alone[lo + 1 :]:
-                if fits({*chosen, c.index}):
-                    chosen.append(c.index)
+            with ctx.bar(max(0, len(alone) - lo - 1), "quantize: subsets tried (additions)") as bar:
+                for c in alone[lo + 1 :]:
+                    if fits({*chosen, c.index}):
+                        chosen.append(c.index)
+                    bar.update()
+        del sess  # measured: the switch session goes before the real rewrite's is built
+        release_memory()
         # 4. the real rewrite, measured once more (the switch model is a faithful stand-in, but check)
         final: Score | None = None
         while chosen:
             trial = copy_model(model)
             apply_plan(trial, candidates, dataclasses.replace(plan, chosen=frozenset(chosen)))
-            final = ev.score(model_bytes_or_path(trial)[0])
+            final = ev.score_model(trial)
             if final.worst >= min_cos:
                 break
             worst = min(chosen, key=lambda i: scores[i].worst if i in scores else 1.0)
