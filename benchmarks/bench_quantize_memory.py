@@ -111,12 +111,16 @@ def ensure_export(name: str, cache: pathlib.Path, cap_bytes: int) -> tuple[pathl
     return path, rec
 
 
-def case_pipeline(case: str, target_pipeline: str, min_cosine: float) -> list[str]:
-    """The compile arguments of a case."""
+def case_pipeline(case: str, target_pipeline: str, min_cosine: float, max_calibration: int | None) -> list[str]:
+    """The compile arguments of a case (the passes' own calibration size unless ``max_calibration``)."""
+    calib = f",max_calibration={max_calibration}" if max_calibration else ""
     if case == "int8":
-        return ["--quantize", "int8"]
+        if not calib:
+            return ["--quantize", "int8"]
+        return ["--pipeline", f"{target_pipeline},quantize{{min_cosine={min_cosine}{calib}}},dead-flow",
+                "--quantize", "int8"]
     bits = {"w8": 8, "w4": 4}[case]
-    return ["--pipeline", f"{target_pipeline},quantize-weights{{bits={bits},min_cosine={min_cosine}}},dead-flow"]
+    return ["--pipeline", f"{target_pipeline},quantize-weights{{bits={bits},min_cosine={min_cosine}{calib}}},dead-flow"]
 
 
 def cpu_flags() -> str:
@@ -137,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", default="x86")
     ap.add_argument("--min-cosine", type=float, default=0.999, help="the accuracy budget of every case")
     ap.add_argument("--cache", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()) / "tfcompile-quantize-memory")
+    ap.add_argument("--max-calibration", type=int, default=None,
+                    help="calibration samples (default: the passes' own, 128 for int8 and 32 for weight-only)")
     ap.add_argument("--cap-gb", type=float, default=15.0, help="kill a child whose RSS exceeds this (GiB)")
     ap.add_argument("--delete-exports", action="store_true", help="delete each model's export after its cases")
     ap.add_argument("--json", type=pathlib.Path, help="also write the rows as JSON")
@@ -146,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cap = int(args.cap_gb * GB)
     tpipe = targets.get(args.target).pipeline
-    print(f"host: {cpu_flags()}; {os.cpu_count()} cpus; load {os.getloadavg()[0]:.2f}; cap {args.cap_gb} GiB",
-          flush=True)
+    print(f"host: {cpu_flags()}; {os.cpu_count()} cpus; load {os.getloadavg()[0]:.2f}; cap {args.cap_gb} GiB; "
+          f"calibration {args.max_calibration or 'default'}, min_cosine {args.min_cosine}", flush=True)
     rows = []
     for name in args.models.split(","):
         path, exp = ensure_export(name, args.cache, cap)
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix="bench-qmem-") as tmp:
                 out = pathlib.Path(tmp) / "out.onnx"
                 cmd = [sys.executable, "-m", "passes.compile", str(path), "--target", args.target,
-                       *case_pipeline(case, tpipe, args.min_cosine), "-o", str(out), "--quiet", "--force",
+                       *case_pipeline(case, tpipe, args.min_cosine, args.max_calibration), "-o", str(out), "--quiet", "--force",
                        "--min-cosine", str(args.min_cosine)]
                 if size > 1.5 * GB:
                     cmd.append("--external-data")

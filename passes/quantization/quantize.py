@@ -55,7 +55,6 @@ import ir
 from ._candidates import NORM_OPS, Candidate, find_candidates, weight_of
 from ._emit import Plan, apply_plan, build_switch_model, copy_model
 from ..framework.base import Pass, PassContext, PassError, PassResult
-from ..framework.numerics import model_bytes_or_path, session
 from .calibration import calibration_batches
 from .quant_math import outlier_channels, smooth_factors
 from .sensitivity import Evaluator, Score, release_memory
@@ -176,16 +175,19 @@ class QuantizePass(Pass):
         self, model: ir.Model, ctx: PassContext, candidates: list[Candidate], base: Plan, min_cos: float
     ) -> tuple[Plan, dict[int, Score]]:
         t0 = time.perf_counter()
-        source, _ = model_bytes_or_path(model)
-        meta = session(source, 1).get_inputs()
-        calib = calibration_batches(model, meta, calibration=self.calibration, tokenizer=self.tokenizer,
-                                    texts=self.texts, limit=self.max_calibration, batch=self.calibration_batch)
+        calib: Any = None
+
+        def batches(meta: list[Any]) -> Any:  # the evaluator's float session gives the input metadata
+            nonlocal calib
+            calib = calibration_batches(model, meta, calibration=self.calibration, tokenizer=self.tokenizer,
+                                        texts=self.texts, limit=self.max_calibration, batch=self.calibration_batch)
+            ctx.report_progress(f"quantize: {len(candidates)} candidates, calibrating on {calib.source}")
+            return calib.batches
+
+        ev = Evaluator(model, batches, threads=self.threads, bar=ctx.bar)
         if calib.generated:
             ctx.note(self.name, "calibration", "no --calibration or --tokenizer/--texts given: deciding on generated "
                      "inputs, which may not show the activation ranges of real data")
-        ctx.report_progress(f"quantize: {len(candidates)} candidates, calibrating on {calib.source}")
-        ev = Evaluator(source, calib.batches, threads=self.threads, bar=ctx.bar)
-        del source
 
         # 1. remedies for activation outliers, each measured on the fully quantized model
         variants = self._variants(model, ev, candidates, base)
@@ -355,7 +357,7 @@ def _activation_absmax(model: ir.Model, ev: Evaluator, names: list[str]) -> dict
     by_name = {o.name: o for n in m.graph for o in n.outputs if o is not None}
     present = {v.name for v in m.graph.outputs}
     m.graph.outputs.extend(by_name[n] for n in names if n not in present)
-    return ev.activation_absmax(model_bytes_or_path(m)[0], names)
+    return ev.activation_absmax(m, names)
 
 
 def _with_rows(result: PassResult, rows: list[dict[str, Any]]) -> PassResult:

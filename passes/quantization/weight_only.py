@@ -40,7 +40,6 @@ rewrite is measured once more. The per-op table goes to the result's ``rows``.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -53,7 +52,6 @@ import ir
 from ._candidates import MS, Candidate, find_candidates, initializer_array, weight_of
 from ._emit import _bias_add, _drop_unused, copy_model
 from ..framework.base import Pass, PassContext, PassError, PassResult
-from ..framework.numerics import model_bytes_or_path, session
 from ..framework.registry import register_pass
 from ..framework.rewriter import Rewriter
 from .calibration import calibration_batches
@@ -242,7 +240,6 @@ class WeightOnlyQuantizePass(Pass):
                 ) -> tuple[dict[int, int], list[dict[str, Any]]]:
         """Bits per candidate index (0: float) under ``min_cosine``, and the per-op table."""
         t0 = time.perf_counter()
-        source, folder = model_bytes_or_path(model)
         calib: Any = None
 
         def batches(meta: list[Any]) -> Any:  # the evaluator's float session gives the input metadata
@@ -251,12 +248,7 @@ class WeightOnlyQuantizePass(Pass):
                                         texts=self.texts, limit=self.max_calibration)
             return calib.batches
 
-        try:
-            ev = Evaluator(source, batches, threads=self.threads, bar=ctx.bar)
-        finally:
-            del source
-            if folder:
-                shutil.rmtree(folder, ignore_errors=True)
+        ev = Evaluator(model, batches, threads=self.threads, bar=ctx.bar)
         if calib.generated:
             ctx.note(self.name, "calibration", "no calibration or tokenizer/texts given: deciding on generated "
                      "inputs, which may not show the activation ranges of real data")

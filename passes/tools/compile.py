@@ -27,6 +27,7 @@ import ir
 import targets
 
 from ._memory import PeakRSS
+from ..quantization.sensitivity import release_memory
 from ..framework.base import Diagnostic, PassContext, PassError
 from ..framework.manager import PassManager, PassRecord
 from ..framework.pipeline import Fixpoint, Pipeline, parse_pipeline, with_options
@@ -314,6 +315,9 @@ def compile_model(
             raise ir.InvalidModelError(
                 f"the original model does not run in onnxruntime (inputs {shape}): {describe_ort_error(e)}"
             ) from None
+        # Its outputs are all verification needs: the session (the whole float model) goes before the passes run.
+        ref_session = None
+        release_memory()
 
     ctx = PassContext(target=tgt, static_shapes=dict(static_shapes or {}), explain=explain, progress=progress,
                       progress_bar=progress_bar)
@@ -344,7 +348,7 @@ def compile_model(
     report.diagnostics = list(ctx.diagnostics)
     report.quantization = [row for r in report.passes if r.spec.split("{")[0] in _QUANTIZE_PASSES for row in r.rows]
 
-    if verify and ref_session is not None and feeds is not None:
+    if verify and feeds is not None:
         if progress:
             progress("verifying the compiled model against the original in onnxruntime")
         compiled, _ = model_bytes_or_path(model)
