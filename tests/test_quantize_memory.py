@@ -184,3 +184,35 @@ def test_compile_report_states_the_peak_rss(tmp_path: pathlib.Path) -> None:
     text = res.report.format()
     assert "quantize-weights: peak RSS " in text and f"passes {rss['passes'] / 2**30:.2f} GB" in text
     assert res.report.to_dict()["peak_rss_mb"]["passes"] == round(rss["passes"] / 2**20, 1)
+
+
+def test_models_over_the_file_threshold_reach_onnxruntime_through_a_removed_file(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An IR model above FILE_BYTES is saved with external data for its session (the folder removed
+    once the session is built) and scores exactly as the same model passed as bytes."""
+    import tempfile
+
+    from passes.quantization import sensitivity
+
+    path = _model("decoder", tmp_path)
+    model = ir.load(str(path))
+    meta = ort_session(path).get_inputs()
+    batches = calibration_batches(model, meta, limit=16, batch=8).batches
+    cands = find_candidates(model, ("MatMul",))
+    quant = ir.load(str(path))
+    apply_plan(quant, find_candidates(quant, ("MatMul",)),
+               Plan(frozenset(c.index for c in cands), False, False, True, "integer-ops"))
+    by_bytes = Evaluator(str(path), batches).score(model_bytes_or_path(quant)[0])
+    made: list[str] = []
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(*args: object, **kwargs: object) -> str:
+        made.append(real_mkdtemp(*args, **kwargs))  # type: ignore[arg-type]
+        return made[-1]
+
+    monkeypatch.setattr(sensitivity, "FILE_BYTES", 0)
+    monkeypatch.setattr(sensitivity.tempfile, "mkdtemp", mkdtemp)
+    ev = Evaluator(model, batches)  # the float model as IR: through a file too
+    by_file = ev.score_model(quant)
+    assert len(made) == 2 and not any(os.path.exists(d) for d in made)
+    assert (by_file.worst, by_file.mean, by_file.batch_worst) == (by_bytes.worst, by_bytes.mean, by_bytes.batch_worst)
