@@ -9,26 +9,20 @@ __all__ = ["PeakRSS"]
 
 
 class PeakRSS:
-    """Peak resident memory of successive phases of this process.
+    """Peak resident memory of this process at the end of successive phases.
 
-    On Linux each phase starts by resetting the kernel's high-water mark (``/proc/self/clear_refs``)
-    and ends by reading it (``VmHWM``), so a phase's peak is its own; elsewhere (or when the reset is
-    refused) it is the process's peak so far (``ru_maxrss``), which only grows.
+    The kernel's high-water mark (``VmHWM`` on Linux, else ``ru_maxrss``) only grows, and it is never
+    reset here: resetting it (``/proc/self/clear_refs``) would also reset the ``ru_maxrss`` that a
+    parent reads with ``RUSAGE_CHILDREN`` (the benchmarks). So each phase records the peak so far;
+    the first phase at the maximum is the one that set the peak.
     """
 
     def __init__(self) -> None:
         self.phases: dict[str, int] = {}
 
     @staticmethod
-    def _reset() -> None:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
-
-    @staticmethod
-    def _peak() -> int:
+    def peak() -> int:
+        """This process's peak resident memory so far, in bytes."""
         try:
             with open("/proc/self/status") as f:
                 return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
@@ -36,10 +30,6 @@ class PeakRSS:
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             return rss if sys.platform == "darwin" else rss * 1024
 
-    def start(self) -> None:
-        """Begin a phase."""
-        self._reset()
-
     def end(self, name: str) -> None:
-        """End the phase ``name``: record its peak."""
-        self.phases[name] = max(self.phases.get(name, 0), self._peak())
+        """End the phase ``name``: record the peak so far."""
+        self.phases[name] = self.peak()

@@ -103,7 +103,8 @@ class CompileReport:
     phases: dict[str, float] = field(default_factory=dict)
     #: ``--autotune``: the candidates measured and the winner (:class:`passes.tools.autotune.AutotuneResult`).
     autotune: Any = None
-    #: Peak resident memory (bytes) of each phase (``load``, ``passes``, ``verify``; see :class:`PeakRSS`).
+    #: Peak resident memory (bytes) so far at the end of each phase (``load``, ``passes``, ``verify``;
+    #: see :class:`PeakRSS`): the first phase at the maximum set it.
     peak_rss: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,13 +136,15 @@ class CompileReport:
         }
 
     def memory_line(self) -> str:
-        """``peak RSS 2.10 GB (load 0.61 GB, passes 2.10 GB, ...)``, with the quantize passes named, or ""."""
+        """``quantize: peak RSS 2.10 GB, during passes (after load 0.61 GB, ...)`` (GB = 2^30 bytes), or ""."""
         if not self.peak_rss:
             return ""
         quant = sorted({r.spec.split("{")[0] for r in self.passes if r.spec.split("{")[0] in _QUANTIZE_PASSES})
         label = f"{'/'.join(quant)}: " if quant else ""
+        top = max(self.peak_rss.values())
+        during = next(k for k, v in self.peak_rss.items() if v == top)
         phases = ", ".join(f"{k} {v / 2**30:.2f} GB" for k, v in self.peak_rss.items())
-        return f"{label}peak RSS {max(self.peak_rss.values()) / 2**30:.2f} GB ({phases})"
+        return f"{label}peak RSS {top / 2**30:.2f} GB, during {during} (peak after each phase: {phases})"
 
     def format(self, *, timing: bool = False) -> str:
         """The human-readable report; ``timing`` adds the time of each phase (load, passes, verify)."""
@@ -272,7 +275,6 @@ def compile_model(
     """
     start = time.perf_counter()
     memory = PeakRSS()
-    memory.start()
     tgt = target if isinstance(target, targets.Target) else targets.get(target)
     if quantize not in (None, "int8"):
         raise PassError(f"--quantize supports int8 only, not {quantize!r}")
@@ -322,7 +324,6 @@ def compile_model(
     ctx = PassContext(target=tgt, static_shapes=dict(static_shapes or {}), explain=explain, progress=progress,
                       progress_bar=progress_bar)
     memory.end("load")
-    memory.start()
     t0 = time.perf_counter()
     try:
         if autotune:
@@ -341,7 +342,6 @@ def compile_model(
         raise _internal(e) from e
     phases["passes"] = time.perf_counter() - t0
     memory.end("passes")
-    memory.start()
     for r in report.passes:
         report.stats.update(r.stats)
     report.ops_after = op_counts(model)
