@@ -72,6 +72,7 @@ cap = int(sys.argv[1]); cmd = json.loads(sys.argv[2])
 t0 = time.perf_counter()
 p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 killed = []
+polled = [0]
 def watch():
     while p.poll() is None:
         try:
@@ -79,6 +80,7 @@ def watch():
                 rss = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
         except (OSError, StopIteration):
             return
+        polled[0] = max(polled[0], rss)
         if rss > cap:
             killed.append(rss)
             p.send_signal(signal.SIGKILL)
@@ -88,7 +90,7 @@ threading.Thread(target=watch, daemon=True).start()
 out, err = p.communicate()
 wall = time.perf_counter() - t0
 print(json.dumps({"rc": p.returncode, "wall_s": wall, "peak_rss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
-                  "killed_at_kb": killed[0] // 1024 if killed else None, "stdout": out[-6000:], "stderr": err[-3000:]}))
+                  "killed_at_kb": killed[0] // 1024 if killed else None, "polled_max_kb": polled[0] // 1024, "stdout": out[-6000:], "stderr": err[-3000:]}))
 """
 
 
@@ -179,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             notes = [line.strip() for line in rec["stdout"].splitlines() if line.strip().startswith(("quantize", "memory"))
                      and ("ops" in line or "RSS" in line)]
             row = {"model": name, "case": case, "rc": rec["rc"], "wall_s": rec["wall_s"],
-                   "peak_rss_kb": rec["peak_rss_kb"], "killed_at_kb": rec["killed_at_kb"],
+                   "peak_rss_kb": rec["peak_rss_kb"], "polled_max_kb": rec["polled_max_kb"],
+                   "killed_at_kb": rec["killed_at_kb"],
                    "report_rss": report_rss, "note": "; ".join(notes)[:300]}
             if rec["rc"] != 0:
                 row["note"] = (rec["stderr"].strip().splitlines() or ["?"])[-1][:300]
@@ -189,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.delete_exports:
             shutil.rmtree(path.parent, ignore_errors=True)
 
-    print(f"\n{'model':<10} {'case':<7} {'rc':>3} {'wall s':>7} {'peak RSS GiB':>12}  notes")
+    print(f"\n{'model':<10} {'case':<7} {'rc':>3} {'wall s':>7} {'peak RSS GiB':>12} {'polled GiB':>10}  notes")
     for r in rows:
-        print(f"{r['model']:<10} {r['case']:<7} {r['rc']:>3} {r['wall_s']:7.0f} {r['peak_rss_kb'] / 2**20:12.2f}  "
-              f"{r.get('note', '')[:150]}")
+        print(f"{r['model']:<10} {r['case']:<7} {r['rc']:>3} {r['wall_s']:7.0f} {r['peak_rss_kb'] / 2**20:12.2f} "
+              f"{r.get('polled_max_kb', 0) / 2**20:10.2f}  {r.get('note', '')[:150]}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0 if all(r["rc"] == 0 for r in rows) else 1
