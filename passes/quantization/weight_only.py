@@ -274,22 +274,34 @@ class WeightOnlyQuantizePass(Pass):
                  ) -> tuple[dict[int, int], Any, dict[tuple[int, int], float], Any]:
         """Levels under the budget, the all-``bits`` score, the errors alone and the final score."""
         lower = _LEVELS[self.fallback] if _LEVELS[self.fallback] > self.bits else 0  # int8 weights: float fallback
-        precisions = [self.bits, lower] if lower else [self.bits]
-        switch, flags = self._switch_model(model, todo, precisions)
-        sess = ev.session_of(switch)
-        del switch
+        state: dict[str, Any] = {}  # the switch session and its flags
+
+        def open_switch(precisions: list[int]) -> None:
+            state.clear()
+            release_memory()
+            switch, state["flags"] = self._switch_model(model, todo, precisions)
+            with ev.saved(switch) as source:
+                del switch  # its packed weights go before onnxruntime makes its own copy
+                state["sess"] = ev.session(source)
 
         def score(levels: dict[int, int]) -> Any:
-            feeds = {name: np.array(1.0 if levels.get(i) == b else 0.0, np.float32) for (i, b), name in flags.items()}
-            return ev.score_session(sess, feeds)
+            feeds = {name: np.array(1.0 if levels.get(i) == b else 0.0, np.float32)
+                     for (i, b), name in state["flags"].items()}
+            return ev.score_session(state["sess"], feeds)
 
         budget = float(self.min_cosine)
         first = {c.index: self.bits for c in todo}
+        # The fallback precision joins the switch model only when the whole model misses the budget: a
+        # flag at 0 adds exactly 0, so the scores are the same, and a model that holds it never pays for
+        # a second copy of its weights (1B Llama: 1.1 GB of int8 codes, twice while the session is built).
+        open_switch([self.bits])
         whole = score(first)
         ctx.report_progress(f"quantize-weights: all {len(todo)} ops int{self.bits}: {whole}")
         alone: dict[tuple[int, int], float] = {}
         levels = first
         if whole.worst < budget:
+            if lower:
+                open_switch([self.bits, lower])
             self._alone(ctx, todo, self.bits, score, alone)
             order = sorted(todo, key=lambda c: alone[(c.index, self.bits)])  # largest error first
             found = self._fewest(ctx, order, first, lower, score, budget)
@@ -303,7 +315,7 @@ class WeightOnlyQuantizePass(Pass):
                 levels = {c.index: 0 for c in todo}
             else:
                 levels = found
-        del sess  # the switch model's session holds every op at every precision: release it first
+        state.clear()  # the switch model's session holds every op at every precision: release it first
         release_memory()
         final = None
         if any(levels.values()):  # the real rewrite, measured once more
