@@ -224,3 +224,29 @@ def test_models_over_the_file_threshold_reach_onnxruntime_through_a_removed_file
     by_file = ev.score_model(quant)
     assert len(made) == 2 and not any(os.path.exists(d) for d in made)
     assert (by_file.worst, by_file.mean, by_file.batch_worst) == (by_bytes.worst, by_bytes.mean, by_bytes.batch_worst)
+
+
+def test_the_float_session_is_freed_once_the_references_are_taken(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lazy batches keep their input metadata: as plain copies, not onnxruntime NodeArgs (which
+    keep their session alive), so the float model's session is gone once the evaluator is built."""
+    import gc
+    import weakref
+
+    from passes.quantization import sensitivity
+
+    made: list[weakref.ref] = []
+    real = sensitivity.session
+
+    def recording(*args: object, **kwargs: object) -> object:
+        s = real(*args, **kwargs)  # type: ignore[arg-type]
+        made.append(weakref.ref(s))
+        return s
+
+    monkeypatch.setattr(sensitivity, "session", recording)
+    path = _model("decoder", tmp_path)
+    model = ir.load(str(path))
+    ev = Evaluator(model, lambda meta: calibration_batches(model, meta, limit=16, batch=8).batches)
+    gc.collect()
+    assert len(made) == 1 and made[0]() is None
+    assert len(ev.batches) == 2 and ev.batches[1]["input_ids"].shape == (8, 32)  # still made from the metadata
