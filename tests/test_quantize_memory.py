@@ -240,7 +240,7 @@ def test_the_float_session_is_freed_once_the_references_are_taken(
 
     def recording(*args: object, **kwargs: object) -> object:
         s = real(*args, **kwargs)  # type: ignore[arg-type]
-        made.append(weakref.ref(s))
+        made.append(weakref.ref(s._sess))  # the C++ session the wrapper holds (NodeArgs keep it alive)
         return s
 
     monkeypatch.setattr(sensitivity, "session", recording)
