@@ -202,7 +202,7 @@ def calibration_batches(
     limit: int, batch: int = 8,
 ) -> CalibrationSet:
     """The calibration inputs asked for (see the module docstring), at most ``limit`` samples."""
-    input_meta = [InputMeta(m.name, m.type, list(m.shape or [])) for m in input_meta]
+    input_meta = [InputMeta(m.name, m.type, list(getattr(m, "shape", None) or [])) for m in input_meta]
     path = calibration
     if path:
         return CalibrationSet(_from_npz(str(path), input_meta, batch, limit), f"calibration file {path}", False)
