@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import ir
 
 if TYPE_CHECKING:
     from targets import Target
 
-__all__ = ["Pass", "PassResult", "PassContext", "PassError", "Diagnostic"]
+__all__ = ["Pass", "PassResult", "PassContext", "PassError", "Diagnostic", "ProgressBar", "BarFactory"]
 
 
 class PassError(Exception):
@@ -56,6 +57,60 @@ class Diagnostic:
         return f"{self.pass_name}: at {self.node}: {self.message}"
 
 
+class ProgressBar(Protocol):
+    """What a pass may do with a progress bar (tqdm's names: a tqdm bar is one)."""
+
+    def update(self, n: int = 1) -> Any:
+        """Advance by ``n`` steps."""
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> Any:
+        """Show ``s`` after the bar (e.g. the current score)."""
+
+    def close(self) -> Any:
+        """Remove the bar."""
+
+
+#: ``factory(total=..., desc=...)`` -> a :class:`ProgressBar` (e.g. a tqdm on stderr).
+BarFactory = Callable[..., ProgressBar]
+
+
+class _NullBar:
+    """The bar when none is shown: every call does nothing."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _Bar:
+    """A context-managed :class:`ProgressBar` that closes its bar on exit, errors included."""
+
+    __slots__ = ("_bar",)
+
+    def __init__(self, bar: ProgressBar) -> None:
+        self._bar = bar
+
+    def __enter__(self) -> _Bar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.close()
+
+    def update(self, n: int = 1) -> None:
+        self._bar.update(n)
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        self._bar.set_postfix_str(s, refresh=refresh)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
 @dataclass
 class PassContext:
     """What passes may read besides the model: the target, user options, and a place for notes.
@@ -66,6 +121,9 @@ class PassContext:
         explain: collect near-miss diagnostics (why a fusion did not fire).
         diagnostics: notes collected by passes.
         progress: optional callback ``progress(message)`` for long work.
+        progress_bar: optional factory ``progress_bar(total=..., desc=...)`` of progress bars
+            (:data:`BarFactory`; the command line sets a tqdm on stderr when it is a terminal);
+            passes ask for one with :meth:`bar`, never import tqdm themselves.
 
     A pass's own settings (a budget, calibration files) are its typed dataclass fields, set in the
     pipeline string or with :func:`passes.framework.pipeline.with_options`; what it decided comes
@@ -77,6 +135,7 @@ class PassContext:
     explain: bool = False
     diagnostics: list[Diagnostic] = field(default_factory=list)
     progress: Any = None
+    progress_bar: BarFactory | None = None
 
     def note(self, pass_name: str, node: ir.Node | str, message: str) -> None:
         """Record a diagnostic about ``node``."""
@@ -87,6 +146,20 @@ class PassContext:
         """Tell the user about long work, when a progress callback is set."""
         if self.progress is not None:
             self.progress(message)
+
+    def bar(self, total: int, desc: str) -> _Bar:
+        """A progress bar over ``total`` steps of long work, for a ``with`` block.
+
+        Without a :attr:`progress_bar` factory (tests, no terminal, ``--quiet``) it does nothing::
+
+            with ctx.bar(len(ops), "quantize: ops alone") as bar:
+                for op in ops:
+                    measure(op)
+                    bar.update()
+        """
+        if self.progress_bar is None:
+            return _Bar(_NullBar())
+        return _Bar(self.progress_bar(total=total, desc=desc))
 
 
 @dataclass(frozen=True)

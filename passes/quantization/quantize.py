@@ -60,10 +60,9 @@ import ir
 from ._candidates import MS, NORM_OPS, Candidate, find_candidates, weight_of
 from ._emit import NBITS_BITS, Plan, apply_plan, build_switch_model, copy_model, flag_feeds
 from ..framework.base import Pass, PassContext, PassError, PassResult
-from ..framework.numerics import model_bytes_or_path, session
 from .calibration import calibration_batches
 from .quant_math import outlier_channels, smooth_factors
-from .sensitivity import Evaluator, Score
+from .sensitivity import Evaluator, Score, release_memory
 from .static_scales import ChannelRanges, channel_ranges, static_qparams
 from .weight_only import WeightOnlyQuantizePass
 from ..framework.registry import register_pass
@@ -211,16 +210,19 @@ class QuantizePass(Pass):
     ) -> tuple[Plan, dict[int, Score]]:
         t0 = time.perf_counter()
         budget = Budget(min_cos, float(self.min_mean_cosine))
-        source, _ = model_bytes_or_path(model)
-        meta = session(source, 1).get_inputs()
-        calib = calibration_batches(model, meta, calibration=self.calibration, tokenizer=self.tokenizer,
-                                    texts=self.texts, limit=self.max_calibration, batch=self.calibration_batch)
+        calib: Any = None
+
+        def batches(meta: list[Any]) -> Any:  # the evaluator's float session gives the input metadata
+            nonlocal calib
+            calib = calibration_batches(model, meta, calibration=self.calibration, tokenizer=self.tokenizer,
+                                        texts=self.texts, limit=self.max_calibration, batch=self.calibration_batch)
+            ctx.report_progress(f"quantize: {len(candidates)} candidates, calibrating on {calib.source}")
+            return calib.batches
+
+        ev = Evaluator(model, batches, threads=self.threads, bar=ctx.bar)
         if calib.generated:
             ctx.note(self.name, "calibration", "no --calibration or --tokenizer/--texts given: deciding on generated "
                      "inputs, which may not show the activation ranges of real data")
-        ctx.report_progress(f"quantize: {len(candidates)} candidates, calibrating on {calib.source}")
-        ev = Evaluator(source, calib.batches, threads=self.threads)
-        del source
         nbits = self.fallback == "nbits" and ctx.target is not None and ctx.target.supports("MatMulNBits", MS) \
             and any(c.op != "Attention" for c in candidates)
 
@@ -231,14 +233,18 @@ class QuantizePass(Pass):
 
         def measure(variants: list[tuple[str, Plan]]) -> None:
             nonlocal best
-            for vname, vplan in variants:
-                switch, flags = build_switch_model(model, candidates, vplan, weight_only=NBITS if nbits else None)
-                sess = ev.session(model_bytes_or_path(switch)[0])
-                del switch
-                s = ev.score_session(sess, flag_feeds(flags, all_on))
-                ctx.report_progress(f"quantize: all {len(candidates)} ops int8 with {vname}: {s}")
-                if best is None or budget.slack(s) > budget.slack(best[4]):
-                    best = (vname, vplan, sess, flags, s)
+            with ctx.bar(len(variants), "quantize: remedies") as bar:
+                for vname, vplan in variants:
+                    switch, flags = build_switch_model(model, candidates, vplan, weight_only=NBITS if nbits else None)
+                    sess = ev.session_of(switch)
+                    del switch
+                    s = ev.score_session(sess, flag_feeds(flags, all_on))
+                    ctx.report_progress(f"quantize: all {len(candidates)} ops int8 with {vname}: {s}")
+                    if best is None or budget.slack(s) > budget.slack(best[4]):
+                        best = (vname, vplan, sess, flags, s)
+                    del sess  # a switch session holds the model twice: keep the best one only
+                    release_memory()
+                    bar.update()
 
         if self.static != "on":
             measure(variants)
@@ -250,6 +256,7 @@ class QuantizePass(Pass):
             })) for vname, vplan in tried for clip in self.static_clips])
         assert best is not None
         best_name, plan, sess, flags, all_score = best
+        best = None
 
         # Screening: the batches the fully quantized model does worst on. The worst over a subset is
         # never below the worst over all batches, so a subset that misses the worst budget settles a
@@ -272,11 +279,13 @@ class QuantizePass(Pass):
             forms = dict(all_on)
         else:
             # 2. sensitivity of each op alone (on the hardest batches when screening: a ranking)
-            for i, c in enumerate(candidates):
-                scores[c.index] = score({c.index: "int8"}, hard or ev)
-                if i % 12 == 11:
-                    ctx.report_progress(f"quantize: measured {i + 1}/{len(candidates)} ops alone")
-            forms = _grow({}, candidates, "int8", scores, fits, min_cos)
+            with ctx.bar(len(candidates), "quantize: ops alone") as bar:
+                for i, c in enumerate(candidates):
+                    scores[c.index] = score({c.index: "int8"}, hard or ev)
+                    bar.update()
+                    if i % 12 == 11:
+                        ctx.report_progress(f"quantize: measured {i + 1}/{len(candidates)} ops alone")
+            forms = _grow({}, candidates, "int8", scores, fits, min_cos, ctx.bar)
             # 3. the ops left float: weight-only MatMulNBits under the same budget and search
             rest = [c for c in candidates if c.index not in forms and c.op != "Attention"] if nbits else []
             if rest:
@@ -286,14 +295,16 @@ class QuantizePass(Pass):
                 else:
                     for c in rest:
                         nb_scores[c.index] = score({**forms, c.index: "nbits"}, hard or ev)
-                    forms = _grow(forms, rest, "nbits", nb_scores, fits, min_cos)
+                    forms = _grow(forms, rest, "nbits", nb_scores, fits, min_cos, ctx.bar)
+        del sess  # measured: the switch session goes before the real rewrite's is built
+        release_memory()
         # 4. the real rewrite, measured once more (the switch model is a faithful stand-in, but check)
         final: Score | None = None
         alone = {**{i: s.worst for i, s in nb_scores.items()}, **{i: s.worst for i, s in scores.items()}}
         while forms:
             trial = copy_model(model)
             apply_plan(trial, candidates, _with_forms(plan, forms), NBITS)
-            final = ev.score(model_bytes_or_path(trial)[0])
+            final = ev.score_model(trial)
             if budget.holds(final):
                 break
             del forms[min(forms, key=lambda i: alone.get(i, 1.0))]
@@ -391,10 +402,11 @@ class Budget:
 
 
 def _grow(start: dict[int, str], pool: list[Candidate], form: str, alone: dict[int, Score],
-          fits: Callable[[dict[int, str]], bool], min_cos: float) -> dict[int, str]:
+          fits: Callable[[dict[int, str]], bool], min_cos: float, bar: Callable[[int, str], Any]) -> dict[int, str]:
     """``start`` with the most ops of ``pool`` in ``form`` that ``fits``: the ops ordered by accuracy lost
     (``alone``) per multiply-add moved (the speed-up of an op is about proportional to its weight's
-    ``K*N`` per token), the longest fitting prefix by bisection, then greedy additions."""
+    ``K*N`` per token), the longest fitting prefix by bisection, then greedy additions (each step
+    advancing a progress ``bar`` made by the context's factory)."""
     order = sorted(pool, key=lambda c: (max(1.0 - alone[c.index].worst, 1e-9) / _macs(c), -alone[c.index].worst))
     ok = [c for c in order if alone[c.index].worst >= min_cos]
 
@@ -402,16 +414,20 @@ def _grow(start: dict[int, str], pool: list[Candidate], form: str, alone: dict[i
         return {**start, **{c.index: form for c in ok[:k]}}
 
     lo, hi = 0, len(ok)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if fits(with_first(mid)):
-            lo = mid
-        else:
-            hi = mid - 1
+    with bar(max(1, len(ok)).bit_length(), f"quantize: {form} subsets tried (bisection)") as b:
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(with_first(mid)):
+                lo = mid
+            else:
+                hi = mid - 1
+            b.update()
     forms = with_first(lo)
-    for c in ok[lo + 1 :]:
-        if fits({**forms, c.index: form}):
-            forms[c.index] = form
+    with bar(max(0, len(ok) - lo - 1), f"quantize: {form} subsets tried (additions)") as b:
+        for c in ok[lo + 1 :]:
+            if fits({**forms, c.index: form}):
+                forms[c.index] = form
+            b.update()
     return forms
 
 
@@ -439,7 +455,7 @@ def _channel_ranges(model: ir.Model, ev: Evaluator, names: list[str], clips: tup
     by_name = {o.name: o for n in m.graph for o in n.outputs if o is not None}
     present = {v.name for v in m.graph.outputs}
     m.graph.outputs.extend(by_name[n] for n in names if n in by_name and n not in present)
-    sess = ev.session(model_bytes_or_path(m)[0])
+    sess = ev.session_of(m)
     del m
 
     def run(wanted: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -458,7 +474,7 @@ def _activation_absmax(model: ir.Model, ev: Evaluator, names: list[str]) -> dict
     by_name = {o.name: o for n in m.graph for o in n.outputs if o is not None}
     present = {v.name for v in m.graph.outputs}
     m.graph.outputs.extend(by_name[n] for n in names if n not in present)
-    return ev.activation_absmax(model_bytes_or_path(m)[0], names)
+    return ev.activation_absmax(m, names)
 
 
 def _with_rows(result: PassResult, rows: list[dict[str, Any]]) -> PassResult:

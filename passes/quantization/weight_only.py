@@ -52,9 +52,10 @@ import ir
 from ._candidates import MS, Candidate, find_candidates, initializer_array, weight_of
 from ._emit import _bias_add, _drop_unused, copy_model
 from ..framework.base import Pass, PassContext, PassError, PassResult
-from ..framework.numerics import model_bytes_or_path, session
 from ..framework.registry import register_pass
 from ..framework.rewriter import Rewriter
+from .calibration import calibration_batches
+from .sensitivity import Evaluator, release_memory
 
 __all__ = ["WeightOnlyQuantizePass", "PackedWeight", "pack_weight", "dequantize_weight"]
 
@@ -238,71 +239,28 @@ class WeightOnlyQuantizePass(Pass):
     def _decide(self, model: ir.Model, ctx: PassContext, todo: list[Candidate]
                 ) -> tuple[dict[int, int], list[dict[str, Any]]]:
         """Bits per candidate index (0: float) under ``min_cosine``, and the per-op table."""
-        from .calibration import calibration_batches
-        from .sensitivity import Evaluator
-
         t0 = time.perf_counter()
-        source, _ = model_bytes_or_path(model)
-        calib = calibration_batches(model, session(source, 1).get_inputs(), calibration=self.calibration,
-                                    tokenizer=self.tokenizer, texts=self.texts, limit=self.max_calibration)
+        calib: Any = None
+
+        def batches(meta: list[Any]) -> Any:  # the evaluator's float session gives the input metadata
+            nonlocal calib
+            calib = calibration_batches(model, meta, calibration=self.calibration, tokenizer=self.tokenizer,
+                                        texts=self.texts, limit=self.max_calibration)
+            return calib.batches
+
+        ev = Evaluator(model, batches, threads=self.threads, bar=ctx.bar)
         if calib.generated:
             ctx.note(self.name, "calibration", "no calibration or tokenizer/texts given: deciding on generated "
                      "inputs, which may not show the activation ranges of real data")
-        ev = Evaluator(source, calib.batches, threads=self.threads)
-        del source
-        lower = _LEVELS[self.fallback] if _LEVELS[self.fallback] > self.bits else 0  # int8 weights: float fallback
-        precisions = [self.bits, lower] if lower else [self.bits]
-        switch, flags = self._switch_model(model, todo, precisions)
-        sess = ev.session(model_bytes_or_path(switch)[0])
-        del switch
-
-        def score(levels: dict[int, int]) -> Any:
-            feeds = {name: np.array(1.0 if levels.get(i) == b else 0.0, np.float32) for (i, b), name in flags.items()}
-            return ev.score_session(sess, feeds)
-
-        budget = float(self.min_cosine)
-        first = {c.index: self.bits for c in todo}
-        whole = score(first)
-        ctx.report_progress(f"quantize-weights: all {len(todo)} ops int{self.bits}: {whole}")
-        alone: dict[tuple[int, int], float] = {}
-        levels = first
-        if whole.worst < budget:
-            for i, c in enumerate(todo):
-                alone[(c.index, self.bits)] = score({c.index: self.bits}).worst
-                if i % 8 == 7:
-                    ctx.report_progress(f"quantize-weights: measured {i + 1}/{len(todo)} ops alone at int{self.bits}")
-            order = sorted(todo, key=lambda c: alone[(c.index, self.bits)])  # largest error first
-            found = self._fewest(order, first, lower, score, budget)
-            if found is None and lower:  # int8 everywhere still breaks it: then float, worst int8 first
-                for c in todo:
-                    alone[(c.index, lower)] = score({c.index: lower}).worst
-                order = sorted(todo, key=lambda c: alone[(c.index, lower)])
-                found = self._fewest(order, {c.index: lower for c in todo}, 0, score, budget)
-            if found is None:
-                ctx.note(self.name, "model", f"the budget min_cosine={budget} cannot be met even with every op "
-                         f"in float fallback on {calib.source}; the model is left in float")
-                levels = {c.index: 0 for c in todo}
-            else:
-                levels = found
-        final = None
-        if any(levels.values()):  # the real rewrite, measured once more
-            trial = copy_model(model)
-            nodes = list(trial.graph)
-            trial_rw = Rewriter()
-            for c, node in [(c, nodes[c.index]) for c in todo]:
-                if levels[c.index]:
-                    self._rewrite(trial.graph, trial_rw, node, c.op, levels[c.index])
-            trial_rw.import_opset(trial, MS)
-            final = ev.score(model_bytes_or_path(trial)[0])
-            del trial
-            if final.worst < budget:
-                ctx.note(self.name, "model", f"the rewritten model measures {final} below the budget "
-                         f"{budget} (the switch model measured it inside); the model is left in float")
-                levels = {c.index: 0 for c in todo}
+        try:
+            levels, whole, alone, final = self._measure(model, ctx, todo, ev, calib.source)
+        finally:
+            ev.close()
+            release_memory()
         counts = Counter(levels.values())
         summary = ", ".join(f"{counts[b]} {'float' if b == 0 else f'int{b}'}" for b in sorted(counts, reverse=True))
         ctx.note(self.name, "model", f"{summary} of {len(todo)} ops; {final if final is not None else whole} "
-                 f"(budget {budget}) on {calib.source}; {ev.stats.evaluations} measurements in "
+                 f"(budget {self.min_cosine}) on {calib.source}; {ev.stats.evaluations} measurements in "
                  f"{time.perf_counter() - t0:.1f} s")
         rows = []
         for c in todo:
@@ -312,24 +270,104 @@ class WeightOnlyQuantizePass(Pass):
                          "decision": "float" if b == 0 else f"int{b}", **err})
         return levels, rows
 
+    def _measure(self, model: ir.Model, ctx: PassContext, todo: list[Candidate], ev: Any, calib_source: str
+                 ) -> tuple[dict[int, int], Any, dict[tuple[int, int], float], Any]:
+        """Levels under the budget, the all-``bits`` score, the errors alone and the final score."""
+        lower = _LEVELS[self.fallback] if _LEVELS[self.fallback] > self.bits else 0  # int8 weights: float fallback
+        state: dict[str, Any] = {}  # the switch session and its flags
+
+        def open_switch(precisions: list[int]) -> None:
+            state.clear()
+            release_memory()
+            switch, state["flags"] = self._switch_model(model, todo, precisions)
+            with ev.saved(switch) as source:
+                del switch  # its packed weights go before onnxruntime makes its own copy
+                state["sess"] = ev.session(source)
+
+        def score(levels: dict[int, int]) -> Any:
+            feeds = {name: np.array(1.0 if levels.get(i) == b else 0.0, np.float32)
+                     for (i, b), name in state["flags"].items()}
+            return ev.score_session(state["sess"], feeds)
+
+        budget = float(self.min_cosine)
+        first = {c.index: self.bits for c in todo}
+        # The fallback precision joins the switch model only when the whole model misses the budget: a
+        # flag at 0 adds exactly 0, so the scores are the same, and a model that holds it never pays for
+        # a second copy of its weights (1B Llama: 1.1 GB of int8 codes, twice while the session is built).
+        open_switch([self.bits])
+        whole = score(first)
+        ctx.report_progress(f"quantize-weights: all {len(todo)} ops int{self.bits}: {whole}")
+        alone: dict[tuple[int, int], float] = {}
+        levels = first
+        if whole.worst < budget:
+            if lower:
+                open_switch([self.bits, lower])
+            self._alone(ctx, todo, self.bits, score, alone)
+            order = sorted(todo, key=lambda c: alone[(c.index, self.bits)])  # largest error first
+            found = self._fewest(ctx, order, first, lower, score, budget)
+            if found is None and lower:  # int8 everywhere still breaks it: then float, worst int8 first
+                self._alone(ctx, todo, lower, score, alone)
+                order = sorted(todo, key=lambda c: alone[(c.index, lower)])
+                found = self._fewest(ctx, order, {c.index: lower for c in todo}, 0, score, budget)
+            if found is None:
+                ctx.note(self.name, "model", f"the budget min_cosine={budget} cannot be met even with every op "
+                         f"in float fallback on {calib_source}; the model is left in float")
+                levels = {c.index: 0 for c in todo}
+            else:
+                levels = found
+        state.clear()  # the switch model's session holds every op at every precision: release it first
+        release_memory()
+        final = None
+        if any(levels.values()):  # the real rewrite, measured once more
+            trial = copy_model(model)
+            nodes = list(trial.graph)
+            trial_rw = Rewriter()
+            for c, node in [(c, nodes[c.index]) for c in todo]:
+                if levels[c.index]:
+                    self._rewrite(trial.graph, trial_rw, node, c.op, levels[c.index])
+            trial_rw.import_opset(trial, MS)
+            final = ev.score_model(trial)
+            del trial
+            if final.worst < budget:
+                ctx.note(self.name, "model", f"the rewritten model measures {final} below the budget "
+                         f"{budget} (the switch model measured it inside); the model is left in float")
+                levels = {c.index: 0 for c in todo}
+        return levels, whole, alone, final
+
     @staticmethod
-    def _fewest(order: list[Candidate], start: dict[int, int], lower: int, score: Any, budget: float
+    def _alone(ctx: PassContext, todo: list[Candidate], bits: int, score: Any, alone: dict[tuple[int, int], float]
+               ) -> None:
+        """Each op at ``bits`` alone: its worst cosine into ``alone``."""
+        with ctx.bar(len(todo), f"quantize-weights: ops alone at int{bits}") as bar:
+            for i, c in enumerate(todo):
+                alone[(c.index, bits)] = score({c.index: bits}).worst
+                bar.update()
+                if i % 8 == 7:
+                    ctx.report_progress(f"quantize-weights: measured {i + 1}/{len(todo)} ops alone at int{bits}")
+
+    @staticmethod
+    def _fewest(ctx: PassContext, order: list[Candidate], start: dict[int, int], lower: int, score: Any, budget: float
                 ) -> dict[int, int] | None:
         """``start`` with the fewest leading ops of ``order`` at ``lower`` that holds the budget (bisection)."""
 
         def moved(k: int) -> dict[int, int]:
             return {**start, **{c.index: lower for c in order[:k]}}
 
-        if score(moved(len(order))).worst < budget:
-            return None
-        lo, hi = 0, len(order)  # moved(hi) holds
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if score(moved(mid)).worst >= budget:
-                hi = mid
-            else:
-                lo = mid + 1
-        return moved(hi)
+        # one trial for all ops moved, then a bisection over how many
+        with ctx.bar(1 + max(1, len(order)).bit_length(), "quantize-weights: subsets tried") as bar:
+            bar.update()
+            if score(moved(len(order))).worst < budget:
+                return None
+            lo, hi = 0, len(order)  # moved(hi) holds
+            while lo < hi:
+                mid = (lo + hi) // 2
+                ok = score(moved(mid)).worst >= budget
+                bar.update()
+                if ok:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            return moved(hi)
 
     def _switch_model(self, model: ir.Model, todo: list[Candidate], precisions: list[int]
                       ) -> tuple[ir.Model, dict[tuple[int, int], str]]:

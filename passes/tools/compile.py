@@ -26,6 +26,8 @@ from typing import Any
 import ir
 import targets
 
+from ._memory import PeakRSS
+from ..quantization.sensitivity import release_memory
 from ..framework.base import Diagnostic, PassContext, PassError
 from ..framework.manager import PassManager, PassRecord
 from ..framework.pipeline import Fixpoint, Pipeline, parse_pipeline, with_options
@@ -33,7 +35,7 @@ from ..framework.numerics import (
     Comparison, compare_outputs, describe_ort_error, make_feeds, model_bytes_or_path, session,
 )
 
-__all__ = ["compile_model", "CompileResult", "CompileReport", "InternalError", "main"]
+__all__ = ["compile_model", "CompileResult", "CompileReport", "InternalError", "PeakRSS", "tqdm_bars", "main"]
 
 
 class InternalError(Exception):
@@ -101,6 +103,9 @@ class CompileReport:
     phases: dict[str, float] = field(default_factory=dict)
     #: ``--autotune``: the candidates measured and the winner (:class:`passes.tools.autotune.AutotuneResult`).
     autotune: Any = None
+    #: Peak resident memory (bytes) so far at the end of each phase (``load``, ``passes``, ``verify``;
+    #: see :class:`PeakRSS`): the first phase at the maximum set it.
+    peak_rss: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (for ``--report``)."""
@@ -127,7 +132,19 @@ class CompileReport:
             "diagnostics": [str(d) for d in self.diagnostics],
             "quantization": self.quantization,
             "autotune": None if self.autotune is None else self.autotune.to_dict(),
+            "peak_rss_mb": {k: round(v / 2**20, 1) for k, v in self.peak_rss.items()},
         }
+
+    def memory_line(self) -> str:
+        """``quantize: peak RSS 2.10 GB, during passes (after load 0.61 GB, ...)`` (GB = 2^30 bytes), or ""."""
+        if not self.peak_rss:
+            return ""
+        quant = sorted({r.spec.split("{")[0] for r in self.passes if r.spec.split("{")[0] in _QUANTIZE_PASSES})
+        label = f"{'/'.join(quant)}: " if quant else ""
+        top = max(self.peak_rss.values())
+        during = next(k for k, v in self.peak_rss.items() if v == top)
+        phases = ", ".join(f"{k} {v / 2**30:.2f} GB" for k, v in self.peak_rss.items())
+        return f"{label}peak RSS {top / 2**30:.2f} GB, during {during} (peak after each phase: {phases})"
 
     def format(self, *, timing: bool = False) -> str:
         """The human-readable report; ``timing`` adds the time of each phase (load, passes, verify)."""
@@ -164,6 +181,8 @@ class CompileReport:
                 lines.append(f"  {q['name'][:70]:<70} {q['decision']:<10} {err:>11}")
         if self.autotune is not None:
             lines += ["", "autotune:", self.autotune.table()]
+        if self.peak_rss:
+            lines += ["", self.memory_line()]
         if self.diagnostics:
             lines += ["", "notes:"] + [f"  {d}" for d in self.diagnostics]
         return "\n".join(lines)
@@ -175,6 +194,13 @@ class CompileResult:
 
     model: ir.Model
     report: CompileReport
+
+
+def tqdm_bars(*, total: int, desc: str) -> Any:
+    """The command line's progress bars: autotune's tqdm helper, on stderr."""
+    from .autotune import _progress_bar
+
+    return _progress_bar(total, desc, True)
 
 
 def op_counts(model: ir.Model) -> Counter[str]:
@@ -203,6 +229,7 @@ def compile_model(
     explain: bool = False,
     options: dict[str, Any] | None = None,
     progress: Any = None,
+    progress_bar: Any = None,
     check_modified: bool = False,
     print_ir_after_change: bool = False,
     verify_batch: int = 2,
@@ -224,6 +251,8 @@ def compile_model(
         options: options of the quantize pass by field name (``min_cosine``, ``calibration``,
             ``tokenizer``, ``texts``, ``exclude``...), set on every ``quantize`` in the pipeline.
         progress: callback taking a message, for long work.
+        progress_bar: factory of progress bars for long passes (:data:`passes.framework.base.BarFactory`,
+            e.g. :func:`tqdm_bars`); ``None``: no bars.
         allow_domains: custom op domains to accept although the target does not provide them
             (its runtime has them from a custom op library).
         autotune: measure candidate programs on this host and keep the fastest within the budget
@@ -245,6 +274,7 @@ def compile_model(
             compiled model does not run in onnxruntime while the original does.
     """
     start = time.perf_counter()
+    memory = PeakRSS()
     tgt = target if isinstance(target, targets.Target) else targets.get(target)
     if quantize not in (None, "int8"):
         raise PassError(f"--quantize supports int8 only, not {quantize!r}")
@@ -287,8 +317,13 @@ def compile_model(
             raise ir.InvalidModelError(
                 f"the original model does not run in onnxruntime (inputs {shape}): {describe_ort_error(e)}"
             ) from None
+        # Its outputs are all verification needs: the session (the whole float model) goes before the passes run.
+        ref_session = None
+        release_memory()
 
-    ctx = PassContext(target=tgt, static_shapes=dict(static_shapes or {}), explain=explain, progress=progress)
+    ctx = PassContext(target=tgt, static_shapes=dict(static_shapes or {}), explain=explain, progress=progress,
+                      progress_bar=progress_bar)
+    memory.end("load")
     t0 = time.perf_counter()
     try:
         if autotune:
@@ -307,13 +342,14 @@ def compile_model(
             raise
         raise _internal(e) from e
     phases["passes"] = time.perf_counter() - t0
+    memory.end("passes")
     for r in report.passes:
         report.stats.update(r.stats)
     report.ops_after = op_counts(model)
     report.diagnostics = list(ctx.diagnostics)
     report.quantization = [row for r in report.passes if r.spec.split("{")[0] in _QUANTIZE_PASSES for row in r.rows]
 
-    if verify and ref_session is not None and feeds is not None:
+    if verify and feeds is not None:
         if progress:
             progress("verifying the compiled model against the original in onnxruntime")
         compiled, _ = model_bytes_or_path(model)
@@ -336,8 +372,10 @@ def compile_model(
         else:
             report.verified_ok = cmp.ok(atol=1e-4, rtol=1e-4, min_cosine=0.99999)
         phases["verify"] = time.perf_counter() - t0 - phases["passes"]
+        memory.end("verify")
     elif not verify:
         report.verify_setup = "skipped (--no-verify)"
+    report.peak_rss = dict(memory.phases)
     report.seconds = time.perf_counter() - start
     return CompileResult(model, report)
 
@@ -472,8 +510,17 @@ def _main(args: argparse.Namespace) -> int:
         print("error: no model given (python -m passes.compile model.onnx --target x86)", file=sys.stderr)
         return 2
 
+    # Bars only on a terminal: redirected stderr (logs, CI, tests) gets the progress lines alone.
+    bars = not args.quiet and sys.stderr.isatty()
+
     def progress(msg: str) -> None:
-        if not args.quiet:
+        if args.quiet:
+            return
+        if bars:
+            from tqdm import tqdm
+
+            tqdm.write(f"compile: {msg}", file=sys.stderr)  # above any open bar, not through it
+        else:
             print(f"compile: {msg}", file=sys.stderr, flush=True)
 
     try:
@@ -492,10 +539,11 @@ def _main(args: argparse.Namespace) -> int:
         result = compile_model(
             args.model, tgt, args.pipeline, verify=not args.no_verify, quantize=args.quantize,
             static_shapes=_parse_bindings(args.static_shapes), explain=args.explain, options=options,
-            progress=progress, print_ir_after_change=args.print_ir_after_change, allow_domains=args.allow_domain,
+            progress=progress, progress_bar=tqdm_bars if bars else None,
+            print_ir_after_change=args.print_ir_after_change, allow_domains=args.allow_domain,
             autotune=args.autotune,
             autotune_options={"budget_s": args.budget_s, "seq": args.tune_seq, "batch": args.tune_batch,
-                              "show_bar": not args.quiet},
+                              "show_bar": bars},
         )
     except InternalError as e:
         where = f" in pass {e.pass_name}" if e.pass_name else ""
