@@ -7,7 +7,7 @@ chain's op types or one of the ``any_of`` types is caught — the generator real
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, find, given, settings
+from hypothesis import HealthCheck, Phase, find, given, settings
 
 from ir.testing import check_rule, rule_cases
 from passes import PatternRule
@@ -23,9 +23,9 @@ ABS_ANY = PatternRule(
 # Wrong when the chain holds a Relu: Neg(Relu(x)) is not Neg(x).
 WRONG_THROUGH = PatternRule(
     "neg-through-relu", lambda op, x: op.Neg(op.through(x, {"Identity", "Relu"}, min=1)), lambda op, x: op.Neg(x))
-# Wrong when the any_of node is a Neg: Relu(Neg(x)) is not Relu(x).
+# Right for Abs (Relu(|x|) is |x|), wrong when the any_of node is a Neg: Relu(-x) is not |x|.
 WRONG_ANY = PatternRule(
-    "relu-of-abs-or-neg", lambda op, x: op.Relu(op.any_of({"Abs", "Neg"}, x)), lambda op, x: op.Relu(op.Abs(x)))
+    "relu-of-abs-or-neg", lambda op, x: op.Relu(op.any_of({"Abs", "Neg"}, x)), lambda op, x: op.Abs(x))
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -66,7 +66,9 @@ def test_a_wrong_rule_over_through_or_any_of_is_caught(rule: PatternRule) -> Non
             return False
         return False
 
-    bad = find(rule_cases(rule), fails, settings=settings(max_examples=60, deadline=None, database=None))
+    # No shrinking: the first failing case found is enough, and shrinking models is slow.
+    bad = find(rule_cases(rule), fails, settings=settings(max_examples=60, deadline=None, database=None,
+                                                         phases=[Phase.generate]))
     assert any(("Relu" in n or "Neg" in n) for n in bad.description), bad.description
 
 
