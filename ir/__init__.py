@@ -40,7 +40,7 @@ from ._types import (
 )
 from ._validate import check_opsets, validate
 from ._verify import verify
-from .emit import Snapshot, save, to_onnx
+from .emit import Snapshot, save, to_onnx, to_onnx_sharing
 from .lower import from_onnx, infer_shapes, load, op_signature
 
 __all__ = [
@@ -48,7 +48,7 @@ __all__ = [
     "Function", "Graph", "IRError", "MapType", "Model", "ModelLoadError", "Node", "OpaqueType",
     "OptionalType", "ParseError", "SequenceType", "Shape", "SparseTensorType", "Tensor", "TensorType", "Type",
     "UndefinedValueError", "UnknownDTypeError", "UnsupportedError", "Value", "VerificationError",
-    "check_opsets", "from_onnx", "infer_shapes", "load", "parse_graph", "parse_model", "print_graph", "print_model", "save", "structurally_equal", "to_onnx",
+    "check_opsets", "from_onnx", "infer_shapes", "load", "parse_graph", "parse_model", "print_graph", "print_model", "save", "structurally_equal", "to_onnx", "to_onnx_sharing",
     "verify", "InvalidModelError", "UnknownDomainError", "validate", "op_signature", "OpSignature", "FormalParam", "AttrSpec",
 ]
 

@@ -22,7 +22,7 @@ from ._types import (
     MapType, OpaqueType, OptionalType, SequenceType, SparseTensorType, TensorType, Type,
 )
 
-__all__ = ["to_onnx", "save", "Snapshot", "TWO_GB"]
+__all__ = ["to_onnx", "to_onnx_sharing", "save", "Snapshot", "TWO_GB"]
 
 TWO_GB = 2**31
 _ALIGN = 4096
@@ -35,6 +35,51 @@ _Writer = Callable[[Tensor], "tuple[str, int, int] | None"]
 def to_onnx(model: Model) -> onnx.ModelProto:
     """Emit a ``ModelProto`` with all tensor data inline."""
     return _Emitter(None).model(model)
+
+
+_SHARED_LOCATION = "__ir_shared__/"
+
+
+def to_onnx_sharing(model: Model, share: Callable[[Tensor], bool]) -> tuple[onnx.ModelProto, dict[str, Tensor]]:
+    """Emit a ``ModelProto`` without the data of the main graph's initializers that ``share`` picks.
+
+    Those initializers are marked external (location ``__ir_shared__/<i>``, no file behind it) and
+    returned by name, for a runtime that takes initializers from memory (onnxruntime's
+    ``SessionOptions.add_external_initializers``): the weights are then neither copied into the
+    protobuf nor parsed back out of its bytes. Tensors elsewhere (node attributes, functions,
+    subgraphs) stay inline.
+    """
+    picked = {id(v.const_value) for v in model.graph.initializers.values()
+              if v.const_value is not None and v.const_value.dtype != DataType.STRING and share(v.const_value)}
+    kept: list[Tensor] = []
+
+    def keep(t: Tensor) -> tuple[str, int, int] | None:
+        if id(t) not in picked:
+            return None
+        kept.append(t)
+        return f"{_SHARED_LOCATION}{len(kept) - 1}", 0, t.nbytes
+
+    proto = _Emitter(keep).model(model)
+    shared: dict[str, Tensor] = {}
+    for tp in proto.graph.initializer:
+        i = _shared_index(tp)
+        if i is not None:
+            shared[tp.name] = kept[i]
+    # The same Tensor object may also sit in an attribute, a subgraph or a function: those stay inline.
+    for tp in _all_tensor_protos(proto, main_initializers=False):
+        i = _shared_index(tp)
+        if i is not None:
+            tp.raw_data = bytes(kept[i].raw_bytes())
+            del tp.external_data[:]
+            tp.data_location = onnx.TensorProto.DEFAULT
+    return proto, shared
+
+
+def _shared_index(tp: onnx.TensorProto) -> int | None:
+    if tp.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    loc = {e.key: e.value for e in tp.external_data}.get("location", "")
+    return int(loc[len(_SHARED_LOCATION):]) if loc.startswith(_SHARED_LOCATION) else None
 
 
 def save(
@@ -397,11 +442,12 @@ class Snapshot:
         onnx.save_model(proto, os.fspath(path), save_as_external_data=big)
 
 
-def _all_tensor_protos(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
+def _all_tensor_protos(proto: onnx.ModelProto, *, main_initializers: bool = True) -> list[onnx.TensorProto]:
     out: list[onnx.TensorProto] = []
 
-    def graph(g: onnx.GraphProto) -> None:
-        out.extend(g.initializer)
+    def graph(g: onnx.GraphProto, main: bool = False) -> None:
+        if main_initializers or not main:
+            out.extend(g.initializer)
         for sp in g.sparse_initializer:
             out.extend((sp.values, sp.indices))
         for n in g.node:
@@ -417,7 +463,7 @@ def _all_tensor_protos(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
             for sub in a.graphs:
                 graph(sub)
 
-    graph(proto.graph)
+    graph(proto.graph, main=True)
     for f in proto.functions:
         for n in f.node:
             nodes(n)

@@ -242,6 +242,24 @@ def test_duplicate_initializers_and_common_subexpressions() -> None:
         %z: float32[2,3] = Mul(%ra, %w3)""")
 
 
+def test_duplicate_initializers_compared_in_full_not_by_their_ends() -> None:
+    # Candidates are grouped by their first and last 32 bytes: w2 shares both with w1 and differs
+    # only in the middle, so it stays; w3 is w1's exact copy and is shared.
+    base = list(range(40))
+    mid = base[:20] + [99] + base[21:]
+    vals = lambda xs: ", ".join(str(float(x)) for x in xs)  # noqa: E731
+    m = check(HEAD + f"""
+        g (float[40] x) => (float[40] y, float[40] z, float[40] u)
+          <float[40] w1 = {{{vals(base)}}}, float[40] w2 = {{{vals(mid)}}}, float[40] w3 = {{{vals(base)}}}> {{
+          y = Add(x, w1)
+          z = Mul(x, w2)
+          u = Sub(x, w3)
+        }}
+    """, modified=True)
+    assert sorted(m.graph.initializers) == ["w1", "w2"]
+    assert [n.inputs[1].name for n in m.graph] == ["w1", "w2", "w1"]
+
+
 def test_cse_shares_constants_and_renames_to_the_output() -> None:
     m = check(HEAD + """
         g (float[2, 3] x) => (float[2, 3] y, float[2, 3] z) {

@@ -20,7 +20,6 @@ output, or a value of an enclosing graph) the node stays.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -290,26 +289,38 @@ class SimplifyPass(Pass):
 
 
 def _dedup_initializers(graph: ir.Graph, rw: Rewriter) -> int:
-    """Point readers of duplicate initializers at the first equal one and drop the duplicates."""
-    seen: dict[tuple[Any, ...], ir.Value] = {}
+    """Point readers of duplicate initializers at the first equal one and drop the duplicates.
+
+    Tensors are grouped by type, shape and their first and last bytes, and compared in full only
+    within a group: a model's weights differ there, so they are neither hashed nor copied.
+    """
+    seen: dict[tuple[Any, ...], list[ir.Value]] = {}  # group -> its first tensors of distinct data
     shared = 0
     for name, v in list(graph.initializers.items()):
         t = v.const_value
         if t is None or v.is_graph_input() or t.dtype == ir.DataType.STRING or t.nbytes > _DEDUP_LIMIT:
             continue
-        raw = bytes(t.raw_bytes())
-        key = (int(t.dtype), t.shape, hashlib.sha256(raw).digest())
-        first = seen.get(key)
+        raw = _bytes_view(t)
+        group = seen.setdefault((int(t.dtype), t.shape, raw[:_EDGE].tobytes(), raw[-_EDGE:].tobytes()), [])
+        first = next((u for u in group if np.array_equal(_bytes_view(u.const_value), raw)), None)
         if first is None:
-            seen[key] = v
+            group.append(v)
             continue
-        if not v.has_uses() or v.is_graph_output() or bytes(first.const_value.raw_bytes()) != raw:
+        if not v.has_uses() or v.is_graph_output():
             continue  # unread ones are dead-flow's; a graph output keeps its name
         rw.replace_all_uses_with(v, first)
         rw.remove_initializer(graph, name)
         rw.count("shared initializers")
         shared += 1
     return shared
+
+
+#: Bytes at each end of a tensor that group deduplication candidates.
+_EDGE = 32
+
+
+def _bytes_view(t: ir.Tensor) -> np.ndarray:
+    return np.frombuffer(t.raw_bytes(), dtype=np.uint8)
 
 
 def _cse_key(node: ir.Node) -> tuple[Any, ...] | None:

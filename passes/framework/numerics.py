@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,8 +160,12 @@ def model_bytes_or_path(model: ir.Model, folder: str | None = None) -> tuple[byt
 
 
 def session(source: bytes | str | os.PathLike[str], threads: int = 1, *, spinning: bool = True,
-            optimize: bool = True) -> Any:
+            optimize: bool = True, initializers: Mapping[str, np.ndarray] | None = None) -> Any:
     """An onnxruntime CPU session on ``source`` (bytes or a path).
+
+    ``initializers`` supplies initializers of ``source`` from memory by name (the model marks
+    them external, :func:`ir.to_onnx_sharing`): onnxruntime reads the arrays in place, which
+    the session keeps alive, instead of parsing copies out of the model's bytes.
 
     ``spinning=False`` stops idle worker threads from spinning, which matters when several
     sessions take turns on few cores (interleaved benchmarks): a spinning pool steals the next
@@ -179,8 +184,14 @@ def session(source: bytes | str | os.PathLike[str], threads: int = 1, *, spinnin
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in (initializers or {}).values()]
+    if values:
+        so.add_external_initializers(list(initializers or {}), values)
     src = os.fspath(source) if isinstance(source, os.PathLike) else source
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    if values:
+        sess._tfcompile_initializers = (so, values)  # onnxruntime reads them in place: keep them alive
+    return sess
 
 
 # "Load model from PATH failed:", "This is an invalid model.", "[ONNXRuntimeError] : 10 : INVALID_GRAPH :"...

@@ -127,7 +127,11 @@ class Probe:
             from ..framework.numerics import session
 
             try:
-                self._session = session(ir.to_onnx(self.model).SerializeToString())
+                # The weights reach onnxruntime in place: copied into the protobuf and parsed back
+                # out of its bytes, they were most of a probe's cost (MiniLM's Q/K/V: 10.7 MB).
+                proto, shared = ir.to_onnx_sharing(self.model, _shareable)
+                arrays = {name: _array_view(t) for name, t in shared.items()}
+                self._session = session(proto.SerializeToString(), initializers=arrays)
             except Exception as e:  # onnxruntime refuses the piece: report, do not crash the pass
                 raise ProbeError(f"onnxruntime cannot run the probe: {_first_line(e)}") from e
         return self._session
@@ -141,6 +145,27 @@ class Probe:
             return sess.run(None, {n: feeds[id(by_name[n])] for n in names})
         except Exception as e:
             raise ProbeError(f"the probe failed in onnxruntime: {_first_line(e)}") from e
+
+
+# Element types that onnxruntime takes from numpy arrays as they are (no 4-bit packing, no bfloat16).
+_SHAREABLE = frozenset({
+    ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BOOL,
+    ir.DataType.INT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
+    ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64,
+})
+
+
+def _shareable(t: ir.Tensor) -> bool:
+    """Initializers handed to onnxruntime from memory: large ones (small ones cost nothing inline)."""
+    return t.dtype in _SHAREABLE and t.nbytes >= 1024
+
+
+def _array_view(t: ir.Tensor) -> np.ndarray:
+    """``t`` as numpy, without keeping a decoded copy on a tensor that has none yet."""
+    if t.is_loaded:
+        return t.numpy()
+    dtype = np.dtype(t.dtype.numpy()).newbyteorder("<")
+    return np.frombuffer(t.raw_bytes(), dtype=dtype, count=t.size).reshape(t.shape)
 
 
 def _first_line(e: Exception) -> str:
