@@ -345,7 +345,6 @@ def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan,
     nodes = list(graph)
     flags: dict[tuple[int, str], str] = {}
     smoothed: dict[str, ir.Value] = {}
-    scalar = ir.TensorType(ir.DataType.FLOAT, ())
     for c in candidates:
         node = nodes[c.index]
         x, y = node.inputs[0], node.outputs[0]
@@ -412,22 +411,37 @@ def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan,
         if weight_only is not None and c.op != "Attention":
             paths.append(("nbits", weight_only._nbits(graph, rw, x_float, w_float, bias, NBITS_BITS, f"{base}_nbits",
                                                       y.type, after=last)))
-        uses = list(y.uses())
-        acc, after = y, paths[-1][1]
-        for form, path in paths:
-            flag = ir.Value(graph.unique_name(f"quant_flag_{c.index}" + ("" if form == "int8" else f"_{form}")), scalar)
-            graph.add_input(flag)
-            flags[(c.index, form)] = flag.name
-            diff = rw.make("Sub", [path.outputs[0], y], after=after)
-            scaled = rw.make("Mul", [diff.outputs[0], flag], after=diff)
-            mixed = rw.make("Add", [acc, scaled.outputs[0]], after=scaled, types=[y.type])
-            acc, after = mixed.outputs[0], mixed
-        for user, idx in uses:
-            user.replace_input(idx, acc)
-        if y.is_graph_output():
-            rw.replace_graph_output(y, acc)
+        switched = [(graph.unique_name(f"quant_flag_{c.index}" + ("" if form == "int8" else f"_{form}")), path)
+                    for form, path in paths]
+        names = switch_in(graph, rw, y, switched, after=paths[-1][1])
+        flags.update({(c.index, form): name for (form, _), name in zip(paths, names)})
     graph.sort()
     return m, flags
+
+
+def switch_in(graph: ir.Graph, rw: Rewriter, y: ir.Value, paths: list[tuple[str, ir.Node]], *, after: ir.Node
+              ) -> list[str]:
+    """Make ``y``'s readers read ``y + Σ flag_i · (path_i - y)``: each path on when its flag input is 1.
+
+    ``paths`` are (flag input name, node computing the alternative of ``y``); the new scalar float
+    inputs are added to the graph under those names, which come back in order.
+    """
+    scalar = ir.TensorType(ir.DataType.FLOAT, ())
+    uses = list(y.uses())
+    acc, names = y, []
+    for name, path in paths:
+        flag = ir.Value(name, scalar)
+        graph.add_input(flag)
+        names.append(flag.name)
+        diff = rw.make("Sub", [path.outputs[0], y], after=after)
+        scaled = rw.make("Mul", [diff.outputs[0], flag], after=diff)
+        mixed = rw.make("Add", [acc, scaled.outputs[0]], after=scaled, types=[y.type])
+        acc, after = mixed.outputs[0], mixed
+    for user, idx in uses:
+        user.replace_input(idx, acc)
+    if y.is_graph_output():
+        rw.replace_graph_output(y, acc)
+    return names
 
 
 def flag_feeds(flags: dict[tuple[int, str], str], forms: dict[int, str]) -> dict[str, np.ndarray]:

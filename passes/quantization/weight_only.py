@@ -50,7 +50,7 @@ import numpy as np
 import ir
 
 from ._candidates import MS, Candidate, find_candidates, initializer_array, weight_of
-from ._emit import _bias_add, _drop_unused, copy_model
+from ._emit import _bias_add, _drop_unused, copy_model, switch_in
 from ..framework.base import Pass, PassContext, PassError, PassResult
 from ..framework.registry import register_pass
 from ..framework.rewriter import Rewriter
@@ -380,28 +380,18 @@ class WeightOnlyQuantizePass(Pass):
         graph, rw = m.graph, Rewriter()
         rw.import_opset(m, MS)
         nodes = list(graph)
-        scalar = ir.TensorType(ir.DataType.FLOAT, ())
         flags: dict[tuple[int, int], str] = {}
         for c in todo:
             node = nodes[c.index]
             x, y = node.inputs[0], node.outputs[0]
             assert x is not None and y is not None
             w, bias = weight_of(node)  # type: ignore[misc]
-            uses = list(y.uses())
-            acc, after = y, node
+            paths, after = [], node
             for bits in precisions:
-                q = self._nbits(graph, rw, x, w, bias, bits, f"switch{c.index}_{bits}", y.type, after=after)
-                flag = ir.Value(graph.unique_name(f"nbits_flag_{c.index}_{bits}"), scalar)
-                graph.add_input(flag)
-                flags[(c.index, bits)] = flag.name
-                diff = rw.make("Sub", [q.outputs[0], y], after=q)
-                scaled = rw.make("Mul", [diff.outputs[0], flag], after=diff)
-                mixed = rw.make("Add", [acc, scaled.outputs[0]], after=scaled, types=[y.type])
-                acc, after = mixed.outputs[0], mixed
-            for user, idx in uses:
-                user.replace_input(idx, acc)
-            if y.is_graph_output():
-                rw.replace_graph_output(y, acc)
+                after = self._nbits(graph, rw, x, w, bias, bits, f"switch{c.index}_{bits}", y.type, after=after)
+                paths.append((graph.unique_name(f"nbits_flag_{c.index}_{bits}"), after))
+            names = switch_in(graph, rw, y, paths, after=after)
+            flags.update({(c.index, bits): name for bits, name in zip(precisions, names)})
         graph.sort()
         return m, flags
 
