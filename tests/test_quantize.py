@@ -327,21 +327,27 @@ def _benign_and_sensitive(tmp_path: pathlib.Path, benign: int = 3, sensitive: in
     per-tensor activation scale that channel sets swamps what they read). Channel 0 is large only in
     the last 16 of 64 calibration samples: the last two batches are the hard ones."""
     rng = np.random.default_rng(1)
-    k, n = 32, 16
-    nodes, inits, outs = [], [], []
-    for i in range(benign + sensitive):
-        w = rng.standard_normal((k, n)).astype(np.float32) * 0.2
-        if i >= benign:
-            w[0, :] = 0.0
-        inits.append(numpy_helper.from_array(w, f"w{i}"))
-        nodes.append(helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"{'sensitive' if i >= benign else 'benign'}{i}"))
-        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["b", n]))
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])], outs, inits)
-    path = _write(tmp_path, helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
-    x = rng.standard_normal((64, k)).astype(np.float32)
+    path = _parallel_matmuls(tmp_path, rng, ["benign"] * benign + ["sensitive"] * sensitive, 32, slice(0, 1))
+    x = rng.standard_normal((64, 32)).astype(np.float32)
     x[48:, 0] = 300.0 * np.sign(x[48:, 0])
     np.savez(tmp_path / "c.npz", x=x)
     return path, str(tmp_path / "c.npz")
+
+
+def _parallel_matmuls(tmp_path: pathlib.Path, rng: np.random.Generator, kinds: list[str], k: int,
+                      zero_rows: slice, n: int = 16) -> pathlib.Path:
+    """MatMuls ``x [b, k] @ w_i [k, n]`` named ``{kind}{i}``; the weights of every kind but the first
+    have ``zero_rows`` set to 0 (so they do not read those input channels)."""
+    nodes, inits, outs = [], [], []
+    for i, kind in enumerate(kinds):
+        w = rng.standard_normal((k, n)).astype(np.float32) * 0.2
+        if kind != kinds[0]:
+            w[zero_rows, :] = 0.0
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"{kind}{i}"))
+        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["b", n]))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])], outs, inits)
+    return _write(tmp_path, helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
 
 
 def test_evaluator_subset_is_never_worse_than_the_full_set(tmp_path: pathlib.Path) -> None:
@@ -652,18 +658,8 @@ def _first_block_blind(tmp_path: pathlib.Path) -> tuple[pathlib.Path, str]:
     activation scale (set by channel 0) swamps what the blind ones read; MatMulNBits' per-block
     activation scale does not (their block 1 is quantized on its own range)."""
     rng = np.random.default_rng(2)
-    k, n = 64, 16
-    nodes, inits, outs = [], [], []
-    for i, kind in enumerate(["benign", "benign", "blind", "blind"]):
-        w = rng.standard_normal((k, n)).astype(np.float32) * 0.2
-        if kind == "blind":
-            w[:32, :] = 0.0
-        inits.append(numpy_helper.from_array(w, f"w{i}"))
-        nodes.append(helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"{kind}{i}"))
-        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["b", n]))
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", k])], outs, inits)
-    path = _write(tmp_path, helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
-    x = rng.standard_normal((64, k)).astype(np.float32)
+    path = _parallel_matmuls(tmp_path, rng, ["benign", "benign", "blind", "blind"], 64, slice(0, 32))
+    x = rng.standard_normal((64, 64)).astype(np.float32)
     x[:, 0] = 300.0 * np.sign(x[:, 0])
     np.savez(tmp_path / "c.npz", x=x)
     return path, str(tmp_path / "c.npz")
