@@ -144,6 +144,23 @@ def test_manager_crash_writes_a_reproducer_and_names_passes_that_ran(tmp_path) -
     assert (tmp_path / "reproducer-test-crash.onnx.pipeline").read_text().strip() == "test-crash"
 
 
+def test_manager_reuses_the_snapshot_while_passes_change_nothing(tmp_path, monkeypatch) -> None:
+    taken = []
+    real = ir.Snapshot
+
+    def counting(model):
+        taken.append(1)
+        return real(model)
+
+    monkeypatch.setattr(ir, "Snapshot", counting)
+    with pytest.raises(PassError):
+        # dead-flow changes the model, the second finds nothing: its snapshot serves the crash.
+        PassManager("dead-flow,dead-flow,test-crash", reproducer_dir=str(tmp_path)).run(_model())
+    assert len(taken) == 2
+    # ... and it is the model the failing pass saw, the dead node gone.
+    assert [n.op_type for n in ir.load(tmp_path / "reproducer-test-crash.onnx").graph] == ["Identity", "Relu"]
+
+
 def test_manager_verifies_after_each_pass() -> None:
     with pytest.raises(PassError, match="left an invalid IR.*topological order"):
         PassManager("test-break-order").run(_model())

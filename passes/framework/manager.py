@@ -62,6 +62,9 @@ class PassManager:
         self.reproducer_dir = reproducer_dir
         self.out = out or sys.stderr
         self.records: list[PassRecord] = []
+        # The snapshot taken before the last pass, while that pass left the model unchanged: the
+        # model it shows is still the model, so the next pass reuses it instead of emitting again.
+        self._unchanged: tuple[ir.Model, ir.Snapshot | None] | None = None
 
     @property
     def spec(self) -> str:
@@ -77,6 +80,7 @@ class PassManager:
         """
         ctx = ctx or PassContext()
         self.records = []
+        self._unchanged = None
         self._run_items(self.pipeline, model, ctx)
         return self.records
 
@@ -96,6 +100,7 @@ class PassManager:
 
     def _run_pass(self, p: Pass, model: ir.Model, ctx: PassContext) -> bool:
         snapshot = self._snapshot(model)
+        self._unchanged = None
         before = ir.print_model(model) if self.check_modified else None
         ctx.report_progress(f"running {p.spec()}")
         start = time.perf_counter()
@@ -116,12 +121,17 @@ class PassManager:
                     f"{'changed' if changed else 'did not change'}"
                 )
         self.records.append(PassRecord(p.spec(), seconds, result.modified, dict(result.stats), list(result.rows)))
+        if not result.modified:
+            self._unchanged = (model, snapshot)
         if self.print_ir_after_change and result.modified:
             print(f"// ----- IR after {p.spec()} -----", file=self.out)
             print(ir.print_model(model), file=self.out)
         return result.modified
 
     def _snapshot(self, model: ir.Model) -> ir.Snapshot | None:
+        """The model before a pass, for a reproducer should it fail (the last one while unchanged)."""
+        if self._unchanged is not None and self._unchanged[0] is model:
+            return self._unchanged[1]
         try:
             return ir.Snapshot(model)
         except Exception:  # an unemittable model is reported by the pass that made it so
