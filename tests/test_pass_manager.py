@@ -168,6 +168,15 @@ def test_manager_verifies_after_each_pass() -> None:
     PassManager("test-break-order", verify=False).run(_model())
 
 
+def test_manager_verifies_only_what_a_pass_changed(monkeypatch) -> None:
+    seen = []
+    real = ir.verify
+    monkeypatch.setattr(ir, "verify", lambda m: (seen.append(1), real(m)))
+    # The first pass's output is verified although unchanged (the input never was); then only changes.
+    PassManager("fuse-gelu,dead-flow,dead-flow,fuse-gelu").run(_model())
+    assert len(seen) == 2
+
+
 def test_print_ir_after_change_prints_only_changes() -> None:
     out = io.StringIO()
     PassManager("dead-flow,dead-flow", print_ir_after_change=True, out=out).run(_model())

@@ -65,6 +65,7 @@ class PassManager:
         # The snapshot taken before the last pass, while that pass left the model unchanged: the
         # model it shows is still the model, so the next pass reuses it instead of emitting again.
         self._unchanged: tuple[ir.Model, ir.Snapshot | None] | None = None
+        self._verified: ir.Model | None = None  # the model, when verified as it is now
 
     @property
     def spec(self) -> str:
@@ -80,7 +81,7 @@ class PassManager:
         """
         ctx = ctx or PassContext()
         self.records = []
-        self._unchanged = None
+        self._unchanged = self._verified = None
         self._run_items(self.pipeline, model, ctx)
         return self.records
 
@@ -100,6 +101,7 @@ class PassManager:
 
     def _run_pass(self, p: Pass, model: ir.Model, ctx: PassContext) -> bool:
         snapshot = self._snapshot(model)
+        verified, self._verified = self._verified is model, None
         self._unchanged = None
         before = ir.print_model(model) if self.check_modified else None
         ctx.report_progress(f"running {p.spec()}")
@@ -108,8 +110,8 @@ class PassManager:
             result = p.run(model, ctx)
             if not isinstance(result, PassResult):
                 raise PassError(f"pass {p.name!r} returned {type(result).__name__}, not a PassResult")
-            if self.verify:
-                ir.verify(model)
+            if self.verify and (result.modified or not verified):
+                ir.verify(model)  # a model no pass changed since it was verified is not verified again
         except Exception as e:  # a crash, or an invalid IR left behind
             raise self._failure(p, e, snapshot) from e
         seconds = time.perf_counter() - start
@@ -123,6 +125,8 @@ class PassManager:
         self.records.append(PassRecord(p.spec(), seconds, result.modified, dict(result.stats), list(result.rows)))
         if not result.modified:
             self._unchanged = (model, snapshot)
+        if self.verify:
+            self._verified = model
         if self.print_ir_after_change and result.modified:
             print(f"// ----- IR after {p.spec()} -----", file=self.out)
             print(ir.print_model(model), file=self.out)
