@@ -37,7 +37,7 @@ def _mlp(tmp_path: pathlib.Path, seed: int = 0) -> tuple[pathlib.Path, np.ndarra
     return path, x, w
 
 
-def _quantize(path: pathlib.Path, target: str = "x86", **options: object):
+def _quantize(path: pathlib.Path, target: str = "x86-avx2", **options: object):
     model = ir.load(str(path))
     ctx = PassContext(target=targets.get(target))
     rec = PassManager(with_options(parse_pipeline("quantize"), "quantize", dict(options)), check_modified=True).run(model, ctx)
