@@ -61,13 +61,14 @@ from ._candidates import MS, NORM_OPS, Candidate, find_candidates, weight_of
 from ._emit import NBITS_BITS, Plan, apply_plan, build_switch_model, copy_model, flag_feeds
 from ..framework.base import Pass, PassContext, PassError, PassResult
 from .calibration import calibration_batches
-from .quant_math import outlier_channels, smooth_factors
+from .quant_math import WEIGHT_CLIPS, outlier_channels, smooth_factors, weight_clipping
 from .sensitivity import Evaluator, Score, release_memory
 from .static_scales import ChannelRanges, channel_ranges, static_qparams
 from .weight_only import WeightOnlyQuantizePass
 from ..framework.registry import register_pass
 
-__all__ = ["QuantizePass", "find_candidates", "Candidate", "Plan", "apply_plan", "build_switch_model"]
+__all__ = ["QuantizePass", "find_candidates", "Candidate", "Plan", "apply_plan", "build_switch_model", "Budget", "Gap",
+           "cross_validated_gap"]
 
 
 #: The writer of ``fallback=nbits``'s ops: 8-bit block-wise MatMulNBits, activations per block of 32.
@@ -110,6 +111,13 @@ class QuantizePass(Pass):
             better is kept); ``on`` (every remedy with static scales only).
         static_clips: the percentiles of each channel's calibration values its static range covers
             (100: min/max).
+        margin: ``cv``: the budget the search holds on the calibration samples is tightened by the
+            gap between calibration and unseen samples, estimated by 2-fold cross-validation over
+            the calibration batches (:func:`cross_validated_gap`: the search decides on one half and
+            its decision is scored on the other); ``off``: the budget as given.
+        weight_clip: the weight scales: ``minmax`` (``max|w|`` maps to the top level) or ``mse``
+            (per channel, the clipped range of least squared weight error,
+            :func:`passes.quantization.quant_math.clip_ratios`).
         sensitivity: measure each op and keep the sensitive ones float (``False``: quantize every
             candidate without measuring anything).
         screen_fraction: measure each op alone, and screen every subset tried, on this fraction of
@@ -143,6 +151,8 @@ class QuantizePass(Pass):
     fallback: str = "float"
     static: str = "off"
     static_clips: tuple[float, ...] = (100.0, 99.99)
+    margin: str = "cv"
+    weight_clip: str = "mse"
     sensitivity: bool = True
     screen_fraction: float = 0.15
     calibration_batch: int = 8
@@ -179,8 +189,13 @@ class QuantizePass(Pass):
             signed=policy.weight_signed,
             format=policy.format,
         )
+        if self.margin not in ("cv", "off"):
+            raise PassError(f"quantize: margin must be cv or off, not {self.margin!r}")
+        if self.weight_clip not in WEIGHT_CLIPS:
+            raise PassError(f"quantize: weight_clip must be one of {', '.join(WEIGHT_CLIPS)}, not {self.weight_clip!r}")
         if not self.sensitivity:
-            rw = apply_plan(model, candidates, base)
+            with weight_clipping(self.weight_clip):
+                rw = apply_plan(model, candidates, base)
             for c in candidates:
                 report.append({"name": c.name, "op": c.op, "shape": list(c.weight_shape), "decision": "quantized",
                                "error": None, "smoothed": False})
@@ -197,7 +212,8 @@ class QuantizePass(Pass):
             })
         if not plan.chosen and not plan.nbits:
             return PassResult(False, stats=Counter({"kept float": len(candidates)}), rows=report)
-        rw = apply_plan(model, candidates, plan, NBITS)
+        with weight_clipping(self.weight_clip):
+            rw = apply_plan(model, candidates, plan, NBITS)
         rw.count("kept float", len(candidates) - len(plan.chosen) - len(plan.nbits))
         smoothed = {c.activation for c in candidates if c.index in plan.chosen and c.activation in plan.smooth}
         if smoothed:
@@ -235,7 +251,9 @@ class QuantizePass(Pass):
             nonlocal best
             with ctx.bar(len(variants), "quantize: remedies") as bar:
                 for vname, vplan in variants:
-                    switch, flags = build_switch_model(model, candidates, vplan, weight_only=NBITS if nbits else None)
+                    with weight_clipping(self.weight_clip):
+                        switch, flags = build_switch_model(model, candidates, vplan,
+                                                           weight_only=NBITS if nbits else None)
                     sess = ev.session_of(switch)
                     del switch
                     s = ev.score_session(sess, flag_feeds(flags, all_on))
@@ -262,30 +280,34 @@ class QuantizePass(Pass):
         # never below the worst over all batches, so a subset that misses the worst budget settles a
         # trial for the full set; only trials that pass it are measured on every batch (the mean
         # has no such bound, so it is checked on every batch only).
-        hard = ev.hardest(all_score, math.ceil(self.screen_fraction * len(ev.batches)))
-
         def score(forms: dict[int, str], on: Evaluator = ev) -> Score:
             return on.score_session(sess, flag_feeds(flags, forms))
 
-        def fits(forms: dict[int, str]) -> bool:
-            if hard is not None and score(forms, hard).worst < min_cos:
-                return False
-            return budget.holds(score(forms))
+        def search(on: Evaluator, batches: list[int], budget: Budget, label: str = ""
+                   ) -> tuple[dict[int, str], dict[int, Score], dict[int, Score]]:
+            """The forms the budget allows, decided on the batches ``batches`` of ``ev`` (``on``)."""
+            n_hard = math.ceil(self.screen_fraction * len(batches))
+            hard = None
+            if 0 < n_hard < len(batches) and len(all_score.batch_worst) == len(ev.batches):
+                hard = ev.subset(sorted(sorted(batches, key=lambda b: all_score.batch_worst[b])[:n_hard]))
 
-        scores: dict[int, Score] = {}
-        nb_scores: dict[int, Score] = {}
-        forms: dict[int, str]
-        if budget.holds(all_score):
-            forms = dict(all_on)
-        else:
+            def fits(forms: dict[int, str]) -> bool:
+                if hard is not None and score(forms, hard).worst < budget.worst:
+                    return False
+                return budget.holds(score(forms, on))
+
+            scores: dict[int, Score] = {}
+            nb_scores: dict[int, Score] = {}
+            if budget.holds(score(all_on, on) if on is not ev else all_score):
+                return dict(all_on), scores, nb_scores
             # 2. sensitivity of each op alone (on the hardest batches when screening: a ranking)
-            with ctx.bar(len(candidates), "quantize: ops alone") as bar:
+            with ctx.bar(len(candidates), f"quantize: ops alone{label}") as bar:
                 for i, c in enumerate(candidates):
-                    scores[c.index] = score({c.index: "int8"}, hard or ev)
+                    scores[c.index] = score({c.index: "int8"}, hard or on)
                     bar.update()
                     if i % 12 == 11:
-                        ctx.report_progress(f"quantize: measured {i + 1}/{len(candidates)} ops alone")
-            forms = _grow({}, candidates, "int8", scores, fits, min_cos, ctx.bar)
+                        ctx.report_progress(f"quantize: measured {i + 1}/{len(candidates)} ops alone{label}")
+            forms = _grow({}, candidates, "int8", scores, fits, budget.worst, ctx.bar)
             # 3. the ops left float: weight-only MatMulNBits under the same budget and search
             rest = [c for c in candidates if c.index not in forms and c.op != "Attention"] if nbits else []
             if rest:
@@ -294,8 +316,23 @@ class QuantizePass(Pass):
                     forms = with_rest
                 else:
                     for c in rest:
-                        nb_scores[c.index] = score({**forms, c.index: "nbits"}, hard or ev)
-                    forms = _grow(forms, rest, "nbits", nb_scores, fits, min_cos, ctx.bar)
+                        nb_scores[c.index] = score({**forms, c.index: "nbits"}, hard or on)
+                    forms = _grow(forms, rest, "nbits", nb_scores, fits, budget.worst, ctx.bar)
+            return forms, scores, nb_scores
+
+        everything = list(range(len(ev.batches)))
+        if self.margin == "cv" and len(ev.batches) >= 4:
+            # The calibration-to-held-out gap: decide on one half of the batches, score that decision
+            # on the other half, both ways; the budget is tightened by the mean optimism measured.
+            gap = cross_validated_gap(everything, lambda part, b: search(ev.subset(part), part, b, " (fold)")[0],
+                                      lambda forms, part: score(forms, ev.subset(part)), budget)
+            ctx.report_progress(f"quantize: cross-validated calibration gap {gap}")
+            budget = budget.tightened(gap)
+            margin_note = f"; budget tightened by the cross-validated gap {gap} to {budget}"
+        else:
+            margin_note = ""
+        hard = ev.hardest(all_score, math.ceil(self.screen_fraction * len(ev.batches)))
+        forms, scores, nb_scores = search(ev, everything, budget)
         del sess  # measured: the switch session goes before the real rewrite's is built
         release_memory()
         # 4. the real rewrite, measured once more (the switch model is a faithful stand-in, but check)
@@ -303,7 +340,8 @@ class QuantizePass(Pass):
         alone = {**{i: s.worst for i, s in nb_scores.items()}, **{i: s.worst for i, s in scores.items()}}
         while forms:
             trial = copy_model(model)
-            apply_plan(trial, candidates, _with_forms(plan, forms), NBITS)
+            with weight_clipping(self.weight_clip):
+                apply_plan(trial, candidates, _with_forms(plan, forms), NBITS)
             final = ev.score_model(trial)
             if budget.holds(final):
                 break
@@ -322,7 +360,7 @@ class QuantizePass(Pass):
                  + f"{len(candidates) - len(forms)} kept float; {final} (budget {budget}) on {calib.source}; "
                  f"{ev.stats.evaluations} measurements ({ev.stats.batches} batches"
                  f"{f', screening on {len(hard.batches)} of {len(ev.batches)}' if hard is not None else ''}) "
-                 f"in {seconds:.1f} s")
+                 f"in {seconds:.1f} s{margin_note}")
         return _with_forms(plan, forms), scores
 
     def _variants(self, model: ir.Model, ev: Evaluator, candidates: list[Candidate], base: Plan
@@ -397,8 +435,65 @@ class Budget:
             out = min(out, (s.mean - self.mean) / max(1.0 - self.mean, 1e-9))
         return out
 
+    def tightened(self, gap: Gap) -> Budget:
+        """The budget raised by a measured calibration-to-held-out ``gap`` (the mean bound only when
+        there is one), kept below 1."""
+        return Budget(min(self.worst + gap.worst, 1.0 - 1e-7),
+                      min(self.mean + gap.mean, 1.0 - 1e-7) if self.mean > 0 else 0.0)
+
     def __str__(self) -> str:
-        return f"min_cosine={self.worst}" + (f", min_mean_cosine={self.mean}" if self.mean > 0 else "")
+        return f"min_cosine={self.worst:.6g}" + (f", min_mean_cosine={self.mean:.6g}" if self.mean > 0 else "")
+
+
+@dataclass(frozen=True)
+class Gap:
+    """How much better a decision scores on the samples it was made on than on others.
+
+    Attributes:
+        worst: the mean over folds of (worst cosine inside - worst cosine outside), at least 0.
+        mean: the same for the mean cosine, at least 0.
+        folds: each fold's (worst, mean) difference, unclipped.
+    """
+
+    worst: float
+    mean: float
+    folds: tuple[tuple[float, float], ...] = ()
+
+    def __str__(self) -> str:
+        return f"worst {self.worst:.2e}, mean {self.mean:.2e}"
+
+
+def cross_validated_gap(batches: list[int], decide: Callable[[list[int], Budget], dict[int, str]],
+                        score: Callable[[dict[int, str], list[int]], Score], budget: Budget, folds: int = 2) -> Gap:
+    """The optimism of deciding on calibration samples, by ``folds``-fold cross-validation.
+
+    The batches are dealt into ``folds`` parts (``batches[k::folds]``); for each part, ``decide``
+    chooses forms under ``budget`` on that part alone, and ``score`` measures them on the part and on
+    the other batches. A search that adds ops while the budget holds on the samples it sees stops
+    where those samples happen to allow, so its decision scores lower on samples it did not see; the
+    mean difference over the folds estimates by how much, and tightening the budget by it makes the
+    decision on all the calibration hold the budget on unseen data in expectation. A decision that
+    does not depend on the samples (e.g. every op int8 on every fold) has a difference of zero on
+    average over the folds: what remains is the selection's optimism, not sampling noise alone.
+
+    Args:
+        batches: the batch indices to split.
+        decide: ``decide(part, budget) -> forms`` (candidate index -> form).
+        score: ``score(forms, part) -> Score`` over those batches.
+        budget: the budget the decisions hold.
+        folds: parts (at least 2).
+    """
+    if folds < 2 or len(batches) < folds:
+        raise ValueError(f"cross-validation needs at least 2 folds of one batch each ({len(batches)} batches, {folds} folds)")
+    parts = [batches[k::folds] for k in range(folds)]
+    diffs = []
+    for k, inside in enumerate(parts):
+        outside = [b for j, p in enumerate(parts) if j != k for b in p]
+        forms = decide(inside, budget)
+        s_in, s_out = score(forms, inside), score(forms, outside)
+        diffs.append((s_in.worst - s_out.worst, s_in.mean - s_out.mean))
+    return Gap(max(0.0, float(np.mean([d[0] for d in diffs]))), max(0.0, float(np.mean([d[1] for d in diffs]))),
+               tuple(diffs))
 
 
 def _grow(start: dict[int, str], pool: list[Candidate], form: str, alone: dict[int, Score],
