@@ -72,15 +72,17 @@ cap = int(sys.argv[1]); cmd = json.loads(sys.argv[2])
 t0 = time.perf_counter()
 p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 killed = []
-polled = [0]
+polled = [0, 0, 0]  # max VmRSS, and its anonymous and file-backed parts then
 def watch():
     while p.poll() is None:
         try:
             with open(f"/proc/{p.pid}/status") as f:
-                rss = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
-        except (OSError, StopIteration):
+                st = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in f if l.startswith(("VmRSS:", "RssAnon:", "RssFile:"))}
+            rss = st["VmRSS"]
+        except (OSError, KeyError, ValueError):
             return
-        polled[0] = max(polled[0], rss)
+        if rss > polled[0]:
+            polled[:] = [rss, st.get("RssAnon", 0), st.get("RssFile", 0)]
         if rss > cap:
             killed.append(rss)
             p.send_signal(signal.SIGKILL)
@@ -90,7 +92,8 @@ threading.Thread(target=watch, daemon=True).start()
 out, err = p.communicate()
 wall = time.perf_counter() - t0
 print(json.dumps({"rc": p.returncode, "wall_s": wall, "peak_rss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
-                  "killed_at_kb": killed[0] // 1024 if killed else None, "polled_max_kb": polled[0] // 1024, "stdout": out[-6000:], "stderr": err[-3000:]}))
+                  "killed_at_kb": killed[0] // 1024 if killed else None, "polled_max_kb": polled[0] // 1024,
+                  "polled_anon_kb": polled[1] // 1024, "polled_file_kb": polled[2] // 1024, "stdout": out[-6000:], "stderr": err[-3000:]}))
 """
 
 
@@ -182,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                      and ("ops" in line or "RSS" in line)]
             row = {"model": name, "case": case, "rc": rec["rc"], "wall_s": rec["wall_s"],
                    "peak_rss_kb": rec["peak_rss_kb"], "polled_max_kb": rec["polled_max_kb"],
+                   "polled_anon_kb": rec.get("polled_anon_kb", 0), "polled_file_kb": rec.get("polled_file_kb", 0),
                    "killed_at_kb": rec["killed_at_kb"],
                    "report_rss": report_rss, "note": "; ".join(notes)[:300]}
             if rec["rc"] != 0:
@@ -192,10 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.delete_exports:
             shutil.rmtree(path.parent, ignore_errors=True)
 
-    print(f"\n{'model':<10} {'case':<7} {'rc':>3} {'wall s':>7} {'peak RSS GiB':>12} {'polled GiB':>10}  notes")
+    print(f"\n{'model':<10} {'case':<7} {'rc':>3} {'wall s':>7} {'peak RSS GiB':>12} {'polled GiB':>10} "
+          f"{'(anon+file)':>12}  notes")
     for r in rows:
+        split = f"{r.get('polled_anon_kb', 0) / 2**20:.2f}+{r.get('polled_file_kb', 0) / 2**20:.2f}"
         print(f"{r['model']:<10} {r['case']:<7} {r['rc']:>3} {r['wall_s']:7.0f} {r['peak_rss_kb'] / 2**20:12.2f} "
-              f"{r.get('polled_max_kb', 0) / 2**20:10.2f}  {r.get('note', '')[:150]}")
+              f"{r.get('polled_max_kb', 0) / 2**20:10.2f} {split:>12}  {r.get('note', '')[:150]}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0 if all(r["rc"] == 0 for r in rows) else 1

@@ -34,21 +34,22 @@ from ._errors import (
 from ._parser import ParseError, parse_graph, parse_model
 from ._printer import print_graph, print_model
 from ._signature import AttrSpec, FormalParam, OpSignature
-from ._tensor import ExternalLocation, Tensor
+from ._tensor import ExternalLocation, Tensor, release_mapped_pages
 from ._types import (
     Dim, MapType, OpaqueType, OptionalType, SequenceType, Shape, SparseTensorType, TensorType, Type,
 )
 from ._validate import check_opsets, validate
 from ._verify import verify
-from .emit import Snapshot, save, to_onnx, to_onnx_sharing
+from .emit import Snapshot, save, to_onnx, to_onnx_referencing, to_onnx_sharing
 from .lower import from_onnx, infer_shapes, load, op_signature
+from ._copy import copy_model
 
 __all__ = [
     "Attr", "AttrType", "CycleError", "Snapshot", "DataType", "Dim", "DuplicateNameError", "ExternalLocation",
     "Function", "Graph", "IRError", "MapType", "Model", "ModelLoadError", "Node", "OpaqueType",
     "OptionalType", "ParseError", "SequenceType", "Shape", "SparseTensorType", "Tensor", "TensorType", "Type",
     "UndefinedValueError", "UnknownDTypeError", "UnsupportedError", "Value", "VerificationError",
-    "check_opsets", "from_onnx", "infer_shapes", "load", "parse_graph", "parse_model", "print_graph", "print_model", "save", "structurally_equal", "to_onnx", "to_onnx_sharing",
+    "check_opsets", "copy_model", "from_onnx", "release_mapped_pages", "to_onnx_referencing", "infer_shapes", "load", "parse_graph", "parse_model", "print_graph", "print_model", "save", "structurally_equal", "to_onnx", "to_onnx_sharing",
     "verify", "InvalidModelError", "UnknownDomainError", "validate", "op_signature", "OpSignature", "FormalParam", "AttrSpec",
 ]
 

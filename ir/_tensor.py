@@ -17,22 +17,42 @@ import numpy as np
 from ._dtypes import DataType
 from ._errors import IRError
 
-__all__ = ["Tensor", "ExternalLocation"]
+__all__ = ["Tensor", "ExternalLocation", "release_mapped_pages"]
 
 
-_MAPS: dict[tuple[str, int, int], memoryview] = {}
+_MAPS: dict[tuple[str, int, int], tuple[mmap.mmap, memoryview]] = {}
 
 
 def _mapped(path: str) -> memoryview:
     """One read-only memory map per external file, shared by all tensors that live in it."""
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-    view = _MAPS.get(key)
-    if view is None:
+    entry = _MAPS.get(key)
+    if entry is None:
         with open(path, "rb") as f:
-            view = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-        _MAPS[key] = view
-    return view
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        entry = _MAPS[key] = (mm, memoryview(mm))
+    return entry[1]
+
+
+def release_mapped_pages() -> int:
+    """Drop the pages of external data files that this process has read from its resident set.
+
+    A weight read through its memory map (to quantize it, say) stays resident, counted in the
+    process's RSS, until the map goes, and arrays keep the map alive. The pages are clean copies of
+    the file, so the kernel is told it may drop them (``MADV_DONTNEED``): the arrays stay valid and a
+    later read faults the same bytes back in, from the page cache or the file. Returns the bytes of
+    mapped files advised.
+    """
+    total = 0
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None:  # not on this platform: nothing to do
+        return 0
+    for mm, _ in _MAPS.values():
+        if len(mm):
+            mm.madvise(advice)
+            total += len(mm)
+    return total
 
 
 class ExternalLocation:
@@ -133,8 +153,12 @@ class Tensor:
 
     @property
     def external(self) -> ExternalLocation | None:
-        """The external location while the tensor is still backed by it, else ``None``."""
-        return self._external if self._array is None and self._raw is None else None
+        """The external location of the tensor's bytes, if they live in a file.
+
+        A tensor read as numpy stays backed by its file: tensors are never edited in place (passes
+        replace them), so the array is a view of the same bytes and the location still holds them.
+        """
+        return self._external
 
     @property
     def is_loaded(self) -> bool:
@@ -155,9 +179,9 @@ class Tensor:
         """The data in ONNX raw form, without numpy when the tensor is untouched."""
         if self._raw is not None:
             return self._raw
-        if self._array is not None:
+        if self._external is None:
+            assert self._array is not None
             return self._encode(self._array)
-        assert self._external is not None
         loc = self._external
         if loc.length == 0:
             return b""
@@ -190,7 +214,7 @@ class Tensor:
         arr = np.frombuffer(raw, dtype=np_dtype.newbyteorder("<"), count=self.size)
         return arr.reshape(self.shape)
 
-    def _encode(self, arr: np.ndarray) -> bytes:
+    def _encode(self, arr: np.ndarray) -> bytes | memoryview:
         if self.dtype == DataType.STRING:
             raise IRError(f"tensor {self.name!r}: string tensors have no raw form")
         bits = self.dtype.bitwidth
@@ -204,6 +228,9 @@ class Tensor:
                 out |= (flat[:, k] << (bits * k)).astype(np.uint8)
             return out.tobytes()
         np_dtype = self.dtype.numpy().newbyteorder("<")
+        if arr.dtype == np_dtype and arr.flags.c_contiguous and arr.dtype.kind in "biufc" and arr.size:
+            # Already the raw form: a view, not a copy (tensors are never edited in place).
+            return memoryview(arr.reshape(-1)).cast("B")
         return np.ascontiguousarray(arr, dtype=np_dtype).tobytes()
 
     def __repr__(self) -> str:

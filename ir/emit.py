@@ -2,7 +2,8 @@
 
 Saving is atomic (temporary files, then rename) so an interrupted save never leaves a broken
 model. Large models go to external data: tensors still backed by an external file are streamed
-from it in chunks, never through numpy.
+from it in chunks, never through numpy, or (``share_external_data``, for temporary models) not
+written at all: the saved model references the file they live in.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ._types import (
     MapType, OpaqueType, OptionalType, SequenceType, SparseTensorType, TensorType, Type,
 )
 
-__all__ = ["to_onnx", "to_onnx_sharing", "save", "Snapshot", "TWO_GB"]
+__all__ = ["to_onnx", "to_onnx_sharing", "to_onnx_referencing", "save", "Snapshot", "TWO_GB"]
 
 TWO_GB = 2**31
 _ALIGN = 4096
@@ -75,6 +76,29 @@ def to_onnx_sharing(model: Model, share: Callable[[Tensor], bool]) -> tuple[onnx
     return proto, shared
 
 
+#: The location naming tensor ``i`` of :func:`to_onnx_referencing`'s list (no file behind it).
+REFERENCE_LOCATION = "__ir_reference__/"
+
+
+def to_onnx_referencing(model: Model) -> tuple[onnx.ModelProto, list[Tensor]]:
+    """Emit a ``ModelProto`` whose tensors carry no data, each naming its :class:`Tensor` instead.
+
+    Every non-string tensor (initializers, attributes, subgraphs, functions) is marked external with
+    location ``__ir_reference__/<i>``, ``i`` its index in the returned list. Lowering the proto with
+    that list (:func:`ir.lower.from_onnx`'s ``tensors``) gives back a model that shares the tensors:
+    :func:`ir.copy_model`. Building it costs the model's structure, not its weights.
+    """
+    kept: list[Tensor] = []
+
+    def keep(t: Tensor) -> tuple[str, int, int] | None:
+        if t.dtype == DataType.STRING:
+            return None
+        kept.append(t)
+        return f"{REFERENCE_LOCATION}{len(kept) - 1}", 0, t.nbytes
+
+    return _Emitter(keep).model(model), kept
+
+
 def _shared_index(tp: onnx.TensorProto) -> int | None:
     if tp.data_location != onnx.TensorProto.EXTERNAL:
         return None
@@ -89,6 +113,7 @@ def save(
     external_data: bool | None = None,
     location: str | None = None,
     size_threshold: int = 1024,
+    share_external_data: bool = False,
 ) -> None:
     """Write ``model`` to ``path`` atomically.
 
@@ -100,6 +125,13 @@ def save(
             the model would exceed protobuf's 2 GB limit.
         location: data file name, relative to the model's folder (default ``<model file>.data``).
         size_threshold: smallest tensor, in bytes, that goes to the data file.
+        share_external_data: with ``external_data``, tensors still backed by an external file are
+            not copied: the model references that file, hard-linked into the model's folder as
+            ``<model file>.shared<k>.data`` (a link costs no space and no time; onnxruntime reads
+            external data from the model's folder only). Where a link cannot be made (another
+            file system) the tensor is copied as usual. For temporary models (an onnxruntime
+            session's): the saved model is valid only while the source file is unchanged, and the
+            links are written in place, outside the atomic rename.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -116,8 +148,9 @@ def save(
             location = location or os.path.basename(path) + ".data"
             fd, tmp_data = tempfile.mkstemp(prefix=".tmp-", suffix=".data", dir=folder)
             os.chmod(tmp_data, mode)
+            links = _Links(folder, os.path.basename(path)) if share_external_data else None
             with os.fdopen(fd, "wb") as data_file:
-                proto = _Emitter(_external_writer(data_file, location, size_threshold)).model(model)
+                proto = _Emitter(_external_writer(data_file, location, size_threshold, links)).model(model)
                 data_file.flush()
                 os.fsync(data_file.fileno())
         else:
@@ -156,16 +189,51 @@ def _tensor_bytes(model: Model) -> int:
     return total
 
 
-def _external_writer(f: Any, location: str, threshold: int) -> _Writer:
+class _Links:
+    """Hard links in ``folder`` to the external data files that a saved model references in place."""
+
+    def __init__(self, folder: str, model_name: str) -> None:
+        self.folder, self.model_name = folder, model_name
+        self.names: dict[str, str | None] = {}
+
+    def location(self, path: str) -> str | None:
+        """The location, relative to the folder, of a link to ``path`` (None: cannot link)."""
+        real = os.path.realpath(path)
+        if real not in self.names:
+            self.names[real] = self._link(real)
+        return self.names[real]
+
+    def _link(self, real: str) -> str | None:
+        if os.path.dirname(real) == os.path.realpath(self.folder):
+            return os.path.basename(real)  # already beside the model
+        for k in range(len(self.names), len(self.names) + 1000):
+            name = f"{self.model_name}.shared{k}.data"
+            dst = os.path.join(self.folder, name)
+            try:
+                os.link(real, dst)
+                return name
+            except FileExistsError:
+                if os.path.samefile(real, dst):
+                    return name
+            except OSError:  # another file system, or links not allowed: copy instead
+                return None
+        return None
+
+
+def _external_writer(f: Any, location: str, threshold: int, links: _Links | None = None) -> _Writer:
     def write(t: Tensor) -> tuple[str, int, int] | None:
         if t.dtype == DataType.STRING or t.nbytes < threshold:
             return None
+        ext = t.external
+        if ext is not None and links is not None:
+            linked = links.location(ext.path)
+            if linked is not None:
+                return linked, ext.offset, ext.length
         pos = f.tell()
         pad = (-pos) % _ALIGN
         if pad:
             f.write(b"\0" * pad)
             pos += pad
-        ext = t.external
         if ext is not None:
             # Stream from the source file: the data never passes through numpy or a full copy.
             with open(ext.path, "rb") as src:

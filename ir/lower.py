@@ -47,14 +47,15 @@ def load(path: str | os.PathLike[str]) -> Model:
     return from_onnx(proto, base_dir=os.path.dirname(os.path.abspath(path)))
 
 
-def from_onnx(proto: onnx.ModelProto, *, base_dir: str = "") -> Model:
-    """Lower a ``ModelProto``. ``base_dir`` resolves relative external data locations."""
+def from_onnx(proto: onnx.ModelProto, *, base_dir: str = "", tensors: list[Tensor] | None = None) -> Model:
+    """Lower a ``ModelProto``. ``base_dir`` resolves relative external data locations; with
+    ``tensors`` (:func:`ir.emit.to_onnx_referencing`'s list) the tensors it marked are those objects."""
     if not isinstance(proto, onnx.ModelProto):
         raise ModelLoadError(f"expected an onnx.ModelProto, got {type(proto).__name__}")
     bad = _invalid_utf8(proto, "model")
     if bad is not None:
         raise ModelLoadError(f"{bad} is not valid UTF-8 (is the file corrupted?)")
-    lw = _Lowerer(base_dir)
+    lw = _Lowerer(base_dir, tensors)
     opsets: dict[str, int] = {}
     for op in proto.opset_import:
         opsets[op.domain] = op.version
@@ -120,8 +121,9 @@ def _decode(b: bytes) -> str:
 
 
 class _Lowerer:
-    def __init__(self, base_dir: str) -> None:
+    def __init__(self, base_dir: str, tensors: list[Tensor] | None = None) -> None:
         self.base_dir = base_dir
+        self.tensors = tensors
 
     # -- tensors and types ----------------------------------------------------------------
     def tensor(self, tp: onnx.TensorProto, where: str) -> Tensor:
@@ -131,6 +133,10 @@ class _Lowerer:
             raise InvalidModelError(f"{where}: tensor has a negative dimension {list(shape)}")
         if dtype == DataType.UNDEFINED:
             raise InvalidModelError(f"{where}: tensor has no element type (data_type 0)")
+        if self.tensors is not None and tp.data_location == onnx.TensorProto.EXTERNAL:
+            shared = self.referenced(tp, dtype, shape, where)
+            if shared is not None:
+                return shared
         try:
             if tp.data_location == onnx.TensorProto.EXTERNAL:
                 t = Tensor.from_external(self.external(tp, dtype, shape, where), dtype, shape, name=tp.name)
@@ -146,6 +152,19 @@ class _Lowerer:
             raise InvalidModelError(f"{where}: {e}") from None
         t.doc_string = tp.doc_string
         t.metadata_props = {p.key: p.value for p in tp.metadata_props}
+        return t
+
+    def referenced(self, tp: onnx.TensorProto, dtype: DataType, shape: tuple[int, ...], where: str) -> Tensor | None:
+        """The tensor of :attr:`tensors` that ``tp`` names (:func:`ir.emit.to_onnx_referencing`), if any."""
+        from .emit import REFERENCE_LOCATION
+
+        loc = next((e.value for e in tp.external_data if e.key == "location"), "")
+        if not loc.startswith(REFERENCE_LOCATION):
+            return None
+        assert self.tensors is not None
+        t = self.tensors[int(loc[len(REFERENCE_LOCATION):])]
+        if t.dtype != dtype or t.shape != shape:
+            raise IRError(f"{where}: referenced tensor {t!r} is not {dtype.name}{list(shape)}")
         return t
 
     def external(self, tp: onnx.TensorProto, dtype: DataType, shape: tuple[int, ...], where: str) -> ExternalLocation:

@@ -7,8 +7,10 @@ token types of zeros, position ids counting up.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -147,15 +149,28 @@ def make_feeds(
     return feeds
 
 
-def model_bytes_or_path(model: ir.Model, folder: str | None = None) -> tuple[bytes | str, str | None]:
-    """An onnxruntime-loadable form of the model: bytes, or a saved file when over 2 GB."""
-    from ir.emit import TWO_GB, _tensor_bytes
+#: Models with more tensor bytes reach onnxruntime through a file, not serialized bytes.
+FILE_BYTES = 256 << 20
 
-    if _tensor_bytes(model) < TWO_GB - (256 << 20):
+
+def model_bytes_or_path(model: ir.Model, folder: str | None = None) -> tuple[bytes | str, str | None]:
+    """An onnxruntime-loadable form of the model: bytes, or a saved file over :data:`FILE_BYTES` of tensors.
+
+    Serialized bytes cost the weights three more times while onnxruntime loads them (the protobuf,
+    its bytes, onnxruntime's parse); from a file with external data onnxruntime maps the weights,
+    and those still in the original model's data file are referenced there, not copied
+    (:func:`ir.save`'s ``share_external_data``). A folder made here is removed at exit.
+    """
+    from ir.emit import _tensor_bytes
+
+    if _tensor_bytes(model) <= FILE_BYTES:
         return ir.to_onnx(model).SerializeToString(), None
-    folder = folder or tempfile.mkdtemp(prefix="passes-verify-")
+    if folder is None:
+        folder = tempfile.mkdtemp(prefix="passes-verify-")
+        atexit.register(shutil.rmtree, folder, True)
     path = os.path.join(folder, "model.onnx")
-    ir.save(model, path, external_data=True)
+    ir.save(model, path, external_data=True, share_external_data=True)
+    ir.release_mapped_pages()
     return path, folder
 
 

@@ -317,8 +317,8 @@ def _drop_unused(graph: ir.Graph, rw: Rewriter, value: ir.Value | None) -> None:
 
 
 def copy_model(model: ir.Model) -> ir.Model:
-    """A deep copy of ``model`` (through ONNX: the copy shares nothing with the original)."""
-    return ir.from_onnx(ir.to_onnx(model))
+    """A copy of ``model`` to rewrite: new graphs and nodes, the same (immutable) tensors (:func:`ir.copy_model`)."""
+    return ir.copy_model(model)
 
 
 def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan, *, weight_only: Any = None

@@ -62,7 +62,7 @@ from ._emit import NBITS_BITS, Plan, apply_plan, build_switch_model, copy_model,
 from ..framework.base import Pass, PassContext, PassError, PassResult
 from .calibration import calibration_batches
 from .quant_math import WEIGHT_CLIPS, outlier_channels, smooth_factors, weight_clipping
-from .sensitivity import Evaluator, Score, release_memory
+from .sensitivity import FILE_BYTES, Evaluator, Score, release_memory
 from .static_scales import ChannelRanges, channel_ranges, static_qparams
 from .weight_only import WeightOnlyQuantizePass
 from ..framework.registry import register_pass
@@ -247,15 +247,26 @@ class QuantizePass(Pass):
         all_on = {c.index: "int8" for c in candidates}
         best: tuple[str, Plan, Any, dict[tuple[int, str], str], Score] | None = None
 
+        # A switch session holds the model twice; a big model's best one is not kept while the next
+        # is built (two at once: 11 GB for a 1B decoder) but built again after (see switch_session).
+        keep_best = sum(v.const_value.nbytes for v in model.graph.initializers.values()
+                        if v.const_value is not None) <= FILE_BYTES
+
+        def switch_session(vplan: Plan) -> tuple[Any, dict[tuple[int, str], str]]:
+            with weight_clipping(self.weight_clip):
+                switch, flags = build_switch_model(model, candidates, vplan, weight_only=NBITS if nbits else None)
+            with ev.saved(switch) as source:
+                del switch  # its quantized weights go before onnxruntime makes its own copy
+                return ev.session(source), flags
+
         def measure(variants: list[tuple[str, Plan]]) -> None:
             nonlocal best
             with ctx.bar(len(variants), "quantize: remedies") as bar:
                 for vname, vplan in variants:
-                    with weight_clipping(self.weight_clip):
-                        switch, flags = build_switch_model(model, candidates, vplan,
-                                                           weight_only=NBITS if nbits else None)
-                    sess = ev.session_of(switch)
-                    del switch
+                    if best is not None and not keep_best:
+                        best = (*best[:2], None, *best[3:])
+                    release_memory()
+                    sess, flags = switch_session(vplan)
                     s = ev.score_session(sess, flag_feeds(flags, all_on))
                     ctx.report_progress(f"quantize: all {len(candidates)} ops int8 with {vname}: {s}")
                     if best is None or budget.slack(s) > budget.slack(best[4]):
@@ -275,6 +286,9 @@ class QuantizePass(Pass):
         assert best is not None
         best_name, plan, sess, flags, all_score = best
         best = None
+        if sess is None:
+            release_memory()
+            sess, flags = switch_session(plan)
 
         # Screening: the batches the fully quantized model does worst on. The worst over a subset is
         # never below the worst over all batches, so a subset that misses the worst budget settles a

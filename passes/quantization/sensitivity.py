@@ -190,10 +190,12 @@ class Evaluator:
                 <= FILE_BYTES:
             source, folder = model_bytes_or_path(model)
         else:
+            # Weights still in the original model's data file are referenced there, not copied.
             folder = tempfile.mkdtemp(prefix="tfcompile-session-")
             source = os.path.join(folder, "model.onnx")
-            ir.save(model, source, external_data=True)
+            ir.save(model, source, external_data=True, share_external_data=True)
         del model
+        ir.release_mapped_pages()  # the weights read to build the model: onnxruntime maps its own
         try:
             yield source
         finally:
@@ -365,3 +367,4 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+    ir.release_mapped_pages()
