@@ -12,9 +12,9 @@ import platform
 from functools import lru_cache
 from pathlib import Path
 
-from ._target import QuantPolicy, Target, TargetError, load_target_file
+from ._target import PolicyVariant, QuantPolicy, Target, TargetError, load_target_file
 
-__all__ = ["Target", "QuantPolicy", "TargetError", "get", "all_targets", "native_name"]
+__all__ = ["Target", "QuantPolicy", "PolicyVariant", "TargetError", "get", "all_targets", "native_name"]
 
 _DIR = Path(__file__).parent / "profiles"
 

@@ -2,15 +2,43 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = ["Target", "QuantPolicy", "TargetError", "load_target_file"]
+__all__ = ["Target", "QuantPolicy", "PolicyVariant", "TargetError", "load_target_file"]
 
 
 class TargetError(Exception):
     """An unknown target name or a malformed target file."""
+
+
+#: The policy fields a :class:`PolicyVariant` may change (the weight and activation encodings).
+VARIANT_FIELDS = ("weight_signed", "per_channel", "reduce_range")
+
+
+@dataclass(frozen=True)
+class PolicyVariant:
+    """Another encoding the runtime's int8 kernels take, for ``--autotune`` to measure beside the policy's.
+
+    The policy is the profile's guess; where the kernels have more than one int8 form whose speed
+    and accuracy trade differently on a CPU (x86 without VNNI: u8 x s8 with 7-bit weights against
+    saturation, u8 x s8 with full 8-bit weights, u8 x u8 with 8-bit weights), a variant lists the
+    fields that differ and autotune tries each as one more candidate.
+
+    Attributes:
+        name: a short label for reports (``"u8 weights, 8-bit"``).
+        changes: ``(field, value)`` pairs over :data:`VARIANT_FIELDS`.
+    """
+
+    name: str
+    changes: tuple[tuple[str, Any], ...]
+
+    def apply(self, policy: QuantPolicy) -> QuantPolicy:
+        """``policy`` with this variant's changes (and no variants of its own)."""
+        return dataclasses.replace(policy, variants=(), **dict(self.changes))
 
 
 @dataclass(frozen=True)
@@ -25,6 +53,7 @@ class QuantPolicy:
         reduce_range: quantize weights to 7 bits (CPUs whose int8 dot product can saturate).
         activations: ``"dynamic"`` (scales computed at run time) or ``"static"`` (calibrated).
         format: ``"integer-ops"`` (MatMulIntegerToFloat and friends) or ``"qdq"`` (standard Q/DQ pairs).
+        variants: other encodings the kernels take (:class:`PolicyVariant`), measured by ``--autotune``.
     """
 
     ops: tuple[str, ...] = ("MatMul",)
@@ -34,6 +63,7 @@ class QuantPolicy:
     reduce_range: bool = False
     activations: str = "dynamic"
     format: str = "integer-ops"
+    variants: tuple[PolicyVariant, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -96,6 +126,7 @@ def load_target_file(path: Path) -> Target:
     try:
         q = data.pop("quantization", {})
         q["ops"] = tuple(q.get("ops", ("MatMul",)))
+        q["variants"] = tuple(_variant(path, v) for v in q.get("variants", ()))
         policy = QuantPolicy(**q)
         for key in ("aliases", "cpu_flags", "machine", "dtypes"):
             if key in data:
@@ -107,3 +138,16 @@ def load_target_file(path: Path) -> Target:
         return Target(quantization=policy, **data)
     except TypeError as e:
         raise TargetError(f"target file {path}: {e}") from None
+
+
+def _variant(path: Path, table: dict[str, Any]) -> PolicyVariant:
+    """One ``[[quantization.variants]]`` table: a ``name`` and the policy fields it changes."""
+    table = dict(table)
+    name = table.pop("name", None)
+    bad = sorted(set(table) - set(VARIANT_FIELDS))
+    if not isinstance(name, str) or not name or bad or not table:
+        raise TargetError(f"target file {path}: a quantization variant needs a name and changes to "
+                          f"{', '.join(VARIANT_FIELDS)}" + (f" (unknown: {', '.join(bad)})" if bad else ""))
+    if not all(isinstance(v, bool) for v in table.values()):
+        raise TargetError(f"target file {path}: quantization variant {name!r}: values must be true or false")
+    return PolicyVariant(name, tuple(sorted(table.items())))

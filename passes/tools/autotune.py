@@ -10,7 +10,10 @@ the profile's fixed rules are a guess; here they are measured:
    (never its name): the target's default fp32 pipeline; the other residual form before each
    LayerNorm (``fuse-layer-norm{residual=skip|sum}``: SkipLayerNormalization vs Sum +
    LayerNormalization) where the target provides SkipLayerNormalization; int8 with dynamic
-   activations (the ``quantize`` pass, its own per-op budget), and where the target provides
+   activations (the ``quantize`` pass, its own per-op budget), the same once per other weight
+   encoding the target's kernels take (its policy's :attr:`~targets.QuantPolicy.variants`, e.g. u8
+   8-bit weights beside s8 7-bit ones on x86 without VNNI: the quantize pass then sees the target's
+   policy with the variant's changes), and where the target provides
    ``MatMulNBits`` the same with the ops that budget keeps float as 8-bit block-wise weight-only
    ``MatMulNBits`` (``quantize{fallback=nbits}``), that with static activation scales from
    calibration (``static=on``: constant-scale ``QuantizeLinear``, no per-call
@@ -77,11 +80,26 @@ class Candidate:
         name: a short label for the table.
         pipeline: the pipeline string that builds it.
         quantized: whether it changes numerics on purpose (held to the budget; the others are too).
+        variant: a quantization policy variant of the target (:class:`targets.PolicyVariant`) its
+            passes see instead of the target's own policy, or None.
     """
 
     name: str
     pipeline: str
     quantized: bool = False
+    variant: targets.PolicyVariant | None = None
+
+    def target_for(self, target: targets.Target) -> targets.Target:
+        """``target`` as this candidate's passes see it (its policy with :attr:`variant` applied)."""
+        if self.variant is None:
+            return target
+        return dataclasses.replace(target, quantization=self.variant.apply(target.quantization))
+
+    def spec(self) -> str:
+        """The pipeline, with the policy variant's changes when there is one (the cache key, the report)."""
+        if self.variant is None:
+            return self.pipeline
+        return self.pipeline + " [policy: " + ", ".join(f"{k}={str(v).lower()}" for k, v in self.variant.changes) + "]"
 
 
 @dataclass
@@ -102,7 +120,7 @@ class Trial:
 
     def row(self) -> dict[str, Any]:
         """A JSON-ready row."""
-        return {"name": self.candidate.name, "pipeline": self.candidate.pipeline, "nodes": self.nodes,
+        return {"name": self.candidate.name, "pipeline": self.candidate.spec(), "nodes": self.nodes,
                 "median_ms": self.median_ms, "ratio": self.ratio, "worst_cosine": self.worst,
                 "mean_cosine": self.mean, "within_budget": self.ok, "error": self.error,
                 "compile_s": round(self.compile_s, 3)}
@@ -241,6 +259,9 @@ def candidates(target: targets.Target) -> list[Candidate]:
             out.append(Candidate(f"fp32, residual {other}", alt))
     if target.quantize_pipeline:
         out.append(Candidate("int8 dynamic (quantize)", f"{base},{target.quantize_pipeline}", quantized=True))
+        for v in target.quantization.variants:
+            out.append(Candidate(f"int8 dynamic ({v.name})", f"{base},{target.quantize_pipeline}", quantized=True,
+                                 variant=v))
     if target.supports("MatMulNBits", MS):
         fallback = _with_quantize_option(target.quantize_pipeline, "fallback", "nbits")
         if fallback is not None:
@@ -330,7 +351,7 @@ def autotune(
     flags = host_cpu_flags() if cpu_flags is None else set(cpu_flags)
     settings = {"target": target.name, "min_cosine": float(min_cosine), "min_mean_cosine": float(min_mean_cosine),
                 "batch": batch, "seq": seq,
-                "threads": threads, "candidates": [c.pipeline for c in cands],
+                "threads": threads, "candidates": [c.spec() for c in cands],
                 "calibration": {k: str(opts.get(k, "")) for k in ("calibration", "tokenizer", "texts", "exclude",
                                                                    "calibration_batch")}}
     key = cache_key(model_digest(model, source), flags, fingerprint or compiler_fingerprint(), settings)
@@ -368,7 +389,7 @@ def autotune(
             try:
                 trial = copy_model(model)
                 manager = PassManager(with_options(parse_pipeline(c.pipeline), "quantize", dict(opts)), verify=True)
-                passes = manager.run(trial, PassContext(target=target))
+                passes = manager.run(trial, PassContext(target=c.target_for(target)))
                 src, _ = model_bytes_or_path(trial)
                 score = evaluator.score(src)
                 run = _runner(src, threads)
