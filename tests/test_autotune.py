@@ -109,6 +109,23 @@ def test_second_run_hits_the_cache(tiny: pathlib.Path) -> None:
         assert not again.cached and again.key != first.key
 
 
+def test_compiled_candidates_are_reused_across_timing_lengths(tiny: pathlib.Path) -> None:
+    compiled: dict = {}
+    lines: list[str] = []
+    first = _tune(tiny, [FP32, INT4], min_cosine=0.9, compiled=compiled, progress=lines.append)
+    assert len(compiled) == 2 and any("compiling int4" in m for m in lines)
+    lines.clear()
+    again = autotune(ir.load(str(tiny)), targets.get("x86"), source=str(tiny), candidate_list=[FP32, INT4], seq=32,
+                     rounds=3, runs=3, min_cosine=0.9, use_cache=False, compiled=compiled, progress=lines.append)
+    assert not any("compiling" in m for m in lines) and any("int4 compiled by an earlier call" in m for m in lines)
+    assert again.setup["seq"] == 32
+    assert [(r["name"], r["worst_cosine"]) for r in again.rows] == [(r["name"], r["worst_cosine"]) for r in first.rows]
+    # a different budget is a different compile (the quantize pass decides under it)
+    lines.clear()
+    _tune(tiny, [FP32, INT4], min_cosine=0.95, compiled=compiled, progress=lines.append)
+    assert sum("compiling" in m for m in lines) == 2 and len(compiled) == 4
+
+
 def test_candidates_follow_target_capabilities() -> None:
     x86 = [c.name for c in candidates(targets.get("x86"))]
     assert len(x86) == 7 and any("residual skip" in n for n in x86) and any("int4" in n for n in x86)

@@ -307,6 +307,7 @@ def autotune(
     runner_hook: Callable[[Candidate, Runner], Runner] | None = None,
     fingerprint: str | None = None,
     cpu_flags: set[str] | None = None,
+    compiled: dict[str, Any] | None = None,
 ) -> AutotuneResult:
     """Measure the candidates on this host and return the fastest within the budget.
 
@@ -330,6 +331,10 @@ def autotune(
         candidate_list: candidates instead of :func:`candidates` (tests).
         runner_hook: wraps each candidate's timed runner (tests: make one slower on purpose).
         fingerprint, cpu_flags: override the compiler fingerprint and host flags in the cache key (tests).
+        compiled: a dict the caller keeps across calls: each candidate compiled and scored is kept in
+            it, and a later call with the same model, candidate, budget, calibration and threads
+            (any timing ``seq``) reuses it instead of compiling it again (benchmarks timing one model
+            at several lengths). It holds every candidate's model in memory.
 
     Raises:
         PassError: no candidate compiled and held the budget.
@@ -350,11 +355,15 @@ def autotune(
     cands = candidate_list if candidate_list is not None else candidates(target)
     flags = host_cpu_flags() if cpu_flags is None else set(cpu_flags)
     settings = {"target": target.name, "min_cosine": float(min_cosine), "min_mean_cosine": float(min_mean_cosine),
-                "batch": batch, "seq": seq,
+                "batch": batch, "seq": seq, "max_calibration": max_calibration,
                 "threads": threads, "candidates": [c.spec() for c in cands],
                 "calibration": {k: str(opts.get(k, "")) for k in ("calibration", "tokenizer", "texts", "exclude",
                                                                    "calibration_batch")}}
-    key = cache_key(model_digest(model, source), flags, fingerprint or compiler_fingerprint(), settings)
+    digest, fingerprint = model_digest(model, source), fingerprint or compiler_fingerprint()
+    key = cache_key(digest, flags, fingerprint, settings)
+    # what a compiled candidate depends on: all of the key but the timing shape and the candidate list
+    key_without_timing = cache_key(digest, flags, fingerprint,
+                                   {k: v for k, v in settings.items() if k not in ("seq", "candidates")})
     folder = cache_dir() / key
     if use_cache and (folder / "decision.json").is_file() and (folder / "model.onnx").is_file():
         try:
@@ -384,14 +393,23 @@ def autotune(
                 tr.error = f"skipped: the {budget_s:.0f} s budget was spent"
                 bar.update(1)
                 continue
-            say(f"autotune: compiling {c.name}")
             t0 = time.perf_counter()
+            memo_key = json.dumps([key_without_timing, c.spec(), sorted((k, str(v)) for k, v in opts.items())])
             try:
-                trial = copy_model(model)
-                manager = PassManager(with_options(parse_pipeline(c.pipeline), "quantize", dict(opts)), verify=True)
-                passes = manager.run(trial, PassContext(target=c.target_for(target)))
-                src, _ = model_bytes_or_path(trial)
-                score = evaluator.score(src)
+                if compiled is not None and memo_key in compiled:
+                    say(f"autotune: {c.name} compiled by an earlier call")
+                    trial, passes, score, tr.compile_s = compiled[memo_key]
+                    src, _ = model_bytes_or_path(trial)
+                else:
+                    say(f"autotune: compiling {c.name}")
+                    trial = copy_model(model)
+                    manager = PassManager(with_options(parse_pipeline(c.pipeline), "quantize", dict(opts)), verify=True)
+                    passes = manager.run(trial, PassContext(target=c.target_for(target)))
+                    src, _ = model_bytes_or_path(trial)
+                    score = evaluator.score(src)
+                    tr.compile_s = time.perf_counter() - t0
+                    if compiled is not None:
+                        compiled[memo_key] = (trial, passes, score, tr.compile_s)
                 run = _runner(src, threads)
                 run(feeds)  # warm-up (and a model that does not run fails here, not in the timing)
                 run(feeds)
@@ -399,7 +417,6 @@ def autotune(
                 tr.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 bar.update(1)
                 continue
-            tr.compile_s = time.perf_counter() - t0
             tr.nodes = sum(1 for _ in trial.graph.all_nodes())
             tr.worst, tr.mean = score.worst, score.mean
             tr.ok = score.worst >= min_cosine and score.mean >= min_mean_cosine
