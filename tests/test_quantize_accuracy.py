@@ -47,6 +47,28 @@ def test_mse_clip_ratio_is_the_grid_minimum_of_the_squared_error(reduce_range: b
     assert (got < 1).any(), "a heavy-tailed weight has channels where clipping lowers the error"
 
 
+def test_clip_ratios_are_remembered_by_weight_content_not_identity() -> None:
+    w = _heavy_tailed(1, 256, 16)
+    first = clip_ratios(w, 127, per_channel=True)
+    expect = first.copy()
+    first[:] = 0  # the caller's copy: the memo keeps its own
+    np.testing.assert_array_equal(clip_ratios(w.copy(), 127, per_channel=True), expect)
+    j = int(np.argmin(expect))
+    assert expect[j] < 1.0
+    edited = w.copy()
+    edited[:, j] = 0.01 * np.sign(edited[:, j])  # channel j without its tail: min/max is best there
+    again = clip_ratios(edited, 127, per_channel=True)
+    assert again[j] == 1.0
+    np.testing.assert_array_equal(np.delete(again, j), np.delete(expect, j))
+    # the other arguments are part of the key
+    qmax63 = clip_ratios(w, 63, per_channel=True)
+    for k in range(w.shape[1]):
+        amax = float(np.abs(w[:, k]).max())
+        errs = [_channel_error(w[:, k], r * amax / 63, 63) for r in MSE_RATIOS]
+        assert qmax63[k] == MSE_RATIOS[int(np.argmin(errs))]
+    assert clip_ratios(w, 127, per_channel=False).ndim == 0
+
+
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**16), k=st.integers(2, 64), n=st.integers(1, 8), per_channel=st.booleans(),
        reduce_range=st.booleans(), signed=st.booleans())

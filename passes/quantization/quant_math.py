@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -106,7 +108,30 @@ def clip_ratios(w: np.ndarray, qmax: int, *, per_channel: bool, axis: int = 1,
     Returns:
         float64 ratios, ``[N]`` along ``axis`` per channel, else 0-d.
     """
-    w = np.asarray(w, np.float64)
+    key = _clip_key(w, qmax, per_channel, axis, ratios)
+    if key in _CLIP_MEMO:
+        return _CLIP_MEMO[key].copy()
+    out = _clip_ratios(np.asarray(w, np.float64), qmax, per_channel, axis, np.asarray(ratios, np.float64))
+    if len(_CLIP_MEMO) >= _CLIP_MEMO_SIZE:
+        del _CLIP_MEMO[next(iter(_CLIP_MEMO))]
+    _CLIP_MEMO[key] = out
+    return out.copy()
+
+
+#: :func:`clip_ratios` results by weight content and arguments (the quantize pass quantizes the same
+#: weights once per remedy tried and again in the rewrite; the ratios are a few floats per channel).
+_CLIP_MEMO: dict[tuple[Any, ...], np.ndarray] = {}
+_CLIP_MEMO_SIZE = 4096
+
+
+def _clip_key(w: np.ndarray, qmax: int, per_channel: bool, axis: int, ratios: np.ndarray) -> tuple[Any, ...]:
+    a = np.ascontiguousarray(w)
+    r = np.ascontiguousarray(ratios, np.float64)
+    return (hashlib.blake2b(memoryview(a).cast("B"), digest_size=16).digest(), a.dtype.str, a.shape, int(qmax),
+            bool(per_channel), int(axis), r.tobytes())
+
+
+def _clip_ratios(w: np.ndarray, qmax: int, per_channel: bool, axis: int, ratios: np.ndarray) -> np.ndarray:
     if per_channel:
         w = np.moveaxis(w, axis % w.ndim, -1).reshape(-1, w.shape[axis % w.ndim])
         absmax = np.abs(w).max(axis=0)
@@ -115,7 +140,7 @@ def clip_ratios(w: np.ndarray, qmax: int, *, per_channel: bool, axis: int = 1,
         absmax = np.abs(w).max(axis=0)
     best = np.full(absmax.shape, np.inf)
     out = np.ones(absmax.shape)
-    for r in np.asarray(ratios, np.float64):
+    for r in ratios:
         scale = np.where(absmax > 0, r * absmax / qmax, 1.0)
         err = ((_levels(w, scale, qmax) * scale - w) ** 2).sum(axis=0)
         better = err < best
