@@ -106,6 +106,22 @@ def ort_models(src: pathlib.Path, work: pathlib.Path, heads: int = 12, hidden: i
     return str(opt), str(q)
 
 
+#: the speed bound row: every candidate op int8 with the target's policy, no accuracy budget
+BOUND = "bound: every op int8, no budget"
+
+
+def every_op_int8(src: pathlib.Path, work: pathlib.Path, target: targets.Target) -> str:
+    """The target's pipeline with every quantize candidate int8 (``sensitivity=false``): how fast int8
+    is on this host when accuracy is no object, beside what the budget lets autotune keep."""
+    from passes import compile_model
+
+    path = work / f"bound-{target.name}.onnx"
+    if not path.exists():
+        ir.save(compile_model(str(src), target, quantize="int8", verify=False,
+                              options={"sensitivity": False}).model, str(path))
+    return str(path)
+
+
 def run_seq(seq: int, src: pathlib.Path, work: pathlib.Path, lines: list[str], held_out: list[str],
             args: argparse.Namespace, compiled: dict) -> list[dict]:
     target = targets.get("native")
@@ -122,6 +138,8 @@ def run_seq(seq: int, src: pathlib.Path, work: pathlib.Path, lines: list[str], h
     paths: dict[str, str] = {}
     _, heads, hidden = MODELS[args.model]
     paths["ORT fp32 (optimizer)"], paths["ORT-q (optimizer + quantize_dynamic)"] = ort_models(src, work, heads, hidden)
+    if not args.no_bound:
+        paths[BOUND] = every_op_int8(src, work, target)
     for name, m in tuned.models.items():
         p = work / f"s{seq}-{''.join(ch if ch.isalnum() else '_' for ch in name)}.onnx"
         ir.save(m, str(p))
@@ -180,9 +198,11 @@ def plot(all_rows: list[dict], path: pathlib.Path, title: str = "all-MiniLM-L6-v
     for ax, seq in zip(axes[0], seqs):
         for r in (r for r in all_rows if r["seq"] == seq):
             ours, win = r["name"].lstrip("* ").startswith("ours"), r["name"].startswith("*")
+            bound = r["name"] == BOUND
             ax.scatter(r["ms"], 1 - r["worst"] + 1e-7, s=90 if win else 45,
-                       marker="*" if win else ("o" if ours else "s"),
-                       color="tab:green" if win else ("tab:blue" if ours else "tab:gray"), zorder=3)
+                       marker="*" if win else ("o" if ours else ("x" if bound else "s")),
+                       color="tab:green" if win else ("tab:blue" if ours else ("tab:red" if bound else "tab:gray")),
+                       zorder=3)
             ax.annotate(r["name"].replace("ours: ", "").replace("(optimizer + quantize_dynamic)", ""),
                         (r["ms"], 1 - r["worst"] + 1e-7), fontsize=7, xytext=(4, 3), textcoords="offset points")
         ax.set_yscale("log")
@@ -213,6 +233,7 @@ def main() -> int:
     ap.add_argument("--only", nargs="+", default=None, metavar="TEXT",
                     help="only the autotune candidates whose name contains one of these (the first must be "
                          "the default fp32: ratios are to it)")
+    ap.add_argument("--no-bound", action="store_true", help=f"leave out the row {BOUND!r}")
     ap.add_argument("--work", default=None)
     ap.add_argument("--plot", default=None, help="default benchmarks/bench_autotune.png (minilm), "
                     "benchmarks/bench_autotune_MODEL.png (others)")
