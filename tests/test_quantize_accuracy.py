@@ -162,6 +162,14 @@ def test_cross_validated_gap_is_the_mean_in_fold_optimism(seed: int, n: int) -> 
     tight = budget.tightened(gap)
     assert tight.worst == pytest.approx(min(0.998 + gap.worst, 1 - 1e-7))
     assert tight.mean == pytest.approx(min(0.999 + gap.mean, 1 - 1e-7))
+    # margin=cv-max: the larger fold's difference, never below the mean's
+    largest = cross_validated_gap(batches, decide, score, budget, reduce="max")
+    assert np.allclose(largest.folds, gap.folds)
+    assert largest.worst == pytest.approx(max(0.0, max(d[0] for d in diffs)))
+    assert largest.mean == pytest.approx(max(0.0, max(d[1] for d in diffs)))
+    assert largest.worst >= gap.worst and largest.mean >= gap.mean
+    with pytest.raises(ValueError, match="reduce"):
+        cross_validated_gap(batches, decide, score, budget, reduce="median")
 
 
 def test_a_decision_independent_of_the_samples_has_no_gap() -> None:
@@ -232,7 +240,8 @@ def _run(path: pathlib.Path, **options: object):
     return model, ctx, rec
 
 
-def test_the_pass_decides_as_with_the_budget_raised_by_the_measured_gap(tmp_path: pathlib.Path,
+@pytest.mark.parametrize("margin", ["cv", "cv-max"])
+def test_the_pass_decides_as_with_the_budget_raised_by_the_measured_gap(tmp_path: pathlib.Path, margin: str,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     path, npz = _model_and_calibration(tmp_path)
     seen: list[Gap] = []
@@ -244,9 +253,10 @@ def test_the_pass_decides_as_with_the_budget_raised_by_the_measured_gap(tmp_path
 
     monkeypatch.setattr(quantize_mod, "cross_validated_gap", spy)
     opts = {"calibration": npz, "calibration_batch": 4, "outliers": "off", "smooth": "off", "outlier_threshold": 0.0}
-    cv_model, ctx, rec = _run(path, min_cosine=0.999, margin="cv", **opts)
+    cv_model, ctx, rec = _run(path, min_cosine=0.999, margin=margin, **opts)
     assert len(seen) == 1
     gap = seen[0]
+    assert gap.worst == pytest.approx(max(0.0, (max if margin == "cv-max" else np.mean)([d[0] for d in gap.folds])))
     note = next(str(d) for d in ctx.diagnostics if "ops int8" in str(d) or "cannot be met" in str(d))
     tight = Budget(0.999).tightened(gap)
     assert f"tightened by the cross-validated gap {gap}" in note or gap.worst == 0, note
