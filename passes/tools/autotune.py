@@ -361,8 +361,10 @@ def autotune(
                                                                    "calibration_batch")}}
     digest, fingerprint = model_digest(model, source), fingerprint or compiler_fingerprint()
     key = cache_key(digest, flags, fingerprint, settings)
-    # what a compiled candidate depends on: all of the key but the timing shape and the candidate list
-    key_without_timing = cache_key(digest, flags, fingerprint,
+    # what a compiled candidate depends on: all of the key but the timing shape and the candidate list,
+    # and the compiler's sources (in one process the code compiling is the code imported, even when
+    # the files change under it)
+    key_without_timing = cache_key(digest, flags, "",
                                    {k: v for k, v in settings.items() if k not in ("seq", "candidates")})
     folder = cache_dir() / key
     if use_cache and (folder / "decision.json").is_file() and (folder / "model.onnx").is_file():
