@@ -340,7 +340,8 @@ class QuantizePass(Pass):
         everything = list(range(len(ev.batches)))
         if self.margin != "off" and len(ev.batches) >= 4:
             # The calibration-to-held-out gap: decide on one half of the batches, score that decision
-            # on the other half, both ways; the budget is tightened by the mean optimism measured.
+            # on the other half, both ways; the budget is tightened by the optimism measured (margin=cv: the
+            # folds' mean; cv-max: the larger).
             gap = cross_validated_gap(everything, lambda part, b: search(ev.subset(part), part, b, " (fold)")[0],
                                       lambda forms, part: score(forms, ev.subset(part)), budget,
                                       reduce="max" if self.margin == "cv-max" else "mean")
