@@ -162,6 +162,20 @@ def test_quantize_calibrates_at_the_timing_batch(tiny: pathlib.Path) -> None:
         assert f"calibration_batch={expected}" in spec, spec
 
 
+def test_quantize_in_autotune_takes_the_larger_folds_margin(tiny: pathlib.Path) -> None:
+    """Keeping the fastest of several forms that pass on calibration favours an underestimated gap:
+    autotune's quantize passes use margin=cv-max unless told otherwise; the cache key follows it."""
+    int8 = Candidate("int8", "quantize,dead-flow", quantized=True)
+    specs = []
+    for options in ({}, {"margin": "cv"}):
+        res = _tune(tiny, [int8], min_cosine=0.9, options=options)
+        specs.append(next(r.spec for r in res.records if r.spec.startswith("quantize")))
+    assert "margin=cv-max" in specs[0], specs
+    assert "margin" not in specs[1], specs  # the pass's own default, cv (a spec lists what differs from it)
+    keys = {_tune(tiny, [int8], min_cosine=0.9, options=o).key for o in ({}, {"margin": "cv"})}
+    assert len(keys) == 2
+
+
 def test_the_mean_budget_is_held_beside_the_worst(tiny: pathlib.Path) -> None:
     """int4 meets a loose worst bound; a mean bound above its mean keeps it out, and the table says both."""
     loose = _tune(tiny, [FP32, INT4], min_cosine=0.9, runner_hook=_slow("fp32"))

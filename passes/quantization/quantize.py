@@ -60,6 +60,7 @@ import ir
 from ._candidates import MS, NORM_OPS, Candidate, find_candidates, weight_of
 from ._emit import NBITS_BITS, Plan, apply_plan, build_switch_model, copy_model, flag_feeds
 from ..framework.base import Pass, PassContext, PassError, PassResult
+from .budget import Budget, Gap, cross_validated_gap
 from .calibration import calibration_batches
 from .quant_math import WEIGHT_CLIPS, outlier_channels, smooth_factors, weight_clipping
 from .sensitivity import FILE_BYTES, Evaluator, Score, release_memory
@@ -111,13 +112,15 @@ class QuantizePass(Pass):
             better is kept); ``on`` (every remedy with static scales only).
         static_clips: the percentiles of each channel's calibration values its static range covers
             (100: min/max).
-        margin: ``cv-max`` (default): the budget the search holds on the calibration samples is
+        margin: ``cv`` (default): the budget the search holds on the calibration samples is
             tightened by the gap between calibration and unseen samples, estimated by 2-fold
             cross-validation over the calibration batches (:func:`cross_validated_gap`: the search
-            decides on one half and its decision is scored on the other), the larger of the two
-            folds' gaps; ``cv``: their mean (more ops int8; on MiniLM's held-out sentences 3 of the 5
-            int8 forms autotune tries missed the worst-sentence budget by up to 1.3e-3 with it, none
-            with ``cv-max``); ``off``: the budget as given.
+            decides on one half and its decision is scored on the other), the mean of the two
+            folds' gaps; ``cv-max``: the larger of the two (fewer ops int8, held on unseen samples
+            more often: ``--autotune`` uses it, since keeping the fastest of several forms that pass
+            on calibration favours the form whose gap was most underestimated; on MiniLM's held-out
+            sentences 3 of its 5 int8 forms missed the worst-sentence budget with ``cv``, none with
+            ``cv-max``); ``off``: the budget as given.
         weight_clip: the weight scales: ``minmax`` (``max|w|`` maps to the top level) or ``mse``
             (per channel, the clipped range of least squared weight error,
             :func:`passes.quantization.quant_math.clip_ratios`).
@@ -154,7 +157,7 @@ class QuantizePass(Pass):
     fallback: str = "float"
     static: str = "off"
     static_clips: tuple[float, ...] = (100.0, 99.99)
-    margin: str = "cv-max"
+    margin: str = "cv"
     weight_clip: str = "mse"
     sensitivity: bool = True
     screen_fraction: float = 0.15
@@ -434,96 +437,6 @@ class QuantizePass(Pass):
 def _macs(c: Candidate) -> float:
     """Multiply-adds per token of a candidate's weight product."""
     return float(c.weight_shape[0] * c.weight_shape[1])
-
-
-@dataclass(frozen=True)
-class Budget:
-    """The accuracy budget: the worst calibration sample's cosine, and the mean one (0: none)."""
-
-    worst: float
-    mean: float = 0.0
-
-    def holds(self, s: Score) -> bool:
-        """Whether ``s`` is within both bounds."""
-        return s.worst >= self.worst and s.mean >= self.mean
-
-    def slack(self, s: Score) -> float:
-        """How far inside the budget ``s`` is (negative: outside), in units of each bound's room to 1."""
-        out = (s.worst - self.worst) / max(1.0 - self.worst, 1e-9)
-        if self.mean > 0:
-            out = min(out, (s.mean - self.mean) / max(1.0 - self.mean, 1e-9))
-        return out
-
-    def tightened(self, gap: Gap) -> Budget:
-        """The budget raised by a measured calibration-to-held-out ``gap`` (the mean bound only when
-        there is one), kept below 1."""
-        return Budget(min(self.worst + gap.worst, 1.0 - 1e-7),
-                      min(self.mean + gap.mean, 1.0 - 1e-7) if self.mean > 0 else 0.0)
-
-    def __str__(self) -> str:
-        return f"min_cosine={self.worst:.6g}" + (f", min_mean_cosine={self.mean:.6g}" if self.mean > 0 else "")
-
-
-@dataclass(frozen=True)
-class Gap:
-    """How much better a decision scores on the samples it was made on than on others.
-
-    Attributes:
-        worst: the mean (``reduce="max"``: the largest) over folds of (worst cosine inside - worst
-            cosine outside), at least 0.
-        mean: the same for the mean cosine, at least 0.
-        folds: each fold's (worst, mean) difference, unclipped.
-    """
-
-    worst: float
-    mean: float
-    folds: tuple[tuple[float, float], ...] = ()
-
-    def __str__(self) -> str:
-        return f"worst {self.worst:.2e}, mean {self.mean:.2e}"
-
-
-def cross_validated_gap(batches: list[int], decide: Callable[[list[int], Budget], dict[int, str]],
-                        score: Callable[[dict[int, str], list[int]], Score], budget: Budget, folds: int = 2,
-                        reduce: str = "mean") -> Gap:
-    """The optimism of deciding on calibration samples, by ``folds``-fold cross-validation.
-
-    The batches are dealt into ``folds`` parts (``batches[k::folds]``); for each part, ``decide``
-    chooses forms under ``budget`` on that part alone, and ``score`` measures them on the part and on
-    the other batches. A search that adds ops while the budget holds on the samples it sees stops
-    where those samples happen to allow, so its decision scores lower on samples it did not see; the
-    mean difference over the folds estimates by how much, and tightening the budget by it makes the
-    decision on all the calibration hold the budget on unseen data in expectation. A decision that
-    does not depend on the samples (e.g. every op int8 on every fold) has a difference of zero on
-    average over the folds: what remains is the selection's optimism, not sampling noise alone.
-
-    The folds' differences are noisy (the worst of a few dozen samples is an extreme value: on
-    MiniLM's 109 calibration sentences the two folds measured -4e-4 and +1.5e-3): ``reduce="max"``
-    takes the largest fold's instead of the mean, a margin that holds on unseen samples more often
-    at the price of fewer quantized ops.
-
-    Args:
-        batches: the batch indices to split.
-        decide: ``decide(part, budget) -> forms`` (candidate index -> form).
-        score: ``score(forms, part) -> Score`` over those batches.
-        budget: the budget the decisions hold.
-        folds: parts (at least 2).
-        reduce: ``mean`` or ``max`` over the folds.
-    """
-    if reduce not in ("mean", "max"):
-        raise ValueError(f"reduce must be mean or max, not {reduce!r}")
-    if folds < 2 or len(batches) < folds:
-        raise ValueError(f"cross-validation needs at least 2 folds of one batch each ({len(batches)} batches, {folds} folds)")
-    parts = [batches[k::folds] for k in range(folds)]
-    diffs = []
-    for k, inside in enumerate(parts):
-        outside = [b for j, p in enumerate(parts) if j != k for b in p]
-        forms = decide(inside, budget)
-        s_in, s_out = score(forms, inside), score(forms, outside)
-        diffs.append((s_in.worst - s_out.worst, s_in.mean - s_out.mean))
-    agg = np.mean if reduce == "mean" else np.max
-    return Gap(max(0.0, float(agg([d[0] for d in diffs]))), max(0.0, float(agg([d[1] for d in diffs]))),
-               tuple(diffs))
 
 
 def _grow(start: dict[int, str], pool: list[Candidate], form: str, alone: dict[int, Score],
