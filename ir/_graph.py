@@ -138,6 +138,26 @@ class Graph:
         if not v.is_graph_input():
             v._graph = None
 
+    def take_initializer(self, value: Value) -> Value:
+        """Move initializer ``value`` (the same value, name and uses) from the graph holding it into this one.
+
+        For a subgraph taking a weight only its nodes read (onnxruntime pre-packs a subgraph's own
+        initializers only); the caller checks that no reader is left outside this graph.
+        """
+        home = value._graph
+        if home is None or home.initializers.get(value.name) is not value:
+            raise IRError(f"%{value.name} is not an initializer")
+        if value.is_graph_input() or value.is_graph_output():
+            raise IRError(f"initializer %{value.name} is an input or output of its graph; cannot move it")
+        if home is self:
+            return value
+        if value.name in self.initializers:
+            raise IRError(f"initializer name %{value.name} is already used in graph {self.name!r}")
+        del home.initializers[value.name]
+        value._graph = self
+        self.initializers[value.name] = value
+        return value
+
     # -- naming ----------------------------------------------------------------------------
     def root(self) -> Graph:
         """The outermost graph (follows subgraph parents)."""

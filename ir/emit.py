@@ -150,7 +150,10 @@ def save(
             os.chmod(tmp_data, mode)
             links = _Links(folder, os.path.basename(path)) if share_external_data else None
             with os.fdopen(fd, "wb") as data_file:
-                proto = _Emitter(_external_writer(data_file, location, size_threshold, links)).model(model)
+                # ONNX's checker, which onnxruntime runs on subgraphs, refuses external data in a
+                # file with several hard links: subgraph tensors are copied, never linked.
+                sub = _external_writer(data_file, location, size_threshold) if links is not None else None
+                proto = _Emitter(_external_writer(data_file, location, size_threshold, links), sub).model(model)
                 data_file.flush()
                 os.fsync(data_file.fileno())
         else:
@@ -253,8 +256,19 @@ def _external_writer(f: Any, location: str, threshold: int, links: _Links | None
 
 
 class _Emitter:
-    def __init__(self, writer: _Writer | None) -> None:
+    def __init__(self, writer: _Writer | None, sub_writer: _Writer | None = None) -> None:
         self.writer = writer
+        #: The writer for tensors inside subgraphs (If branches, loop bodies), when it differs.
+        self.sub_writer = sub_writer
+
+    def subgraph(self, g: Graph) -> onnx.GraphProto:
+        if self.sub_writer is None:
+            return self.graph(g)
+        outer, self.writer = self.writer, self.sub_writer
+        try:
+            return self.graph(g)
+        finally:
+            self.writer = outer
 
     def model(self, m: Model) -> onnx.ModelProto:
         p = onnx.ModelProto()
@@ -397,7 +411,7 @@ class _Emitter:
         elif k == AttrType.TENSOR:
             p.t.CopyFrom(self.tensor(v))
         elif k == AttrType.GRAPH:
-            p.g.CopyFrom(self.graph(v))
+            p.g.CopyFrom(self.subgraph(v))
         elif k == AttrType.FLOATS:
             p.floats.extend(v)
         elif k == AttrType.INTS:
@@ -407,7 +421,7 @@ class _Emitter:
         elif k == AttrType.TENSORS:
             p.tensors.extend(self.tensor(t) for t in v)
         elif k == AttrType.GRAPHS:
-            p.graphs.extend(self.graph(g) for g in v)
+            p.graphs.extend(self.subgraph(g) for g in v)
         elif k == AttrType.SPARSE_TENSOR:
             p.sparse_tensor.CopyFrom(self.sparse(v))
         elif k == AttrType.SPARSE_TENSORS:

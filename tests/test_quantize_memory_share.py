@@ -69,8 +69,19 @@ def _old_copy(model: ir.Model) -> ir.Model:
 
 
 def _initializer_files(path: pathlib.Path) -> dict[str, str]:
+    """The data file of each initializer, by name, in the main graph and its subgraphs (If branches)."""
     proto = onnx.load(str(path), load_external_data=False)
-    return {t.name: {e.key: e.value for e in t.external_data}.get("location", "") for t in proto.graph.initializer}
+    out: dict[str, str] = {}
+
+    def walk(g: onnx.GraphProto) -> None:
+        out.update({t.name: {e.key: e.value for e in t.external_data}.get("location", "") for t in g.initializer})
+        for n in g.node:
+            for a in n.attribute:
+                for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                    walk(sub)
+
+    walk(proto.graph)
+    return out
 
 
 def test_copy_model_shares_the_tensors_and_nothing_else(tmp_path: pathlib.Path) -> None:
@@ -192,7 +203,7 @@ def test_the_switch_model_shares_the_float_weights_and_saves_without_them(
     model = ir.load(str(path))
     cands = find_candidates(model, ("MatMul",))
     plan = Plan(frozenset(c.index for c in cands), True, False, True, "integer-ops")
-    switch, flags = build_switch_model(model, cands, plan)
+    switch, flags = build_switch_model(model, cands, plan, local_weights=False)  # as for a big model
     for name, v in model.graph.initializers.items():
         assert switch.graph.initializers[name].const_value is v.const_value
     from passes.quantization import sensitivity
@@ -211,7 +222,7 @@ def test_the_switch_model_shares_the_float_weights_and_saves_without_them(
         assert int8_bytes <= os.path.getsize(source + ".data") < int8_bytes + 16 * 4096
         assert peak < int8_bytes + weight_bytes // 4, (peak, int8_bytes, weight_bytes)
         new = ort_session(source)
-    old_switch, old_flags = build_switch_model(_old_copy(model), cands, plan)
+    old_switch, old_flags = build_switch_model(_old_copy(model), cands, plan, local_weights=False)
     assert old_flags == flags and ir.structurally_equal(old_switch, switch)
     old = ort_session(ir.to_onnx(old_switch).SerializeToString())
     feeds = _feeds(1)

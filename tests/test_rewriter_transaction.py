@@ -92,3 +92,45 @@ def test_a_successful_rewrite_keeps_its_changes() -> None:
     model = _model()
     assert apply_rules(model, [Ok()], PassContext(), Rewriter(), pass_name="test") == 1
     assert [n.op_type for n in model.graph] == ["Add", "Abs", "Mul", "Tanh"]
+
+
+def test_moving_a_node_and_its_weight_into_an_if_branch_is_undone_as_a_whole() -> None:
+    """``move_into``, ``move_initializer``, ``set_outputs`` (the quantize switch model's If branches): the moved node
+    keeps its inputs, now captures of the branch, and a failing rewrite puts node and weight back."""
+    model = _model()
+    before = ir.print_model(model)
+    g = model.graph
+    add = next(n for n in g if n.op_type == "Add")
+    w = add.inputs[1]
+    rw = Rewriter()
+    with pytest.raises(RuntimeError, match="after the move"):
+        with rw.transaction():
+            flag = g.add_input(ir.Value("flag", ir.TensorType(ir.DataType.BOOL, ())))
+            then_g, else_g = ir.Graph(name="then"), ir.Graph(name="else")
+            sel = rw.make("If", [flag], {"then_branch": then_g, "else_branch": else_g}, before=add,
+                          types=[add.outputs[0].type])
+            rw.set_outputs(then_g, [rw.make("Neg", [add.inputs[0]], graph=then_g).outputs[0]])
+            rw.replace_all_uses_with(add.outputs[0], sel.outputs[0])
+            rw.move_into(add, else_g)
+            rw.move_initializer(w, else_g)
+            rw.set_outputs(else_g, [add.outputs[0]])
+            assert add.graph is else_g and w.graph is else_g and "w" not in g.initializers
+            assert else_g.captured_values() == [add.inputs[0]]
+            ir.verify(model)
+            raise RuntimeError("after the move")
+    del g.inputs[-1]
+    assert ir.print_model(model) == before
+    ir.verify(model)
+    for value, uses in recompute_uses(model.graph).items():
+        assert {(id(n), i) for n, i in value.uses()} == {(id(n), i) for n, i in uses}, value
+
+
+def test_take_initializer_refuses_interface_values() -> None:
+    model = _model()
+    g = model.graph
+    sub = ir.Graph(name="sub")
+    with pytest.raises(ir.IRError, match="not an initializer"):
+        sub.take_initializer(g.inputs[0])
+    w = g.initializers["w"]
+    assert sub.take_initializer(w) is w and w.graph is sub and sub.initializers["w"] is w
+    assert g.take_initializer(w) is w and g.initializers["w"] is w

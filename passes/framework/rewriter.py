@@ -215,6 +215,25 @@ class Rewriter:
         self._log(lambda: g.move_before(nxt, node) if nxt is not None else _move_last(g, node))
         self.changes += 1
 
+    def move_into(self, node: ir.Node, graph: ir.Graph) -> None:
+        """Move ``node`` to the end of ``graph`` (e.g. into an If branch), keeping its inputs.
+
+        Its outputs must have no readers left where it was (rewire them first); values of the
+        enclosing graphs that it reads become captures of ``graph``.
+        """
+        home = node.graph
+        assert home is not None
+        places = _reinsert_undo(home, [node])
+        home.erase(node)
+        graph.append(node)
+
+        def undo() -> None:
+            graph.erase(node)
+            places()
+
+        self._log(undo)
+        self.changes += 1
+
     # -- attributes, constants, types ------------------------------------------------------
     def set_attr(self, node: ir.Node, name: str, value: Any) -> None:
         """Set an attribute from a Python value."""
@@ -259,6 +278,23 @@ class Rewriter:
         value = graph.initializers[name]
         graph.remove_initializer(name)
         self._log(lambda: graph.add_initializer(value))
+        self.changes += 1
+
+    def set_outputs(self, graph: ir.Graph, values: Sequence[ir.Value]) -> None:
+        """Make ``values`` the outputs of ``graph`` (a subgraph being built: the model's own outputs
+        are interface, changed through :meth:`replace_graph_output` only)."""
+        was = list(graph.outputs)
+        graph.outputs = list(values)
+        self._log(lambda: setattr(graph, "outputs", was))
+        self.changes += 1
+
+    def move_initializer(self, value: ir.Value, graph: ir.Graph) -> None:
+        """Move initializer ``value`` into ``graph`` (a subgraph where all its readers are), keeping its name."""
+        home = value.graph
+        if home is graph:
+            return
+        graph.take_initializer(value)
+        self._log(lambda: home.take_initializer(value) if home is not None else None)
         self.changes += 1
 
     def set_const_value(self, value: ir.Value, tensor: ir.Tensor) -> None:

@@ -23,6 +23,7 @@ import ir
 from ._candidates import MS, NORM_OPS, QATTENTION_ATTRS, Candidate, initializer_array, weight_of
 from .quant_math import quantize_weight
 from ..framework.base import PassError
+from ..framework.numerics import FILE_BYTES
 from ..framework.rewriter import Rewriter
 
 __all__ = ["Plan", "apply_plan", "build_switch_model", "copy_model", "flag_feeds"]
@@ -62,12 +63,15 @@ class Plan:
 
 
 def _static_quantizer(graph: ir.Graph, rw: Rewriter, x: ir.Value, qparams: tuple[np.ndarray, np.ndarray],
-                      base: str, *, before: ir.Node | None = None, after: ir.Node | None = None
-                      ) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """``QuantizeLinear(x, scale, zero_point)`` with constant (calibrated) parameters: ``(x_q, scale, zero_point)``."""
+                      base: str, *, before: ir.Node | None = None, after: ir.Node | None = None,
+                      into: ir.Graph | None = None) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """``QuantizeLinear(x, scale, zero_point)`` with constant (calibrated) parameters: ``(x_q, scale, zero_point)``.
+
+    The node goes before ``before``, after ``after``, or at the end of ``into``; the constants into ``graph``.
+    """
     scale = rw.constant(graph, np.asarray(qparams[0], np.float32), name=f"{base}_static_scale")
     zp = rw.constant(graph, np.asarray(qparams[1], np.uint8), name=f"{base}_static_zero_point")
-    q = rw.make("QuantizeLinear", [x, scale, zp], before=before, after=after, name=f"{base}_static_quant",
+    q = rw.make("QuantizeLinear", [x, scale, zp], before=before, after=after, graph=into, name=f"{base}_static_quant",
                 output_names=[f"{base}_static_q"], types=[ir.TensorType(ir.DataType.UINT8, None)])
     return q.outputs[0], scale, zp
 
@@ -92,18 +96,18 @@ def _bias_add(node: ir.Node, n: int) -> ir.Node | None:
     return add
 
 
-def _outlier_inputs(graph: ir.Graph, rw: Rewriter, x: ir.Value, idx: np.ndarray, k: int, first: ir.Node, base: str
-                    ) -> tuple[ir.Value, ir.Value]:
+def _outlier_inputs(graph: ir.Graph, rw: Rewriter, x: ir.Value, idx: np.ndarray, k: int, first: ir.Node | None,
+                    base: str, *, into: ir.Graph | None = None) -> tuple[ir.Value, ir.Value]:
     """``(x * mask, Gather(x, idx, axis=-1))``: the activation without its outlier channels, and those channels.
 
-    ``k`` is the channel count (the weight's ``K``).
+    ``k`` is the channel count (the weight's ``K``). The nodes go before ``first``, or at the end of ``into``.
     """
     mask = np.ones(k, np.float32)
     mask[idx] = 0.0
     gather = rw.make("Gather", [x, rw.constant(graph, idx.astype(np.int64), name=f"{base}_outlier_idx")],
-                     {"axis": -1}, before=first, name=f"{base}_outliers", output_names=[f"{base}_outliers"],
+                     {"axis": -1}, before=first, graph=into, name=f"{base}_outliers", output_names=[f"{base}_outliers"],
                      types=[ir.TensorType(ir.DataType.FLOAT, None)])
-    masked = rw.make("Mul", [x, rw.constant(graph, mask, name=f"{base}_inlier_mask")], before=first,
+    masked = rw.make("Mul", [x, rw.constant(graph, mask, name=f"{base}_inlier_mask")], before=first, graph=into,
                      name=f"{base}_inliers", output_names=[f"{base}_inliers"], types=[x.type])
     return masked.outputs[0], gather.outputs[0]
 
@@ -301,11 +305,12 @@ def _rewrite_one(
 
 
 def _outlier_matmul(graph: ir.Graph, rw: Rewriter, outlier: tuple[ir.Value, np.ndarray], w: np.ndarray, base: str,
-                    *, before: ir.Node | None = None, after: ir.Node | None = None) -> ir.Value:
+                    *, before: ir.Node | None = None, after: ir.Node | None = None, into: ir.Graph | None = None
+                    ) -> ir.Value:
     """The float product of the gathered outlier channels with their weight rows."""
     gathered, idx = outlier
     rows = rw.constant(graph, np.ascontiguousarray(w[idx, :], np.float32), name=f"{base}_outlier_w")
-    mm = rw.make("MatMul", [gathered, rows], before=before, after=after, name=f"{base}_outlier_matmul",
+    mm = rw.make("MatMul", [gathered, rows], before=before, after=after, graph=into, name=f"{base}_outlier_matmul",
                  output_names=[f"{base}_outlier_part"], types=[ir.TensorType(ir.DataType.FLOAT, None)])
     return mm.outputs[0]
 
@@ -321,107 +326,170 @@ def copy_model(model: ir.Model) -> ir.Model:
     return ir.copy_model(model)
 
 
-def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan, *, weight_only: Any = None
-                       ) -> tuple[ir.Model, dict[tuple[int, str], str]]:
+def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan, *, weight_only: Any = None,
+                       local_weights: bool | None = None) -> tuple[ir.Model, dict[tuple[int, str], str]]:
     """A copy of ``model`` where every candidate can be switched between its forms at run time.
 
-    Each candidate's output ``y`` becomes ``y + flag * (y_int8 - y)`` with ``flag`` a scalar graph
-    input (with ``weight_only``, the MatMulNBits writer as in :func:`apply_plan`, MatMul/Gemm ones also
-    ``+ flag_nbits * (y_nbits - y)``): one onnxruntime
-    session then measures any assignment of forms, instead of one session per assignment. All
-    flags 0 gives the float output exactly; the int8 path is the same arithmetic :func:`apply_plan`
-    emits (one quantizer per op instead of a shared one, which computes the same numbers), and the
-    ``nbits`` path reads the unsmoothed activation, as :func:`apply_plan`'s weight-only ops do.
+    Each candidate becomes an ``If`` on a scalar bool graph input ``flag``: its then-branch computes
+    the int8 form of the op, its else-branch the float op itself (moved there), or with
+    ``weight_only`` (the MatMulNBits writer as in :func:`apply_plan`) for MatMul/Gemm ones a second
+    ``If`` on ``flag_nbits`` choosing between the 8-bit weight-only form and the float op. One
+    onnxruntime session then measures any assignment of forms, instead of one session per
+    assignment, and runs only the selected form of each op (the arithmetic blend this replaced,
+    ``y + flag * (y_int8 - y)``, ran every form: 2-3x the model's work). At most one form of an
+    op is on.
+
+    All flags off is the float model exactly; the int8 path is the same arithmetic
+    :func:`apply_plan` emits (one quantizer per op instead of a shared one, which computes the same
+    numbers), and the ``nbits`` path reads the unsmoothed activation, as :func:`apply_plan`'s
+    weight-only ops do.
+
+    The branches read the activation and the mask from the enclosing graph and hold their weights
+    as their own initializers: onnxruntime pre-packs no weight a subgraph reads from outside it (a
+    MatMulNBits then even computes other numbers). The float weights move into the else-branches
+    with ``local_weights``; by default only when the model is small enough to be loaded from bytes
+    (:data:`~passes.framework.numerics.FILE_BYTES`). A bigger one is saved to a file referencing
+    the original's weight file, which a subgraph cannot do (ONNX's checker refuses hard-linked data
+    there), so its float branches read the weights from outside, unpacked.
 
     Returns:
         The copy, and the flag input's name for each ``(candidate index, form)``, form ``int8`` or
         ``nbits`` (see :func:`flag_feeds`).
     """
+    if local_weights is None:
+        local_weights = sum(v.const_value.nbytes for v in model.graph.initializers.values()
+                            if v.const_value is not None) <= FILE_BYTES
     m = copy_model(model)
     graph = m.graph
     rw = Rewriter()
-    if plan.format == "integer-ops":
+    if plan.format == "integer-ops" or weight_only is not None:
         rw.import_opset(m, MS)
     nodes = list(graph)
     flags: dict[tuple[int, str], str] = {}
-    smoothed: dict[str, ir.Value] = {}
     for c in candidates:
         node = nodes[c.index]
-        x, y = node.inputs[0], node.outputs[0]
-        assert x is not None and y is not None
-        w, bias = weight_of(node)  # type: ignore[misc]
-        x_float, w_float = x, w
-        s = plan.smooth.get(c.activation)
-        if s is not None:
-            if c.activation not in smoothed:
-                inv = rw.constant(graph, (1.0 / s).astype(np.float32), name=f"{c.activation}_smooth_inv")
-                smoothed[c.activation] = rw.make("Mul", [x, inv], before=node, types=[x.type]).outputs[0]
-            x = smoothed[c.activation]
-            w = w * s[:, None]
-        base = f"switch{c.index}"
-        idx = plan.outliers.get(c.activation)
-        outlier: tuple[ir.Value, np.ndarray] | None = None
-        if idx is not None and len(idx) and c.op != "Attention":
-            x, gathered = _outlier_inputs(graph, rw, x, idx, c.weight_shape[0], node, base)
-            outlier = (gathered, idx)
-        after = node
-        static = plan.static.get(c.activation)
-        if plan.format == "qdq":
-            qw = quantize_weight(w, per_channel=plan.per_channel, signed=plan.signed, reduce_range=plan.reduce_range)
-            if static is not None:
-                qx = _static_quantizer(graph, rw, x, static, base, after=after)
-                dql = qx[0].producer()
+        y = node.outputs[0]
+        assert y is not None and node.inputs[0] is not None
+        forms = ["int8"] + (["nbits"] if weight_only is not None and c.op != "Attention" else [])
+        names = [graph.unique_name(f"quant_flag_{c.index}" + ("" if form == "int8" else f"_{form}")) for form in forms]
+        # The If nodes go in first, so that the branches' names are drawn from the model's.
+        where: ir.Graph | ir.Node = node
+        branches: list[ir.Graph] = []
+        outer: ir.Value | None = None
+        for form, name in zip(forms, names):
+            flag = graph.add_input(ir.Value(name, ir.TensorType(ir.DataType.BOOL, ())))
+            then_g = ir.Graph(name=f"switch{c.index}_{form}")
+            else_g = ir.Graph(name=f"switch{c.index}_{form}_else")
+            kw: dict[str, Any] = {"before": where} if isinstance(where, ir.Node) else {"graph": where}
+            sel = rw.make("If", [flag], {"then_branch": then_g, "else_branch": else_g}, name=f"switch{c.index}_{form}",
+                          output_names=[f"switch{c.index}_{form}_out"], types=[y.type], **kw)
+            if outer is None:
+                outer = sel.outputs[0]
             else:
-                dql = rw.make("DynamicQuantizeLinear", [x], after=after, num_outputs=3)
-                qx = tuple(dql.outputs)
-            dqx = rw.make("DequantizeLinear", list(qx), after=dql)
-            attrs = {"axis": 1} if qw.axis is not None else {}
-            dqw = rw.make("DequantizeLinear", [rw.constant(graph, qw.q, name=f"{base}_w_q"),
-                                               rw.constant(graph, qw.scale, name=f"{base}_w_scale"),
-                                               rw.constant(graph, qw.zero_point, name=f"{base}_w_zp")], attrs, after=dqx)
-            yq = rw.make("MatMul", [dqx.outputs[0], dqw.outputs[0]], after=dqw)
-            last = yq
-            if bias is not None:
-                last = rw.make("Add", [yq.outputs[0], rw.constant(graph, bias, name=f"{base}_bias")], after=yq)
-        else:
-            qw = quantize_weight(w, per_channel=plan.per_channel, signed=plan.signed, reduce_range=plan.reduce_range)
-            wq = rw.constant(graph, qw.q, name=f"{base}_w_q")
-            ws = rw.constant(graph, qw.scale, name=f"{base}_w_scale")
-            wz = rw.constant(graph, qw.zero_point, name=f"{base}_w_zp")
-            b = rw.constant(graph, bias, name=f"{base}_bias") if bias is not None else None
-            if static is not None:
-                xq, xs, xz = _static_quantizer(graph, rw, x, static, base, after=after)
-                after = xq.producer()
-            elif c.op == "Attention":
-                dql = rw.make("DynamicQuantizeLinear", [x], after=after, num_outputs=3)
-                xq, xs, xz = dql.outputs
-                after = dql
-            if c.op == "Attention":
-                attrs = {k: a for k, a in node.attributes.items() if k in QATTENTION_ATTRS}
-                mask = node.inputs[3] if len(node.inputs) > 3 else None
-                last = rw.make("QAttention", [xq, wq, b, xs, ws, mask, xz, wz], dict(attrs), after=after, domain=MS)
-            elif static is not None:
-                last = rw.make("MatMulIntegerToFloat", [xq, wq, xs, ws, xz, wz, b], after=after, domain=MS)
+                rw.set_outputs(where, [sel.outputs[0]])  # type: ignore[arg-type, list-item]
+            branches.append(then_g)
+            where = else_g
+        assert outer is not None and isinstance(where, ir.Graph)
+        for then_g, form in zip(branches, forms):
+            if form == "int8":
+                out = _int8_path(then_g, rw, c, node, plan, then_g)
             else:
-                last = rw.make("DynamicQuantizeMatMul", [x, wq, ws, wz, b], after=after, domain=MS)
-        if outlier is not None:
-            part = _outlier_matmul(graph, rw, outlier, w, base, after=last)
-            last = rw.make("Add", [last.outputs[0], part], after=part.producer())
-        paths = [("int8", last)]
-        if weight_only is not None and c.op != "Attention":
-            paths.append(("nbits", weight_only._nbits(graph, rw, x_float, w_float, bias, NBITS_BITS, f"{base}_nbits",
-                                                      y.type, after=last)))
-        switched = [(graph.unique_name(f"quant_flag_{c.index}" + ("" if form == "int8" else f"_{form}")), path)
-                    for form, path in paths]
-        names = switch_in(graph, rw, y, switched, after=paths[-1][1])
-        flags.update({(c.index, form): name for (form, _), name in zip(paths, names)})
+                w, bias = weight_of(node)  # type: ignore[misc]
+                out = weight_only._nbits(then_g, rw, node.inputs[0], w, bias, NBITS_BITS, f"switch{c.index}_nbits",
+                                         y.type, into=then_g).outputs[0]
+            rw.set_outputs(then_g, [out])
+        rw.replace_all_uses_with(y, outer)
+        rw.move_into(node, where)
+        if local_weights:
+            _localize_weights(graph, rw, node)
+        rw.set_outputs(where, [y])
+        flags.update({(c.index, form): name for form, name in zip(forms, names)})
     graph.sort()
     return m, flags
+
+
+def _localize_weights(graph: ir.Graph, rw: Rewriter, node: ir.Node) -> None:
+    """Move the initializers of ``graph`` that only ``node`` (now in a subgraph) reads into ``node``'s graph.
+
+    onnxruntime pre-packs only a subgraph's own initializers: a weight read from the enclosing
+    graph is not packed (slower, and MatMulNBits' ``accuracy_level`` is then not applied).
+    """
+    home = node.graph
+    assert home is not None
+    for i, v in enumerate(node.inputs):
+        if (v is None or graph.initializers.get(v.name) is not v or v.is_graph_input() or v.is_graph_output()
+                or any(user is not node for user, _ in v.uses()) or v.returned_by()):
+            continue
+        rw.move_initializer(v, home)
+
+
+def _int8_path(graph: ir.Graph, rw: Rewriter, c: Candidate, node: ir.Node, plan: Plan, into: ir.Graph) -> ir.Value:
+    """The int8 form of candidate ``c`` (``node``) written at the end of ``into``, constants in ``graph``.
+
+    The caller passes the branch as ``graph`` too: onnxruntime pre-packs a subgraph's own weights only.
+    """
+    x, y = node.inputs[0], node.outputs[0]
+    assert x is not None and y is not None
+    w, bias = weight_of(node)  # type: ignore[misc]
+    base = f"switch{c.index}"
+    s = plan.smooth.get(c.activation)
+    if s is not None:
+        inv = rw.constant(graph, (1.0 / s).astype(np.float32), name=f"{c.activation}_smooth_inv")
+        x = rw.make("Mul", [x, inv], graph=into, types=[x.type]).outputs[0]
+        w = w * s[:, None]
+    idx = plan.outliers.get(c.activation)
+    outlier: tuple[ir.Value, np.ndarray] | None = None
+    if idx is not None and len(idx) and c.op != "Attention":
+        x, gathered = _outlier_inputs(graph, rw, x, idx, c.weight_shape[0], None, base, into=into)
+        outlier = (gathered, idx)
+    static = plan.static.get(c.activation)
+    qw = quantize_weight(w, per_channel=plan.per_channel, signed=plan.signed, reduce_range=plan.reduce_range)
+    if plan.format == "qdq":
+        if static is not None:
+            qx = _static_quantizer(graph, rw, x, static, base, into=into)
+        else:
+            dql = rw.make("DynamicQuantizeLinear", [x], graph=into, num_outputs=3)
+            qx = tuple(dql.outputs)  # type: ignore[assignment]
+        dqx = rw.make("DequantizeLinear", list(qx), graph=into)
+        attrs = {"axis": 1} if qw.axis is not None else {}
+        dqw = rw.make("DequantizeLinear", [rw.constant(graph, qw.q, name=f"{base}_w_q"),
+                                           rw.constant(graph, qw.scale, name=f"{base}_w_scale"),
+                                           rw.constant(graph, qw.zero_point, name=f"{base}_w_zp")], attrs, graph=into)
+        last = rw.make("MatMul", [dqx.outputs[0], dqw.outputs[0]], graph=into)
+        if bias is not None:
+            last = rw.make("Add", [last.outputs[0], rw.constant(graph, bias, name=f"{base}_bias")], graph=into)
+    else:
+        wq = rw.constant(graph, qw.q, name=f"{base}_w_q")
+        ws = rw.constant(graph, qw.scale, name=f"{base}_w_scale")
+        wz = rw.constant(graph, qw.zero_point, name=f"{base}_w_zp")
+        b = rw.constant(graph, bias, name=f"{base}_bias") if bias is not None else None
+        if static is not None:
+            xq, xs, xz = _static_quantizer(graph, rw, x, static, base, into=into)
+        elif c.op == "Attention":
+            xq, xs, xz = rw.make("DynamicQuantizeLinear", [x], graph=into, num_outputs=3).outputs
+        if c.op == "Attention":
+            attrs = {k: a for k, a in node.attributes.items() if k in QATTENTION_ATTRS}
+            mask = node.inputs[3] if len(node.inputs) > 3 else None
+            last = rw.make("QAttention", [xq, wq, b, xs, ws, mask, xz, wz], dict(attrs), graph=into, domain=MS)
+        elif static is not None:
+            last = rw.make("MatMulIntegerToFloat", [xq, wq, xs, ws, xz, wz, b], graph=into, domain=MS)
+        else:
+            last = rw.make("DynamicQuantizeMatMul", [x, wq, ws, wz, b], graph=into, domain=MS)
+    out = last.outputs[0]
+    if outlier is not None:
+        part = _outlier_matmul(graph, rw, outlier, w, base, into=into)
+        out = rw.make("Add", [out, part], graph=into).outputs[0]
+    assert out is not None
+    rw.set_type(out, y.type)
+    return out
 
 
 def switch_in(graph: ir.Graph, rw: Rewriter, y: ir.Value, paths: list[tuple[str, ir.Node]], *, after: ir.Node
               ) -> list[str]:
     """Make ``y``'s readers read ``y + Σ flag_i · (path_i - y)``: each path on when its flag input is 1.
+
+    The arithmetic blend computes every path whatever the flags (``quantize-weights``' switch uses
+    it; :func:`build_switch_model` selects with ``If`` nodes instead).
 
     ``paths`` are (flag input name, node computing the alternative of ``y``); the new scalar float
     inputs are added to the graph under those names, which come back in order.
@@ -446,5 +514,4 @@ def switch_in(graph: ir.Graph, rw: Rewriter, y: ir.Value, paths: list[tuple[str,
 
 def flag_feeds(flags: dict[tuple[int, str], str], forms: dict[int, str]) -> dict[str, np.ndarray]:
     """The switch model's flag inputs for ``forms`` (candidate index -> ``int8`` / ``nbits``; absent: float)."""
-    return {name: np.array(1.0 if forms.get(i) == form else 0.0, np.float32) for (i, form), name in flags.items()}
-
+    return {name: np.array(forms.get(i) == form) for (i, form), name in flags.items()}

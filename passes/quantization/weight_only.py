@@ -397,9 +397,12 @@ class WeightOnlyQuantizePass(Pass):
 
     # -- the rewrite --------------------------------------------------------------------------
     def _nbits(self, graph: ir.Graph, rw: Rewriter, x: ir.Value, w: np.ndarray, bias: np.ndarray | None, bits: int,
-               base: str, out_type: ir.Type | None, *, before: ir.Node | None = None, after: ir.Node | None = None
-               ) -> ir.Node:
-        """A new ``MatMulNBits`` computing ``x @ w (+ bias)`` with ``w`` quantized to ``bits``."""
+               base: str, out_type: ir.Type | None, *, before: ir.Node | None = None, after: ir.Node | None = None,
+               into: ir.Graph | None = None) -> ir.Node:
+        """A new ``MatMulNBits`` computing ``x @ w (+ bias)`` with ``w`` quantized to ``bits``.
+
+        The node goes before ``before``, after ``after`` or at the end of ``into``; its constants into ``graph``.
+        """
         k, n = w.shape
         p = pack_weight(w, bits=bits, block_size=self.block_size, symmetric=self.symmetric)
         inputs: list[ir.Value | None] = [
@@ -413,7 +416,8 @@ class WeightOnlyQuantizePass(Pass):
         while inputs[-1] is None:
             inputs.pop()
         attrs = {"K": k, "N": n, "bits": bits, "block_size": self.block_size, "accuracy_level": self.accuracy_level}
-        return rw.make("MatMulNBits", inputs, attrs, before=before, after=after, domain=MS, name=f"{base}_nbits",
+        return rw.make("MatMulNBits", inputs, attrs, before=before, after=after, graph=into, domain=MS,
+                       name=f"{base}_nbits",
                        output_names=[f"{base}_out"], types=[out_type])
 
     def _rewrite(self, graph: ir.Graph, rw: Rewriter, node: ir.Node, op: str, bits: int) -> None:
