@@ -23,7 +23,8 @@ import ir
 from .base import PassError
 
 __all__ = [
-    "Comparison", "make_feeds", "run_onnxruntime", "compare_outputs", "model_bytes_or_path", "describe_ort_error",
+    "Comparison", "make_feeds", "run_onnxruntime", "compare_outputs", "model_bytes_or_path", "tensor_bytes",
+    "describe_ort_error",
 ]
 
 #: Generated verification inputs larger than this (elements per input) are refused, not allocated.
@@ -153,6 +154,13 @@ def make_feeds(
 FILE_BYTES = 256 << 20
 
 
+def tensor_bytes(model: ir.Model) -> int:
+    """Bytes of the model's tensors: initializers of every graph and subgraph, and constant attributes."""
+    from ir.emit import _tensor_bytes
+
+    return _tensor_bytes(model)
+
+
 def model_bytes_or_path(model: ir.Model, folder: str | None = None) -> tuple[bytes | str, str | None]:
     """An onnxruntime-loadable form of the model: bytes, or a saved file over :data:`FILE_BYTES` of tensors.
 
@@ -161,9 +169,7 @@ def model_bytes_or_path(model: ir.Model, folder: str | None = None) -> tuple[byt
     and those still in the original model's data file are referenced there, not copied
     (:func:`ir.save`'s ``share_external_data``). A folder made here is removed at exit.
     """
-    from ir.emit import _tensor_bytes
-
-    if _tensor_bytes(model) <= FILE_BYTES:
+    if tensor_bytes(model) <= FILE_BYTES:
         return ir.to_onnx(model).SerializeToString(), None
     if folder is None:
         folder = tempfile.mkdtemp(prefix="passes-verify-")

@@ -23,7 +23,7 @@ import ir
 from ._candidates import MS, NORM_OPS, QATTENTION_ATTRS, Candidate, initializer_array, weight_of
 from .quant_math import quantize_weight
 from ..framework.base import PassError
-from ..framework.numerics import FILE_BYTES
+from ..framework.numerics import FILE_BYTES, tensor_bytes
 from ..framework.rewriter import Rewriter
 
 __all__ = ["Plan", "apply_plan", "build_switch_model", "copy_model", "flag_feeds"]
@@ -357,8 +357,7 @@ def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan,
         ``nbits`` (see :func:`flag_feeds`).
     """
     if local_weights is None:
-        local_weights = sum(v.const_value.nbytes for v in model.graph.initializers.values()
-                            if v.const_value is not None) <= FILE_BYTES
+        local_weights = tensor_bytes(model) <= FILE_BYTES
     m = copy_model(model)
     graph = m.graph
     rw = Rewriter()

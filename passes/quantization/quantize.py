@@ -63,7 +63,8 @@ from ..framework.base import Pass, PassContext, PassError, PassResult
 from .budget import Budget, Gap, cross_validated_gap
 from .calibration import calibration_batches
 from .quant_math import WEIGHT_CLIPS, outlier_channels, smooth_factors, weight_clipping
-from .sensitivity import FILE_BYTES, Evaluator, Score, release_memory
+from ..framework.numerics import FILE_BYTES, tensor_bytes
+from .sensitivity import Evaluator, Score, release_memory
 from .static_scales import ChannelRanges, channel_ranges, static_qparams
 from .weight_only import WeightOnlyQuantizePass
 from ..framework.registry import register_pass
@@ -255,8 +256,7 @@ class QuantizePass(Pass):
 
         # A switch session holds the model twice; a big model's best one is not kept while the next
         # is built (two at once: 11 GB for a 1B decoder) but built again after (see switch_session).
-        keep_best = sum(v.const_value.nbytes for v in model.graph.initializers.values()
-                        if v.const_value is not None) <= FILE_BYTES
+        keep_best = tensor_bytes(model) <= FILE_BYTES
 
         def switch_session(vplan: Plan) -> tuple[Any, dict[tuple[int, str], str]]:
             with weight_clipping(self.weight_clip):

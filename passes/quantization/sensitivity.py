@@ -35,15 +35,13 @@ import numpy as np
 
 import ir
 
-from ..framework.numerics import model_bytes_or_path, session
+from ..framework.numerics import FILE_BYTES, model_bytes_or_path, session, tensor_bytes
 from .quant_math import cosine_rows
 
 __all__ = ["Score", "Evaluator", "release_memory", "RESIDENT_BYTES"]
 
 #: Reference outputs an :class:`Evaluator` keeps in memory at most (the rest goes to disk).
 RESIDENT_BYTES = 256 << 20
-#: Models with more tensor bytes reach onnxruntime through a file, not serialized bytes.
-FILE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -186,8 +184,7 @@ class Evaluator:
         """``model`` in the form :meth:`session` loads: bytes, or above :data:`FILE_BYTES` of tensors
         the path of a temporary file with external data, removed on exit. The caller may drop the
         model inside the block, before the session is built."""
-        if sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None) \
-                <= FILE_BYTES:
+        if tensor_bytes(model) <= FILE_BYTES:
             source, folder = model_bytes_or_path(model)
         else:
             # Weights still in the original model's data file are referenced there, not copied.
