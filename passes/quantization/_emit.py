@@ -391,7 +391,7 @@ def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan,
         assert outer is not None and isinstance(where, ir.Graph)
         for then_g, form in zip(branches, forms):
             if form == "int8":
-                out = _int8_path(then_g, rw, c, node, plan, then_g)
+                out = _int8_path(rw, c, node, plan, then_g)
             else:
                 w, bias = weight_of(node)  # type: ignore[misc]
                 out = weight_only._nbits(then_g, rw, node.inputs[0], w, bias, NBITS_BITS, f"switch{c.index}_nbits",
@@ -415,18 +415,18 @@ def _localize_weights(graph: ir.Graph, rw: Rewriter, node: ir.Node) -> None:
     """
     home = node.graph
     assert home is not None
-    for i, v in enumerate(node.inputs):
+    for v in node.inputs:
         if (v is None or graph.initializers.get(v.name) is not v or v.is_graph_input() or v.is_graph_output()
                 or any(user is not node for user, _ in v.uses()) or v.returned_by()):
             continue
         rw.move_initializer(v, home)
 
 
-def _int8_path(graph: ir.Graph, rw: Rewriter, c: Candidate, node: ir.Node, plan: Plan, into: ir.Graph) -> ir.Value:
-    """The int8 form of candidate ``c`` (``node``) written at the end of ``into``, constants in ``graph``.
-
-    The caller passes the branch as ``graph`` too: onnxruntime pre-packs a subgraph's own weights only.
+def _int8_path(rw: Rewriter, c: Candidate, node: ir.Node, plan: Plan, into: ir.Graph) -> ir.Value:
+    """The int8 form of candidate ``c`` (``node``) written at the end of ``into`` (an If branch), its
+    constants too: onnxruntime pre-packs a subgraph's own weights only.
     """
+    graph = into
     x, y = node.inputs[0], node.outputs[0]
     assert x is not None and y is not None
     w, bias = weight_of(node)  # type: ignore[misc]
