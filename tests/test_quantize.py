@@ -294,9 +294,10 @@ def test_impossible_budget_leaves_the_model_float_and_says_so(tmp_path: pathlib.
     assert [r["decision"] for r in rec.rows] == ["kept float", "kept float"]
 
 
-def test_budget_keeps_the_sensitive_op_float(tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize("ranking", ["alone", "local"])
+def test_budget_keeps_the_sensitive_op_float(tmp_path: pathlib.Path, ranking: str) -> None:
     """Two MatMuls on one input: one benign, one with an activation outlier channel that dominates its
-    output. A budget between their errors quantizes exactly the benign one."""
+    output. A budget between their errors quantizes exactly the benign one, whichever the ranking."""
     rng = np.random.default_rng(0)
     k, n = 32, 16
     w_ok = rng.standard_normal((k, n)).astype(np.float32) * 0.2
@@ -314,10 +315,12 @@ def test_budget_keeps_the_sensitive_op_float(tmp_path: pathlib.Path) -> None:
     x[:, 0] = 300.0 * np.sign(x[:, 0])  # ... whose range the per-tensor activation scale must cover
     np.savez(tmp_path / "c.npz", x=x)
     model, ctx, rec = _quantize(path, "x86-avx2", min_cosine=0.995, calibration=str(tmp_path / "c.npz"),
-                                )
+                                ranking=ranking)
     report = {r["name"].split("'")[1]: r for r in rec.rows}
     assert report["benign"]["decision"] == "quantized" and report["sensitive"]["decision"] == "kept float"
-    assert report["sensitive"]["error"] > report["benign"]["error"]
+    key = "local error" if ranking == "local" else "error"
+    assert report["sensitive"][key] > report["benign"][key] > 0
+    assert any(("ranked by local errors" in str(d)) == (ranking == "local") for d in ctx.diagnostics)
     assert rec.stats["quantized MatMul"] == 1 and rec.stats["kept float"] == 1
     assert {n.name for n in model.graph if n.op_type == "MatMul"} == {"sensitive"}
 

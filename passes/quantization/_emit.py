@@ -26,7 +26,7 @@ from ..framework.base import PassError
 from ..framework.numerics import FILE_BYTES, tensor_bytes
 from ..framework.rewriter import Rewriter
 
-__all__ = ["Plan", "apply_plan", "build_switch_model", "copy_model", "flag_feeds"]
+__all__ = ["Plan", "apply_plan", "build_switch_model", "copy_model", "flag_feeds", "int8_form"]
 
 
 @dataclass(frozen=True)
@@ -391,7 +391,7 @@ def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan,
         assert outer is not None and isinstance(where, ir.Graph)
         for then_g, form in zip(branches, forms):
             if form == "int8":
-                out = _int8_path(rw, c, node, plan, then_g)
+                out = int8_form(rw, c, node, plan, then_g)
             else:
                 w, bias = weight_of(node)  # type: ignore[misc]
                 out = weight_only._nbits(then_g, rw, node.inputs[0], w, bias, NBITS_BITS, f"switch{c.index}_nbits",
@@ -422,15 +422,16 @@ def _localize_weights(graph: ir.Graph, rw: Rewriter, node: ir.Node) -> None:
         rw.move_initializer(v, home)
 
 
-def _int8_path(rw: Rewriter, c: Candidate, node: ir.Node, plan: Plan, into: ir.Graph) -> ir.Value:
-    """The int8 form of candidate ``c`` (``node``) written at the end of ``into`` (an If branch), its
-    constants too: onnxruntime pre-packs a subgraph's own weights only.
+def int8_form(rw: Rewriter, c: Candidate, node: ir.Node, plan: Plan, into: ir.Graph, *, base: str = "") -> ir.Value:
+    """The int8 form of candidate ``c`` (``node``, left as it is) on its input, written at the end of
+    ``into`` (an If branch, or the probe's main graph), its constants too: onnxruntime pre-packs a
+    subgraph's own weights only. Its value comes back; ``base`` prefixes the new names.
     """
     graph = into
     x, y = node.inputs[0], node.outputs[0]
     assert x is not None and y is not None
     w, bias = weight_of(node)  # type: ignore[misc]
-    base = f"switch{c.index}"
+    base = base or f"switch{c.index}"
     s = plan.smooth.get(c.activation)
     if s is not None:
         inv = rw.constant(graph, (1.0 / s).astype(np.float32), name=f"{c.activation}_smooth_inv")

@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,10 +94,6 @@ def weight_clipping(method: str) -> Iterator[None]:
         _WEIGHT_CLIP.reset(token)
 
 
-def _levels(w: np.ndarray, scale: np.ndarray, qmax: int) -> np.ndarray:
-    return np.clip(np.rint(w / scale), -qmax, qmax)
-
-
 def clip_ratios(w: np.ndarray, qmax: int, *, per_channel: bool, axis: int = 1,
                 ratios: np.ndarray = MSE_RATIOS) -> np.ndarray:
     """For each output channel (or the whole tensor), the ratio ``r`` of ``ratios`` whose symmetric
@@ -132,21 +130,43 @@ def _clip_key(w: np.ndarray, qmax: int, per_channel: bool, axis: int, ratios: np
 
 
 def _clip_ratios(w: np.ndarray, qmax: int, per_channel: bool, axis: int, ratios: np.ndarray) -> np.ndarray:
-    if per_channel:
-        w = np.moveaxis(w, axis % w.ndim, -1).reshape(-1, w.shape[axis % w.ndim])
-        absmax = np.abs(w).max(axis=0)
-    else:
-        w = w.reshape(-1, 1)
-        absmax = np.abs(w).max(axis=0)
-    best = np.full(absmax.shape, np.inf)
-    out = np.ones(absmax.shape)
-    for r in ratios:
-        scale = np.where(absmax > 0, r * absmax / qmax, 1.0)
-        err = ((_levels(w, scale, qmax) * scale - w) ** 2).sum(axis=0)
-        better = err < best
-        best = np.where(better, err, best)
-        out = np.where(better, r, out)
-    return out if per_channel else np.asarray(out[0])
+    if not per_channel:
+        return np.asarray(_channel_ratios(w.reshape(-1, 1), qmax, ratios)[0])
+    w = np.moveaxis(w, axis % w.ndim, -1).reshape(-1, w.shape[axis % w.ndim])
+    # Blocks of channels on the machine's cores (numpy releases the GIL): a channel's error is summed
+    # over its own column in the same order as in one piece, so the ratios are the same bit for bit.
+    n = w.shape[1]
+    workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
+    step = max(64, -(-n // (4 * workers)))
+    if workers == 1 or n <= step or w.size < (1 << 20):
+        return _channel_ratios(w, qmax, ratios)
+    with ThreadPoolExecutor(workers) as pool:
+        return np.concatenate(list(pool.map(lambda j: _channel_ratios(w[:, j:j + step], qmax, ratios), range(0, n, step))))
+
+
+def _channel_ratios(w: np.ndarray, qmax: int, ratios: np.ndarray) -> np.ndarray:
+    """:func:`clip_ratios` of each column of a 2-D float64 ``w``.
+
+    Rows go in chunks that stay in cache, every ratio tried on a chunk before the next (the weight
+    is read once, not once a ratio); ``err[r, j]`` accumulates ``(clip(rint(w / s), -qmax, qmax) * s - w)^2``.
+    """
+    absmax = np.abs(w).max(axis=0)
+    scales = np.where(absmax > 0, ratios[:, None] * absmax / qmax, 1.0)  # [ratios, N]
+    err = np.zeros(scales.shape)
+    rows = max(1, (1 << 15) // max(1, w.shape[1]))  # ~256 KB of float64 a chunk
+    buf = np.empty((min(rows, w.shape[0]), w.shape[1]))
+    for i in range(0, w.shape[0], rows):
+        chunk = w[i:i + rows]
+        b = buf[: len(chunk)]
+        for k, scale in enumerate(scales):
+            np.divide(chunk, scale, out=b)
+            np.rint(b, out=b)
+            np.clip(b, -qmax, qmax, out=b)
+            b *= scale
+            b -= chunk
+            np.multiply(b, b, out=b)
+            err[k] += b.sum(axis=0)
+    return ratios[np.argmin(err, axis=0)]  # the first ratio on ties
 
 
 def quantize_weight(

@@ -62,6 +62,7 @@ from ._emit import NBITS_BITS, Plan, apply_plan, build_switch_model, copy_model,
 from ..framework.base import Pass, PassContext, PassError, PassResult
 from .budget import Budget, Gap, cross_validated_gap
 from .calibration import calibration_batches
+from .local_error import LocalErrors, build_probe_model, local_errors
 from .quant_math import WEIGHT_CLIPS, outlier_channels, smooth_factors, weight_clipping
 from ..framework.numerics import FILE_BYTES, tensor_bytes
 from .sensitivity import Evaluator, Score, release_memory
@@ -127,6 +128,11 @@ class QuantizePass(Pass):
             :func:`passes.quantization.quant_math.clip_ratios`).
         sensitivity: measure each op and keep the sensitive ones float (``False``: quantize every
             candidate without measuring anything).
+        ranking: the order the search tries ops in: ``alone`` (each op quantized alone, the whole model
+            scored: one evaluation an op) or ``local`` (each op's relative output error on its float
+            input, every op from one run of a probe model, :mod:`passes.quantization.local_error`:
+            about two evaluations in all). The search measures every subset it keeps end to end
+            either way.
         screen_fraction: measure each op alone, and screen every subset tried, on this fraction of
             the calibration batches (those the fully quantized model does worst on, at least one);
             a subset is measured on all batches only when it passes the screen. ``0``: every
@@ -161,6 +167,7 @@ class QuantizePass(Pass):
     margin: str = "cv"
     weight_clip: str = "mse"
     sensitivity: bool = True
+    ranking: str = "alone"
     screen_fraction: float = 0.15
     calibration_batch: int = 8
     threads: int = 2
@@ -198,6 +205,8 @@ class QuantizePass(Pass):
         )
         if self.margin not in ("cv", "cv-max", "off"):
             raise PassError(f"quantize: margin must be cv, cv-max or off, not {self.margin!r}")
+        if self.ranking not in ("alone", "local"):
+            raise PassError(f"quantize: ranking must be alone or local, not {self.ranking!r}")
         if self.weight_clip not in WEIGHT_CLIPS:
             raise PassError(f"quantize: weight_clip must be one of {', '.join(WEIGHT_CLIPS)}, not {self.weight_clip!r}")
         if not self.sensitivity:
@@ -207,14 +216,15 @@ class QuantizePass(Pass):
                 report.append({"name": c.name, "op": c.op, "shape": list(c.weight_shape), "decision": "quantized",
                                "error": None, "smoothed": False})
             return _with_rows(rw.result(), report)
-        plan, scores = self._decide(model, ctx, candidates, base, min_cos)
+        plan, errors = self._decide(model, ctx, candidates, base, min_cos)
+        error_key = "local error" if self.ranking == "local" else "error"
         for c in candidates:
-            err = scores.get(c.index)
+            err = errors.get(c.index)
             report.append({
                 "name": c.name, "op": c.op, "shape": list(c.weight_shape),
                 "decision": "quantized" if c.index in plan.chosen else (
                     "weight-only int8 (MatMulNBits)" if c.index in plan.nbits else "kept float"),
-                "error": None if err is None else round(1.0 - err.worst, 7),
+                error_key: None if err is None else round(err, 7),
                 "smoothed": c.activation in plan.smooth and c.index in plan.chosen,
             })
         if not plan.chosen and not plan.nbits:
@@ -230,7 +240,9 @@ class QuantizePass(Pass):
     # -- decisions ------------------------------------------------------------------------
     def _decide(
         self, model: ir.Model, ctx: PassContext, candidates: list[Candidate], base: Plan, min_cos: float
-    ) -> tuple[Plan, dict[int, Score]]:
+    ) -> tuple[Plan, dict[int, float]]:
+        """The plan the budget allows, and each op's error alone (``1 -`` its worst cosine quantized
+        alone; with ``ranking=local`` its relative output error) where measured."""
         t0 = time.perf_counter()
         budget = Budget(min_cos, float(self.min_mean_cosine))
         calib: Any = None
@@ -292,6 +304,9 @@ class QuantizePass(Pass):
         assert best is not None
         best_name, plan, sess, flags, all_score = best
         best = None
+        local: LocalErrors | None = None
+        if self.ranking == "local":
+            local = self._local_errors(model, ev, ctx, candidates, plan, nbits)
         if sess is None:
             release_memory()
             sess, flags = switch_session(plan)
@@ -304,41 +319,55 @@ class QuantizePass(Pass):
             return on.score_session(sess, flag_feeds(flags, forms))
 
         def search(on: Evaluator, batches: list[int], budget: Budget, label: str = ""
-                   ) -> tuple[dict[int, str], dict[int, Score], dict[int, Score]]:
-            """The forms the budget allows, decided on the batches ``batches`` of ``ev`` (``on``)."""
+                   ) -> tuple[dict[int, str], dict[int, float], dict[int, float]]:
+            """The forms the budget allows, decided on the batches ``batches`` of ``ev`` (``on``), and
+            the int8 and nbits errors alone it ranked the ops by."""
             n_hard = math.ceil(self.screen_fraction * len(batches))
-            hard = None
+            hard, ranked_on = None, batches
             if 0 < n_hard < len(batches) and len(all_score.batch_worst) == len(ev.batches):
-                hard = ev.subset(sorted(sorted(batches, key=lambda b: all_score.batch_worst[b])[:n_hard]))
+                ranked_on = sorted(sorted(batches, key=lambda b: all_score.batch_worst[b])[:n_hard])
+                hard = ev.subset(ranked_on)
 
             def fits(forms: dict[int, str]) -> bool:
                 if hard is not None and score(forms, hard).worst < budget.worst:
                     return False
                 return budget.holds(score(forms, on))
 
-            scores: dict[int, Score] = {}
-            nb_scores: dict[int, Score] = {}
+            def errors_alone(pool: list[Candidate], form: str, start: dict[int, str], what: str) -> dict[int, float]:
+                """Each op's error in ``form`` (the others as in ``start``): measured alone, or local."""
+                if local is not None:
+                    return local.relative(ranked_on, form)
+                errs = {}
+                with ctx.bar(len(pool), f"quantize: {what}{label}") as bar:
+                    for i, c in enumerate(pool):
+                        errs[c.index] = 1.0 - score({**start, c.index: form}, hard or on).worst
+                        bar.update()
+                        if i % 12 == 11:
+                            ctx.report_progress(f"quantize: measured {i + 1}/{len(pool)} {what}{label}")
+                return errs
+
+            def order(pool: list[Candidate], errs: dict[int, float]) -> list[Candidate]:
+                """The ops by error per multiply-add moved (the speed-up of an op is about proportional
+                to its weight's ``K*N`` per token); measured alone, only those that alone hold the budget."""
+                ranked = sorted(pool, key=lambda c: (max(errs[c.index], 1e-9) / _macs(c), errs[c.index]))
+                return ranked if local is not None else [c for c in ranked if errs[c.index] <= 1.0 - budget.worst]
+
             if budget.holds(score(all_on, on) if on is not ev else all_score):
-                return dict(all_on), scores, nb_scores
-            # 2. sensitivity of each op alone (on the hardest batches when screening: a ranking)
-            with ctx.bar(len(candidates), f"quantize: ops alone{label}") as bar:
-                for i, c in enumerate(candidates):
-                    scores[c.index] = score({c.index: "int8"}, hard or on)
-                    bar.update()
-                    if i % 12 == 11:
-                        ctx.report_progress(f"quantize: measured {i + 1}/{len(candidates)} ops alone{label}")
-            forms = _grow({}, candidates, "int8", scores, fits, budget.worst, ctx.bar)
+                return dict(all_on), {}, {}
+            # 2. the ranking: each op alone (on the hardest batches when screening), or local errors
+            errs = errors_alone(candidates, "int8", {}, "ops alone")
+            forms = _grow({}, order(candidates, errs), "int8", fits, ctx.bar)
             # 3. the ops left float: weight-only MatMulNBits under the same budget and search
             rest = [c for c in candidates if c.index not in forms and c.op != "Attention"] if nbits else []
+            nb_errs: dict[int, float] = {}
             if rest:
                 with_rest = {**forms, **{c.index: "nbits" for c in rest}}
                 if fits(with_rest):
                     forms = with_rest
                 else:
-                    for c in rest:
-                        nb_scores[c.index] = score({**forms, c.index: "nbits"}, hard or on)
-                    forms = _grow(forms, rest, "nbits", nb_scores, fits, budget.worst, ctx.bar)
-            return forms, scores, nb_scores
+                    nb_errs = errors_alone(rest, "nbits", forms, "ops alone in nbits")
+                    forms = _grow(forms, order(rest, nb_errs), "nbits", fits, ctx.bar)
+            return forms, errs, nb_errs
 
         everything = list(range(len(ev.batches)))
         if self.margin != "off" and len(ev.batches) >= 4:
@@ -354,12 +383,12 @@ class QuantizePass(Pass):
         else:
             margin_note = ""
         hard = ev.hardest(all_score, math.ceil(self.screen_fraction * len(ev.batches)))
-        forms, scores, nb_scores = search(ev, everything, budget)
+        forms, errs, nb_errs = search(ev, everything, budget)
         del sess  # measured: the switch session goes before the real rewrite's is built
         release_memory()
         # 4. the real rewrite, measured once more (the switch model is a faithful stand-in, but check)
         final: Score | None = None
-        alone = {**{i: s.worst for i, s in nb_scores.items()}, **{i: s.worst for i, s in scores.items()}}
+        alone = {**nb_errs, **errs}
         while forms:
             trial = copy_model(model)
             with weight_clipping(self.weight_clip):
@@ -367,14 +396,15 @@ class QuantizePass(Pass):
             final = ev.score_model(trial)
             if budget.holds(final):
                 break
-            del forms[min(forms, key=lambda i: alone.get(i, 1.0))]
+            del forms[max(forms, key=lambda i: alone.get(i, 0.0))]
             final = None
         seconds = time.perf_counter() - t0
         if not forms:
-            least = max((s.worst for s in scores.values()), default=all_score.worst)
-            ctx.note(self.name, "model", f"the budget {budget} cannot be met: the least sensitive op alone "
-                     f"gives worst cosine {least:.6f} on {calib.source}; the model is left in float")
-            return _with_forms(plan, {}), scores
+            least = f"the least sensitive op alone gives worst cosine {1.0 - min(errs.values()):.6f}" \
+                if errs and local is None else f"all ops int8 give {all_score}"
+            ctx.note(self.name, "model", f"the budget {budget} cannot be met: {least} on {calib.source}; "
+                     "the model is left in float")
+            return _with_forms(plan, {}), errs
         n_int8 = sum(1 for f in forms.values() if f == "int8")
         n_nbits = len(forms) - n_int8
         ctx.note(self.name, "model", f"{n_int8}/{len(candidates)} ops int8 ({best_name}), "
@@ -382,8 +412,25 @@ class QuantizePass(Pass):
                  + f"{len(candidates) - len(forms)} kept float; {final} (budget {budget}) on {calib.source}; "
                  f"{ev.stats.evaluations} measurements ({ev.stats.batches} batches"
                  f"{f', screening on {len(hard.batches)} of {len(ev.batches)}' if hard is not None else ''}) "
-                 f"in {seconds:.1f} s{margin_note}")
-        return _with_forms(plan, forms), scores
+                 f"in {seconds:.1f} s{margin_note}"
+                 + (f"; ranked by local errors ({len(candidates)} ops, one probe run)" if local is not None else ""))
+        return _with_forms(plan, forms), errs
+
+    def _local_errors(self, model: ir.Model, ev: Evaluator, ctx: PassContext, candidates: list[Candidate], plan: Plan,
+                      nbits: bool) -> LocalErrors:
+        """Every op's local error in each form (``ranking=local``), from one run of the probe model."""
+        release_memory()
+        with weight_clipping(self.weight_clip):
+            probe, outputs = build_probe_model(model, candidates, plan, weight_only=NBITS if nbits else None)
+        with ev.saved(probe) as source:
+            del probe
+            sess = ev.session(source)
+        try:
+            with ctx.bar(len(ev.batches), "quantize: local errors (probe)") as bar:
+                return local_errors(ev, sess, outputs, bar)
+        finally:
+            del sess
+            release_memory()
 
     def _variants(self, model: ir.Model, ev: Evaluator, candidates: list[Candidate], base: Plan
                   ) -> list[tuple[str, Plan]]:
@@ -439,14 +486,11 @@ def _macs(c: Candidate) -> float:
     return float(c.weight_shape[0] * c.weight_shape[1])
 
 
-def _grow(start: dict[int, str], pool: list[Candidate], form: str, alone: dict[int, Score],
-          fits: Callable[[dict[int, str]], bool], min_cos: float, bar: Callable[[int, str], Any]) -> dict[int, str]:
-    """``start`` with the most ops of ``pool`` in ``form`` that ``fits``: the ops ordered by accuracy lost
-    (``alone``) per multiply-add moved (the speed-up of an op is about proportional to its weight's
-    ``K*N`` per token), the longest fitting prefix by bisection, then greedy additions (each step
-    advancing a progress ``bar`` made by the context's factory)."""
-    order = sorted(pool, key=lambda c: (max(1.0 - alone[c.index].worst, 1e-9) / _macs(c), -alone[c.index].worst))
-    ok = [c for c in order if alone[c.index].worst >= min_cos]
+def _grow(start: dict[int, str], ok: list[Candidate], form: str, fits: Callable[[dict[int, str]], bool],
+          bar: Callable[[int, str], Any]) -> dict[int, str]:
+    """``start`` with the most ops of ``ok`` (in the order to try them) in ``form`` that ``fits``: the
+    longest fitting prefix by bisection, then greedy additions (each step advancing a progress ``bar``
+    made by the context's factory)."""
 
     def with_first(k: int) -> dict[int, str]:
         return {**start, **{c.index: form for c in ok[:k]}}

@@ -173,10 +173,12 @@ class CompileReport:
         elif self.verify_setup:
             lines += ["", f"verify: {self.verify_setup}"]
         if self.quantization:
-            lines += ["", f"{'quantize: op':<72} {'decision':<10} {'error alone':>11}"]
+            local = any("local error" in q for q in self.quantization)
+            lines += ["", f"{'quantize: op':<72} {'decision':<10} {'local error' if local else 'error alone':>11}"]
             for q in self.quantization:
-                # quantize gives "error"; quantize-weights "error int4"/"error int8" (the first is its bits)
-                e = q.get("error", next((v for k, v in q.items() if k.startswith("error ")), None))
+                # quantize gives "error" ("local error" with ranking=local); quantize-weights "error int4"/"error int8"
+                # (the first is its bits)
+                e = q.get("local error" if local else "error", next((v for k, v in q.items() if k.startswith("error ")), None))
                 err = "-" if e is None else f"{e:.2e}"
                 lines.append(f"  {q['name'][:70]:<70} {q['decision']:<10} {err:>11}")
         if self.autotune is not None:

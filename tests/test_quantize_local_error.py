@@ -1,0 +1,92 @@
+"""``ranking=local``: the probe model's per-op errors are the errors of the forms the switch model selects.
+
+Property: for any plan (integer-ops, SmoothQuant + outlier channels, qdq; with or without the 8-bit
+weight-only form) and any input, the probe's ``sum((y_form - y)^2)`` and ``sum(y^2)`` for every
+candidate equal what the switch model with that one op in that form computes at the op's output,
+against the float model's output there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ir
+from conftest import ort_session
+from passes.framework.numerics import model_bytes_or_path
+from passes.quantization._emit import build_switch_model, copy_model, flag_feeds
+from passes.quantization.local_error import build_probe_model, local_errors
+from passes.quantization.quantize import NBITS
+from test_quantize_switch import B, H, S, _model, _plans
+
+
+def _run(model: ir.Model, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+    return ort_session(model_bytes_or_path(model)[0]).run(outputs, feeds)
+
+
+def _with_outputs(model: ir.Model, names: list[str]) -> ir.Model:
+    m = copy_model(model)
+    values = {o.name: o for n in m.graph for o in n.outputs if o is not None}
+    present = {v.name for v in m.graph.outputs}
+    m.graph.outputs.extend(values[n] for n in names if n not in present)
+    return m
+
+
+class _Batches:
+    """The minimal evaluator :func:`local_errors` reads: its batches."""
+
+    def __init__(self, batches: list[dict[str, np.ndarray]]) -> None:
+        self.batches = batches
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plan_name=st.sampled_from(["integer-ops", "smooth+outliers", "qdq"]), nbits=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_probe_errors_are_the_switch_models_op_errors(plan_name: str, nbits: bool, seed: int) -> None:
+    model = ir.from_onnx(_model())
+    cands, plan = _plans(model)[plan_name]
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((B, S, H)).astype(np.float32)
+    x[..., 3] *= rng.uniform(1.0, 30.0)
+    mask = np.ones((B, S), np.int32)
+    mask[1, rng.integers(1, S):] = 0
+    feeds = {"x": x, "mask": mask}
+    weight_only = NBITS if nbits else None
+
+    probe, outputs = build_probe_model(model, cands, plan, weight_only=weight_only)
+    got = local_errors(_Batches([feeds, feeds]), ort_session(model_bytes_or_path(probe)[0]), outputs)
+    assert set(got.keys) == {(c.index, "int8") for c in cands} | {
+        (c.index, "nbits") for c in cands if nbits and c.op != "Attention"}
+    assert got.err.shape == got.ref.shape == (2, len(got.keys))
+    np.testing.assert_array_equal(got.err[0], got.err[1])  # one batch's sums: the same batch twice
+
+    nodes = list(model.graph)
+    y_names = [nodes[c.index].outputs[0].name for c in cands]
+    y_float = dict(zip(y_names, _run(_with_outputs(model, y_names), feeds, y_names)))
+    switch, flags = build_switch_model(model, cands, plan, weight_only=weight_only)
+    # each candidate's output in the switch model: its (outer) If's output, whatever form it selects
+    selected = {c.index: next(n for n in switch.graph if n.name == f"switch{c.index}_int8").outputs[0].name for c in cands}
+    switch = _with_outputs(switch, list(selected.values()))
+    sess = ort_session(model_bytes_or_path(switch)[0])
+    for j, (index, form) in enumerate(got.keys):
+        (y_form,) = sess.run([selected[index]], {**feeds, **flag_feeds(flags, {index: form})})
+        y = y_float[y_names[[c.index for c in cands].index(index)]]
+        want_err, want_ref = float(np.sum((y_form.astype(np.float64) - y) ** 2)), float(np.sum(y.astype(np.float64) ** 2))
+        assert got.ref[0, j] == np.float32(want_ref) or abs(got.ref[0, j] - want_ref) <= 1e-5 * want_ref
+        assert want_err > 0, (index, form)  # a quantized form that computes the float numbers tests nothing
+        assert abs(got.err[0, j] - want_err) <= 1e-3 * want_err + 1e-9 * want_ref, (index, form, got.err[0, j], want_err)
+    rel = got.relative([0, 1], "int8")
+    assert set(rel) == {c.index for c in cands}
+    assert all(v == got.err[0, got.keys.index((i, "int8"))] / got.ref[0, got.keys.index((i, "int8"))]
+               for i, v in rel.items())
+
+
+def test_relative_error_is_the_worst_batch() -> None:
+    from passes.quantization.local_error import LocalErrors
+
+    e = LocalErrors(((0, "int8"), (1, "int8"), (1, "nbits")),
+                    err=np.array([[1.0, 4.0, 1.0], [3.0, 1.0, 2.0]]), ref=np.array([[10.0, 10.0, 10.0], [10.0, 20.0, 20.0]]))
+    assert e.relative([0, 1], "int8") == {0: 0.3, 1: 0.4}
+    assert e.relative([1], "int8") == {0: 0.3, 1: 0.05}
+    assert e.relative([0, 1], "nbits") == {1: 0.1}
