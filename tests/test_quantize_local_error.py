@@ -16,7 +16,7 @@ import ir
 from conftest import ort_session
 from passes.framework.numerics import model_bytes_or_path
 from passes.quantization._emit import build_switch_model, copy_model, flag_feeds
-from passes.quantization.local_error import build_probe_model, local_errors
+from passes.quantization.local_error import build_probe_model, local_errors, quantize_forms
 from passes.quantization.quantize import NBITS
 from test_quantize_switch import B, H, S, _model, _plans
 
@@ -54,7 +54,7 @@ def test_probe_errors_are_the_switch_models_op_errors(plan_name: str, nbits: boo
     feeds = {"x": x, "mask": mask}
     weight_only = NBITS if nbits else None
 
-    probe, outputs = build_probe_model(model, cands, plan, weight_only=weight_only)
+    probe, outputs = build_probe_model(model, cands, quantize_forms(plan, weight_only))
     got = local_errors(_Batches([feeds, feeds]), ort_session(model_bytes_or_path(probe)[0]), outputs)
     assert set(got.keys) == {(c.index, "int8") for c in cands} | {
         (c.index, "nbits") for c in cands if nbits and c.op != "Attention"}

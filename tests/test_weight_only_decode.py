@@ -165,8 +165,9 @@ def _quantize(proto: object, options: str) -> tuple[ir.Model, object]:
     return model, records[0]
 
 
+@pytest.mark.parametrize("ranking", ["alone", "local"])
 @pytest.mark.parametrize("sensitive", [1, 3])
-def test_fallback_keeps_the_op_made_sensitive(sensitive: int) -> None:
+def test_fallback_keeps_the_op_made_sensitive(sensitive: int, ranking: str) -> None:
     proto = _chain(sensitive)
     x = np.random.default_rng(1).standard_normal((16, 128)).astype(np.float32)
     ref = ort_session(proto.SerializeToString()).run(None, {"x": x})[0]  # type: ignore[attr-defined]
@@ -178,17 +179,17 @@ def test_fallback_keeps_the_op_made_sensitive(sensitive: int) -> None:
     assert set(_bits_by_name(plain).values()) == {4}
     budget = 0.97
     assert worst(plain) < budget  # the premise: int4 everywhere breaks the budget
-    model, rec = _quantize(proto, f"bits=4,min_cosine={budget}")
+    model, rec = _quantize(proto, f"bits=4,min_cosine={budget},ranking={ranking}")
     bits = _bits_by_name(model)
     assert bits == {f"mm{i}": 8 if i == sensitive else 4 for i in range(4)}
     assert worst(model) >= budget
     rows = {r["name"]: r for r in rec.rows}  # type: ignore[attr-defined]
-    errors = {name: r["error int4"] for name, r in rows.items()}
+    errors = {name: r["local error int4" if ranking == "local" else "error int4"] for name, r in rows.items()}
     label = f"MatMul 'mm{sensitive}'"
     assert max(errors, key=errors.get) == label  # measured, not guessed
     assert rows[label]["decision"] == "int8"
     # float fallback: the same op, kept as a float MatMul
-    model, _ = _quantize(proto, f"bits=4,min_cosine={budget},fallback=float")
+    model, _ = _quantize(proto, f"bits=4,min_cosine={budget},fallback=float,ranking={ranking}")
     assert _bits_by_name(model) == {f"mm{i}": 0 if i == sensitive else 4 for i in range(4)}
 
 

@@ -1,24 +1,26 @@
 """Local sensitivity: every candidate's own output error in its quantized forms, from one pass over the batches.
 
-``quantize`` ranks its candidates before its search: which ops to try in int8 first. By default it
-measures each op quantized alone, end to end (one model evaluation an op, on the hardest batches):
-faithful, but on a 1B decoder with 111 candidates that is 111 evaluations of the whole model per
-search, three searches with the cross-validated margin. ``ranking=local`` ranks instead by each op's
-*local* error: a probe model computes, beside every candidate, its int8 form (and with ``nbits`` its
-8-bit weight-only form) on the same float input, and returns per batch ``sum((y_form - y)^2)`` and
-``sum(y^2)``; one run of the probe over the calibration batches (about two evaluations' work) gives
-every op's relative error on every batch. The forms are the very ones the switch model selects
-(:func:`passes.quantization._emit.int8_form`, the weight-only writer's ``_nbits``), so the probe
-measures the arithmetic that ships.
+``quantize`` and ``quantize-weights`` rank their candidates before their searches (which ops to try
+quantized first, or to move back first). ``ranking=alone`` measures each op quantized alone, end to
+end: one model evaluation an op, faithful, but on a 1B decoder with 111 candidates that is 111
+evaluations of the whole model per search (three searches with ``quantize``'s cross-validated
+margin). ``ranking=local`` ranks instead by each op's *local* error: a probe model computes, beside
+every candidate, each quantized form on the same float input, and returns per batch
+``sum((y_form - y)^2)`` and ``sum(y^2)``; one run of the probe over the calibration batches (about
+two evaluations' work) gives every op's relative error on every batch. The forms are written by the
+same code as the switch models' (:func:`passes.quantization._emit.int8_form`, the weight-only
+writer's ``_nbits``), so the probe measures the arithmetic that ships.
 
 What it leaves out is how an op's error propagates to the model's output (an early op's error
 passes through more layers; a residual branch's is diluted by the stream it is added to); the
-search after the ranking measures every subset end to end, so the budget holds either way and a
-worse ranking costs int8 ops, not accuracy.
+searches measure every subset end to end, so the budget holds either way, and a worse ranking costs
+quantized ops, not accuracy. ``ranking=auto`` (both passes' default) takes ``local`` only where
+``alone`` would take hours: above :data:`LOCAL_RANKING_BYTES` of candidates x tensor bytes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,20 +30,68 @@ import ir
 
 from ._candidates import MS, Candidate, weight_of
 from ._emit import NBITS_BITS, Plan, copy_model, int8_form
+from ..framework.base import PassError
+from ..framework.numerics import tensor_bytes
 from ..framework.rewriter import Rewriter
 from .sensitivity import Evaluator
 
-__all__ = ["LocalErrors", "build_probe_model", "local_errors"]
+__all__ = ["LOCAL_RANKING_BYTES", "RANKINGS", "FormWriter", "resolve_ranking", "LocalErrors", "build_probe_model", "local_errors", "nbits_form", "quantize_forms"]
 
 
-def build_probe_model(model: ir.Model, candidates: list[Candidate], plan: Plan, *, weight_only: Any = None
+#: ``ranking=auto`` ranks by local errors above this many candidates x tensor bytes: ranking by ops
+#: alone reads about that many bytes of weights per search. Measured: GPT-2 base (49 ops x 0.5 GB =
+#: 24 GB) quantizes to int8 in 8 min with ops alone; on a 1.1 B Llama (111 x 4.4 GB = 490 GB) the same
+#: one-op-at-a-time measurement (``quantize-weights{bits=4}``'s) took 2 h 22 min for 104 of the 111.
+LOCAL_RANKING_BYTES = 100 << 30
+RANKINGS = ("auto", "alone", "local")
+
+
+def resolve_ranking(pass_name: str, ranking: str, candidates: int, model: ir.Model) -> str:
+    """``alone`` or ``local``: ``ranking`` itself, or for ``auto`` by :data:`LOCAL_RANKING_BYTES`."""
+    if ranking not in RANKINGS:
+        raise PassError(f"{pass_name}: ranking must be {', '.join(RANKINGS[:-1])} or {RANKINGS[-1]}, not {ranking!r}")
+    if ranking != "auto":
+        return ranking
+    return "local" if candidates * tensor_bytes(model) > LOCAL_RANKING_BYTES else "alone"
+
+
+#: A form's writer: ``(graph, rewriter, candidate, node) -> value``, the form of ``node`` on its input
+#: (left as it is), written at the end of ``graph`` with its constants.
+FormWriter = Callable[[ir.Graph, Rewriter, Candidate, ir.Node], ir.Value]
+
+
+def quantize_forms(plan: Plan, weight_only: Any = None) -> dict[str, FormWriter]:
+    """The ``quantize`` pass's forms: ``int8`` as ``plan`` writes it, and with ``weight_only`` (the
+    MatMulNBits writer) ``nbits``, its 8-bit weight-only form, as the switch model selects them."""
+    forms: dict[str, FormWriter] = {
+        "int8": lambda graph, rw, c, node: int8_form(rw, c, node, plan, graph, base=f"probe{c.index}")}
+    if weight_only is not None:
+        forms["nbits"] = nbits_form(weight_only, NBITS_BITS)
+    return forms
+
+
+def nbits_form(weight_only: Any, bits: int) -> FormWriter:
+    """The ``bits``-bit ``MatMulNBits`` form of a MatMul/Gemm candidate (``weight_only``: the writer)."""
+
+    def write(graph: ir.Graph, rw: Rewriter, c: Candidate, node: ir.Node) -> ir.Value:
+        w, bias = weight_of(node)  # type: ignore[misc]
+        y = node.outputs[0]
+        out = weight_only._nbits(graph, rw, node.inputs[0], w, bias, bits, f"probe{c.index}_nbits{bits}",
+                                 y.type if y is not None else None, into=graph).outputs[0]
+        assert out is not None
+        return out
+
+    return write
+
+
+def build_probe_model(model: ir.Model, candidates: list[Candidate], forms: dict[str, FormWriter],
                       ) -> tuple[ir.Model, dict[tuple[int, str], tuple[str, str]]]:
     """A copy of ``model`` that also returns, for every candidate and form, its squared output error.
 
-    The float graph is unchanged (every op reads float inputs); beside each candidate its ``int8``
-    form (and its ``nbits`` form with ``weight_only``, the MatMulNBits writer, for MatMul/Gemm ones)
-    reads the same input, and two scalar outputs are added: ``sum((y_form - y)^2)`` and ``sum(y^2)``
-    over the whole batch.
+    The float graph is unchanged (every op reads float inputs); beside each candidate each form of
+    ``forms`` (name -> writer, e.g. :func:`quantize_forms`) reads the same input, and two scalar
+    outputs are added: ``sum((y_form - y)^2)`` and ``sum(y^2)`` over the whole batch. An
+    ``Attention`` candidate gets only the ``int8`` form (weight-only forms are MatMul/Gemm's).
 
     Returns:
         The copy, and for each ``(candidate index, form)`` the names of its (error, reference) outputs.
@@ -49,8 +99,7 @@ def build_probe_model(model: ir.Model, candidates: list[Candidate], plan: Plan, 
     m = copy_model(model)
     graph = m.graph
     rw = Rewriter()
-    if plan.format == "integer-ops" or weight_only is not None:
-        rw.import_opset(m, MS)
+    rw.import_opset(m, MS)
     nodes = list(graph)
     scalar = ir.TensorType(ir.DataType.FLOAT, ())
     outputs: dict[tuple[int, str], tuple[str, str]] = {}
@@ -64,18 +113,13 @@ def build_probe_model(model: ir.Model, candidates: list[Candidate], plan: Plan, 
 
     for c in candidates:
         node = nodes[c.index]
-        x, y = node.inputs[0], node.outputs[0]
-        assert x is not None and y is not None
+        y = node.outputs[0]
+        assert y is not None and node.inputs[0] is not None
         ref = sum_sq(y, graph.unique_name(f"probe{c.index}_ref"))
-        forms = ["int8"] + (["nbits"] if weight_only is not None and c.op != "Attention" else [])
-        for form in forms:
-            if form == "int8":
-                got = int8_form(rw, c, node, plan, graph, base=f"probe{c.index}")
-            else:
-                w, bias = weight_of(node)  # type: ignore[misc]
-                got = weight_only._nbits(graph, rw, x, w, bias, NBITS_BITS, f"probe{c.index}_nbits", y.type,
-                                         into=graph).outputs[0]
-            diff = rw.make("Sub", [got, y], graph=graph, types=[y.type]).outputs[0]
+        for form, write in forms.items():
+            if c.op == "Attention" and form != "int8":
+                continue
+            diff = rw.make("Sub", [write(graph, rw, c, node), y], graph=graph, types=[y.type]).outputs[0]
             assert diff is not None
             err = sum_sq(diff, graph.unique_name(f"probe{c.index}_{form}_err"))
             outputs[(c.index, form)] = (err.name, ref.name)

@@ -62,7 +62,7 @@ from ._emit import NBITS_BITS, Plan, apply_plan, build_switch_model, copy_model,
 from ..framework.base import Pass, PassContext, PassError, PassResult
 from .budget import Budget, Gap, cross_validated_gap
 from .calibration import calibration_batches
-from .local_error import LocalErrors, build_probe_model, local_errors
+from .local_error import LocalErrors, build_probe_model, local_errors, quantize_forms, resolve_ranking
 from .quant_math import WEIGHT_CLIPS, outlier_channels, smooth_factors, weight_clipping
 from ..framework.numerics import FILE_BYTES, tensor_bytes
 from .sensitivity import Evaluator, Score, release_memory
@@ -73,12 +73,6 @@ from ..framework.registry import register_pass
 __all__ = ["QuantizePass", "find_candidates", "Candidate", "Plan", "apply_plan", "build_switch_model", "Budget", "Gap",
            "cross_validated_gap"]
 
-
-#: ``ranking=auto`` ranks by local errors above this many candidates x tensor bytes: ranking by ops
-#: alone reads about that many bytes of weights per search. Measured: GPT-2 base (49 ops x 0.5 GB =
-#: 24 GB) quantizes in 8 min with ops alone; on a 1.1 B Llama (111 x 4.4 GB = 490 GB) the same
-#: one-op-at-a-time measurement (``quantize-weights{bits=4}``'s) took 2 h 22 min for 104 of the 111.
-LOCAL_RANKING_BYTES = 100 << 30
 
 #: The writer of ``fallback=nbits``'s ops: 8-bit block-wise MatMulNBits, activations per block of 32.
 NBITS = WeightOnlyQuantizePass(bits=NBITS_BITS, block_size=32, accuracy_level=4)
@@ -138,7 +132,7 @@ class QuantizePass(Pass):
             scored: one evaluation an op) or ``local`` (each op's relative output error on its float
             input, every op from one run of a probe model, :mod:`passes.quantization.local_error`:
             about two evaluations in all); ``auto``: ``local`` when the candidates times the model's
-            tensor bytes exceed :data:`LOCAL_RANKING_BYTES`, else ``alone``. The search measures every
+            tensor bytes exceed :data:`~passes.quantization.local_error.LOCAL_RANKING_BYTES`, else ``alone``. The search measures every
             subset it keeps end to end either way; ``alone`` ranks better (MiniLM at a 0.997 budget:
             12 ops int8 against 7).
         screen_fraction: measure each op alone, and screen every subset tried, on this fraction of
@@ -213,8 +207,7 @@ class QuantizePass(Pass):
         )
         if self.margin not in ("cv", "cv-max", "off"):
             raise PassError(f"quantize: margin must be cv, cv-max or off, not {self.margin!r}")
-        if self.ranking not in ("auto", "alone", "local"):
-            raise PassError(f"quantize: ranking must be auto, alone or local, not {self.ranking!r}")
+        ranking = resolve_ranking(self.name, self.ranking, len(candidates), model)
         if self.weight_clip not in WEIGHT_CLIPS:
             raise PassError(f"quantize: weight_clip must be one of {', '.join(WEIGHT_CLIPS)}, not {self.weight_clip!r}")
         if not self.sensitivity:
@@ -224,9 +217,6 @@ class QuantizePass(Pass):
                 report.append({"name": c.name, "op": c.op, "shape": list(c.weight_shape), "decision": "quantized",
                                "error": None, "smoothed": False})
             return _with_rows(rw.result(), report)
-        ranking = self.ranking
-        if ranking == "auto":
-            ranking = "local" if len(candidates) * tensor_bytes(model) > LOCAL_RANKING_BYTES else "alone"
         plan, errors = self._decide(model, ctx, candidates, base, min_cos, ranking)
         error_key = "local error" if ranking == "local" else "error"
         for c in candidates:
@@ -433,7 +423,7 @@ class QuantizePass(Pass):
         """Every op's local error in each form (``ranking=local``), from one run of the probe model."""
         release_memory()
         with weight_clipping(self.weight_clip):
-            probe, outputs = build_probe_model(model, candidates, plan, weight_only=NBITS if nbits else None)
+            probe, outputs = build_probe_model(model, candidates, quantize_forms(plan, NBITS if nbits else None))
         with ev.saved(probe) as source:
             del probe
             sess = ev.session(source)

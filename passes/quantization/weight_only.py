@@ -55,6 +55,7 @@ from ..framework.base import Pass, PassContext, PassError, PassResult
 from ..framework.registry import register_pass
 from ..framework.rewriter import Rewriter
 from .calibration import calibration_batches
+from .local_error import build_probe_model, local_errors, nbits_form, resolve_ranking
 from .sensitivity import Evaluator, release_memory
 
 __all__ = ["WeightOnlyQuantizePass", "PackedWeight", "pack_weight", "dequantize_weight"]
@@ -182,6 +183,10 @@ class WeightOnlyQuantizePass(Pass):
         tokenizer: a tokenizer folder, with ``texts``, to measure on real text.
         texts: a text file, one sample per line.
         max_calibration: calibration samples to use at most.
+        ranking: the order ops move to the fallback in: ``alone`` (each op quantized alone, the model
+            scored), ``local`` (each op's relative output error, all from one run of a probe model,
+            :mod:`passes.quantization.local_error`) or ``auto`` (``local`` for big models, as
+            ``quantize``'s).
         threads: onnxruntime threads while measuring.
     """
 
@@ -200,6 +205,7 @@ class WeightOnlyQuantizePass(Pass):
     tokenizer: str = ""
     texts: str = ""
     max_calibration: int = 32
+    ranking: str = "auto"
     threads: int = 2
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
@@ -219,7 +225,7 @@ class WeightOnlyQuantizePass(Pass):
         levels = {c.index: self.bits for c in todo}
         rows: list[dict[str, Any]] = []
         if self.min_cosine > 0:
-            levels, rows = self._decide(model, ctx, todo)
+            levels, rows = self._decide(model, ctx, todo, resolve_ranking(self.name, self.ranking, len(todo), model))
         nodes = list(model.graph)
         todo_nodes = [nodes[c.index] for c in todo]  # indices shift as nodes are inserted
         for c, node in zip(todo, todo_nodes):
@@ -236,7 +242,7 @@ class WeightOnlyQuantizePass(Pass):
         return result
 
     # -- per-op fallback ----------------------------------------------------------------------
-    def _decide(self, model: ir.Model, ctx: PassContext, todo: list[Candidate]
+    def _decide(self, model: ir.Model, ctx: PassContext, todo: list[Candidate], ranking: str
                 ) -> tuple[dict[int, int], list[dict[str, Any]]]:
         """Bits per candidate index (0: float) under ``min_cosine``, and the per-op table."""
         t0 = time.perf_counter()
@@ -253,7 +259,7 @@ class WeightOnlyQuantizePass(Pass):
             ctx.note(self.name, "calibration", "no calibration or tokenizer/texts given: deciding on generated "
                      "inputs, which may not show the activation ranges of real data")
         try:
-            levels, whole, alone, final = self._measure(model, ctx, todo, ev, calib.source)
+            levels, whole, alone, final = self._measure(model, ctx, todo, ev, calib.source, ranking)
         finally:
             ev.close()
             release_memory()
@@ -261,18 +267,20 @@ class WeightOnlyQuantizePass(Pass):
         summary = ", ".join(f"{counts[b]} {'float' if b == 0 else f'int{b}'}" for b in sorted(counts, reverse=True))
         ctx.note(self.name, "model", f"{summary} of {len(todo)} ops; {final if final is not None else whole} "
                  f"(budget {self.min_cosine}) on {calib.source}; {ev.stats.evaluations} measurements in "
-                 f"{time.perf_counter() - t0:.1f} s")
+                 f"{time.perf_counter() - t0:.1f} s" + ("; ranked by local errors (one probe run)" if ranking == "local" else ""))
         rows = []
+        key = "local error" if ranking == "local" else "error"
         for c in todo:
-            err = {f"error int{b}": round(1.0 - alone[(c.index, b)], 7) for b in (self.bits, 8) if (c.index, b) in alone}
+            err = {f"{key} int{b}": round(alone[(c.index, b)], 7) for b in (self.bits, 8) if (c.index, b) in alone}
             b = levels[c.index]
             rows.append({"name": c.name, "op": c.op, "shape": list(c.weight_shape),
                          "decision": "float" if b == 0 else f"int{b}", **err})
         return levels, rows
 
-    def _measure(self, model: ir.Model, ctx: PassContext, todo: list[Candidate], ev: Any, calib_source: str
-                 ) -> tuple[dict[int, int], Any, dict[tuple[int, int], float], Any]:
-        """Levels under the budget, the all-``bits`` score, the errors alone and the final score."""
+    def _measure(self, model: ir.Model, ctx: PassContext, todo: list[Candidate], ev: Any, calib_source: str,
+                 ranking: str) -> tuple[dict[int, int], Any, dict[tuple[int, int], float], Any]:
+        """Levels under the budget, the all-``bits`` score, the errors alone (``1 -`` the worst cosine,
+        or with ``ranking=local`` the relative output error) and the final score."""
         lower = _LEVELS[self.fallback] if _LEVELS[self.fallback] > self.bits else 0  # int8 weights: float fallback
         state: dict[str, Any] = {}  # the switch session and its flags
 
@@ -300,14 +308,19 @@ class WeightOnlyQuantizePass(Pass):
         alone: dict[tuple[int, int], float] = {}
         levels = first
         if whole.worst < budget:
-            if lower:
-                open_switch([self.bits, lower])
-            self._alone(ctx, todo, self.bits, score, alone)
-            order = sorted(todo, key=lambda c: alone[(c.index, self.bits)])  # largest error first
+            if ranking == "local":  # every op's error at every precision, the switch session released meanwhile
+                state.clear()
+                alone.update(self._local_errors(model, ctx, todo, ev, [self.bits] + ([lower] if lower else [])))
+            if lower or ranking == "local":
+                open_switch([self.bits] + ([lower] if lower else []))
+            if ranking != "local":
+                self._alone(ctx, todo, self.bits, score, alone)
+            order = sorted(todo, key=lambda c: -alone[(c.index, self.bits)])  # largest error first
             found = self._fewest(ctx, order, first, lower, score, budget)
             if found is None and lower:  # int8 everywhere still breaks it: then float, worst int8 first
-                self._alone(ctx, todo, lower, score, alone)
-                order = sorted(todo, key=lambda c: alone[(c.index, lower)])
+                if ranking != "local":
+                    self._alone(ctx, todo, lower, score, alone)
+                order = sorted(todo, key=lambda c: -alone[(c.index, lower)])
                 found = self._fewest(ctx, order, {c.index: lower for c in todo}, 0, score, budget)
             if found is None:
                 ctx.note(self.name, "model", f"the budget min_cosine={budget} cannot be met even with every op "
@@ -337,13 +350,30 @@ class WeightOnlyQuantizePass(Pass):
     @staticmethod
     def _alone(ctx: PassContext, todo: list[Candidate], bits: int, score: Any, alone: dict[tuple[int, int], float]
                ) -> None:
-        """Each op at ``bits`` alone: its worst cosine into ``alone``."""
+        """Each op at ``bits`` alone: its error (``1 -`` the worst cosine) into ``alone``."""
         with ctx.bar(len(todo), f"quantize-weights: ops alone at int{bits}") as bar:
             for i, c in enumerate(todo):
-                alone[(c.index, bits)] = score({c.index: bits}).worst
+                alone[(c.index, bits)] = 1.0 - score({c.index: bits}).worst
                 bar.update()
                 if i % 8 == 7:
                     ctx.report_progress(f"quantize-weights: measured {i + 1}/{len(todo)} ops alone at int{bits}")
+
+    def _local_errors(self, model: ir.Model, ctx: PassContext, todo: list[Candidate], ev: Any, precisions: list[int]
+                      ) -> dict[tuple[int, int], float]:
+        """Each op's relative output error at each of ``precisions``, from one run of the probe model."""
+        release_memory()
+        probe, outputs = build_probe_model(model, todo, {f"int{b}": nbits_form(self, b) for b in precisions})
+        with ev.saved(probe) as source:
+            del probe
+            sess = ev.session(source)
+        try:
+            with ctx.bar(len(ev.batches), "quantize-weights: local errors (probe)") as bar:
+                local = local_errors(ev, sess, outputs, bar)
+        finally:
+            del sess
+            release_memory()
+        every = list(range(len(ev.batches)))
+        return {(i, b): e for b in precisions for i, e in local.relative(every, f"int{b}").items()}
 
     @staticmethod
     def _fewest(ctx: PassContext, order: list[Candidate], start: dict[int, int], lower: int, score: Any, budget: float

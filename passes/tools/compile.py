@@ -173,12 +173,12 @@ class CompileReport:
         elif self.verify_setup:
             lines += ["", f"verify: {self.verify_setup}"]
         if self.quantization:
-            local = any("local error" in q for q in self.quantization)
-            lines += ["", f"{'quantize: op':<72} {'decision':<10} {'local error' if local else 'error alone':>11}"]
+            # quantize gives "error" ("local error" with ranking=local); quantize-weights "error int4"/"error int8"
+            # (the first is its bits; "local error int4"...)
+            key = "local error" if any(k.startswith("local error") for q in self.quantization for k in q) else "error"
+            lines += ["", f"{'quantize: op':<72} {'decision':<10} {'local error' if key != 'error' else 'error alone':>11}"]
             for q in self.quantization:
-                # quantize gives "error" ("local error" with ranking=local); quantize-weights "error int4"/"error int8"
-                # (the first is its bits)
-                e = q.get("local error" if local else "error", next((v for k, v in q.items() if k.startswith("error ")), None))
+                e = q.get(key, next((v for k, v in q.items() if k.startswith(key + " ")), None))
                 err = "-" if e is None else f"{e:.2e}"
                 lines.append(f"  {q['name'][:70]:<70} {q['decision']:<10} {err:>11}")
         if self.autotune is not None:
