@@ -5,9 +5,9 @@ quantized first, or to move back first). ``ranking=alone`` measures each op quan
 end: one model evaluation an op, faithful, but on a 1B decoder with 111 candidates that is 111
 evaluations of the whole model per search (three searches with ``quantize``'s cross-validated
 margin). ``ranking=local`` ranks instead by each op's *local* error: a probe model computes, beside
-every candidate, each quantized form on the same float input, and returns per batch
-``sum((y_form - y)^2)`` and ``sum(y^2)``; one run of the probe over the calibration batches (about
-two evaluations' work) gives every op's relative error on every batch. The forms are written by the
+every candidate, each quantized form on the same float input, and returns per batch the mean over
+the output's rows (tokens) of ``|y_form - y|^2 / |y|^2``; one run of the probe over the calibration
+batches (about two evaluations' work) gives every op's relative error on every batch. The forms are written by the
 same code as the switch models' (:func:`passes.quantization._emit.int8_form`, the weight-only
 writer's ``_nbits``), so the probe measures the arithmetic that ships.
 
@@ -85,81 +85,88 @@ def nbits_form(weight_only: Any, bits: int) -> FormWriter:
 
 
 def build_probe_model(model: ir.Model, candidates: list[Candidate], forms: dict[str, FormWriter],
-                      ) -> tuple[ir.Model, dict[tuple[int, str], tuple[str, str]]]:
-    """A copy of ``model`` that also returns, for every candidate and form, its squared output error.
+                      ) -> tuple[ir.Model, dict[tuple[int, str], str]]:
+    """A copy of ``model`` that also returns, for every candidate and form, its relative output error.
 
     The float graph is unchanged (every op reads float inputs); beside each candidate each form of
-    ``forms`` (name -> writer, e.g. :func:`quantize_forms`) reads the same input, and two scalar
-    outputs are added: ``sum((y_form - y)^2)`` and ``sum(y^2)`` over the whole batch. An
+    ``forms`` (name -> writer, e.g. :func:`quantize_forms`) reads the same input, and a scalar output
+    is added: the mean over the output's rows (every index but the last axis: a token) of
+    ``|y_form - y|^2 / |y|^2``. Per row, not over the whole batch: the model normalizes each token
+    (LayerNorm, RMSNorm), so a small token's error counts as much as a large one's; measured on
+    MiniLM, the whole-batch ratio ranked the ops against their end-to-end errors (Spearman -0.33), as
+    one token's huge activations (where the error is relatively small) dominate its sums. An
     ``Attention`` candidate gets only the ``int8`` form (weight-only forms are MatMul/Gemm's).
 
     Returns:
-        The copy, and for each ``(candidate index, form)`` the names of its (error, reference) outputs.
+        The copy, and for each ``(candidate index, form)`` the name of its error output.
     """
     m = copy_model(model)
     graph = m.graph
     rw = Rewriter()
     rw.import_opset(m, MS)
     nodes = list(graph)
-    scalar = ir.TensorType(ir.DataType.FLOAT, ())
-    outputs: dict[tuple[int, str], tuple[str, str]] = {}
+    f32 = ir.DataType.FLOAT
+    axes_input = (m.opset("") or 0) >= 18  # ReduceSumSquare / ReduceMean take axes as an input from opset 18
 
-    def sum_sq(v: ir.Value, name: str) -> ir.Value:
-        out = rw.make("ReduceSumSquare", [v], {"keepdims": 0}, graph=graph, name=name, output_names=[name],
-                      types=[scalar]).outputs[0]
-        assert out is not None
-        graph.outputs.append(out)
-        return out
+    def row_sum_sq(v: ir.Value) -> ir.Value:
+        if axes_input:
+            node = rw.make("ReduceSumSquare", [v, rw.constant(graph, np.array([-1], np.int64), name="probe_axes")],
+                           {"keepdims": 0}, graph=graph, types=[ir.TensorType(f32, None)])
+        else:
+            node = rw.make("ReduceSumSquare", [v], {"keepdims": 0, "axes": [-1]}, graph=graph,
+                           types=[ir.TensorType(f32, None)])
+        assert node.outputs[0] is not None
+        return node.outputs[0]
 
+    tiny = rw.constant(graph, np.array(1e-30, np.float32), name="probe_tiny")
+    outputs: dict[tuple[int, str], str] = {}
     for c in candidates:
         node = nodes[c.index]
         y = node.outputs[0]
         assert y is not None and node.inputs[0] is not None
-        ref = sum_sq(y, graph.unique_name(f"probe{c.index}_ref"))
+        den = rw.make("Max", [row_sum_sq(y), tiny], graph=graph).outputs[0]
         for form, write in forms.items():
             if c.op == "Attention" and form != "int8":
                 continue
             diff = rw.make("Sub", [write(graph, rw, c, node), y], graph=graph, types=[y.type]).outputs[0]
-            assert diff is not None
-            err = sum_sq(diff, graph.unique_name(f"probe{c.index}_{form}_err"))
-            outputs[(c.index, form)] = (err.name, ref.name)
+            assert diff is not None and den is not None
+            rel = rw.make("Div", [row_sum_sq(diff), den], graph=graph).outputs[0]
+            name = graph.unique_name(f"probe{c.index}_{form}_err")
+            err = rw.make("ReduceMean", [rel], {"keepdims": 0}, graph=graph, name=name, output_names=[name],
+                          types=[ir.TensorType(f32, ())]).outputs[0]
+            assert err is not None
+            graph.outputs.append(err)
+            outputs[(c.index, form)] = err.name
     graph.sort()
     return m, outputs
 
 
 @dataclass(frozen=True)
 class LocalErrors:
-    """Squared output errors of every candidate form, per calibration batch.
+    """Relative output errors of every candidate form, per calibration batch.
 
     Attributes:
         keys: the ``(candidate index, form)`` of each column.
-        err: ``[batches, len(keys)]``: ``sum((y_form - y)^2)`` over each batch.
-        ref: ``[batches, len(keys)]``: ``sum(y^2)`` over each batch.
+        err: ``[batches, len(keys)]``: the mean over the batch's rows of ``|y_form - y|^2 / |y|^2``.
     """
 
     keys: tuple[tuple[int, str], ...]
     err: np.ndarray
-    ref: np.ndarray
 
     def relative(self, batches: list[int], form: str) -> dict[int, float]:
         """Each candidate's relative squared error in ``form``: the worst over ``batches``."""
-        rel = self.err[batches] / np.maximum(self.ref[batches], 1e-30)
-        worst = rel.max(axis=0)
+        worst = self.err[batches].max(axis=0)
         return {i: float(worst[j]) for j, (i, f) in enumerate(self.keys) if f == form}
 
 
-def local_errors(ev: Evaluator, sess: Any, outputs: dict[tuple[int, str], tuple[str, str]],
-                 bar: Any = None) -> LocalErrors:
+def local_errors(ev: Evaluator, sess: Any, outputs: dict[tuple[int, str], str], bar: Any = None) -> LocalErrors:
     """Run a probe session (:func:`build_probe_model`) over ``ev``'s batches (``bar``: a progress bar to
     advance a batch at a time)."""
     keys = tuple(outputs)
-    names = sorted({n for pair in outputs.values() for n in pair})
-    col = {n: j for j, n in enumerate(names)}
-    err, ref = [], []
+    names = [outputs[k] for k in keys]
+    err = []
     for feeds in ev.batches:
-        got = sess.run(names, feeds)
-        err.append([float(got[col[outputs[k][0]]]) for k in keys])
-        ref.append([float(got[col[outputs[k][1]]]) for k in keys])
+        err.append([float(v) for v in sess.run(names, feeds)])
         if bar is not None:
             bar.update()
-    return LocalErrors(keys, np.asarray(err, np.float64), np.asarray(ref, np.float64))
+    return LocalErrors(keys, np.asarray(err, np.float64))

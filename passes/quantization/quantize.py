@@ -131,10 +131,12 @@ class QuantizePass(Pass):
         ranking: the order the search tries ops in: ``alone`` (each op quantized alone, the whole model
             scored: one evaluation an op) or ``local`` (each op's relative output error on its float
             input, every op from one run of a probe model, :mod:`passes.quantization.local_error`:
-            about two evaluations in all); ``auto``: ``local`` when the candidates times the model's
-            tensor bytes exceed :data:`~passes.quantization.local_error.LOCAL_RANKING_BYTES`, else ``alone``. The search measures every
-            subset it keeps end to end either way; ``alone`` ranks better (MiniLM at a 0.997 budget:
-            12 ops int8 against 7).
+            about two evaluations in all; the additions after the first bisection are then
+            :data:`LOCAL_ADDITION_ROUNDS` more bisections, not a trial an op); ``auto``: ``local``
+            when the candidates times the model's tensor bytes exceed
+            :data:`~passes.quantization.local_error.LOCAL_RANKING_BYTES`, else ``alone``. The search
+            measures every subset it keeps end to end either way; ``alone`` ranks better (MiniLM at a
+            0.997 budget: 12 ops int8 against 7).
         screen_fraction: measure each op alone, and screen every subset tried, on this fraction of
             the calibration batches (those the fully quantized model does worst on, at least one);
             a subset is measured on all batches only when it passes the screen. ``0``: every
@@ -358,7 +360,8 @@ class QuantizePass(Pass):
                 return dict(all_on), {}, {}
             # 2. the ranking: each op alone (on the hardest batches when screening), or local errors
             errs = errors_alone(candidates, "int8", {}, "ops alone")
-            forms = _grow({}, order(candidates, errs), "int8", fits, ctx.bar)
+            rounds = LOCAL_ADDITION_ROUNDS if local is not None else None
+            forms = _grow({}, order(candidates, errs), "int8", fits, ctx.bar, rounds)
             # 3. the ops left float: weight-only MatMulNBits under the same budget and search
             rest = [c for c in candidates if c.index not in forms and c.op != "Attention"] if nbits else []
             nb_errs: dict[int, float] = {}
@@ -368,7 +371,7 @@ class QuantizePass(Pass):
                     forms = with_rest
                 else:
                     nb_errs = errors_alone(rest, "nbits", forms, "ops alone in nbits")
-                    forms = _grow(forms, order(rest, nb_errs), "nbits", fits, ctx.bar)
+                    forms = _grow(forms, order(rest, nb_errs), "nbits", fits, ctx.bar, rounds)
             return forms, errs, nb_errs
 
         everything = list(range(len(ev.batches)))
@@ -488,27 +491,46 @@ def _macs(c: Candidate) -> float:
     return float(c.weight_shape[0] * c.weight_shape[1])
 
 
+#: With ``ranking=local`` the search's additions after its first bisection are this many more
+#: bisections, each over the ops after the one that broke the previous (skipped), instead of one
+#: trial an op: unfiltered by a measurement alone, a 1B decoder's tail is ~100 ops a search.
+LOCAL_ADDITION_ROUNDS = 3
+
+
 def _grow(start: dict[int, str], ok: list[Candidate], form: str, fits: Callable[[dict[int, str]], bool],
-          bar: Callable[[int, str], Any]) -> dict[int, str]:
+          bar: Callable[[int, str], Any], rounds: int | None = None) -> dict[int, str]:
     """``start`` with the most ops of ``ok`` (in the order to try them) in ``form`` that ``fits``: the
-    longest fitting prefix by bisection, then greedy additions (each step advancing a progress ``bar``
-    made by the context's factory)."""
+    longest fitting prefix by bisection, then additions: with ``rounds=None`` each op after the first
+    that broke it tried in turn, else ``rounds`` more bisections over the ops after the one that
+    broke the previous (each step advancing a progress ``bar`` made by the context's factory)."""
 
-    def with_first(k: int) -> dict[int, str]:
-        return {**start, **{c.index: form for c in ok[:k]}}
-
-    lo, hi = 0, len(ok)
-    with bar(max(1, len(ok)).bit_length(), f"quantize: {form} subsets tried (bisection)") as b:
+    def longest(forms: dict[int, str], pool: list[Candidate], b: Any) -> int:
+        """The longest prefix of ``pool`` that fits on top of ``forms`` (by bisection)."""
+        lo, hi = 0, len(pool)
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if fits(with_first(mid)):
+            if fits({**forms, **{c.index: form for c in pool[:mid]}}):
                 lo = mid
             else:
                 hi = mid - 1
             b.update()
-    forms = with_first(lo)
-    with bar(max(0, len(ok) - lo - 1), f"quantize: {form} subsets tried (additions)") as b:
-        for c in ok[lo + 1 :]:
+        return lo
+
+    with bar(max(1, len(ok)).bit_length(), f"quantize: {form} subsets tried (bisection)") as b:
+        lo = longest(start, ok, b)
+    forms = {**start, **{c.index: form for c in ok[:lo]}}
+    tail = ok[lo + 1 :]
+    if rounds is not None:
+        with bar(rounds * max(1, len(tail)).bit_length(), f"quantize: {form} subsets tried (bisections after)") as b:
+            for _ in range(rounds):
+                if not tail:
+                    break
+                k = longest(forms, tail, b)
+                forms.update({c.index: form for c in tail[:k]})
+                tail = tail[k + 1 :]
+        return forms
+    with bar(len(tail), f"quantize: {form} subsets tried (additions)") as b:
+        for c in tail:
             if fits({**forms, c.index: form}):
                 forms[c.index] = form
             b.update()
