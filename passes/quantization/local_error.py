@@ -124,11 +124,14 @@ def build_probe_model(model: ir.Model, candidates: list[Candidate], forms: dict[
         node = nodes[c.index]
         y = node.outputs[0]
         assert y is not None and node.inputs[0] is not None
-        den = rw.make("Max", [row_sum_sq(y), tiny], graph=graph).outputs[0]
+        residual, weights = _residual_path(graph, rw, y)
+        den = rw.make("Max", [row_sum_sq(residual or y), tiny], graph=graph).outputs[0]
         for form, write in forms.items():
             if c.op == "Attention" and form != "int8":
                 continue
             diff = rw.make("Sub", [write(graph, rw, c, node), y], graph=graph, types=[y.type]).outputs[0]
+            for w in weights:  # the error as it reaches the residual stream
+                diff = rw.make("MatMul", [diff, w], graph=graph, types=[y.type]).outputs[0]
             assert diff is not None and den is not None
             rel = rw.make("Div", [row_sum_sq(diff), den], graph=graph).outputs[0]
             name = graph.unique_name(f"probe{c.index}_{form}_err")
@@ -139,6 +142,50 @@ def build_probe_model(model: ir.Model, candidates: list[Candidate], forms: dict[
             outputs[(c.index, form)] = err.name
     graph.sort()
     return m, outputs
+
+
+#: Ops that add their first two inputs (and normalize the sum): a residual merge.
+_SKIP_NORMS = {(MS, "SkipLayerNormalization"), (MS, "SkipSimplifiedLayerNormalization")}
+
+
+def _residual_path(graph: ir.Graph, rw: Rewriter, y: ir.Value) -> tuple[ir.Value | None, list[ir.Value]]:
+    """Where an error in ``y`` joins the residual stream, when ``y``'s only path goes there: the
+    residual sum (an ``Add`` / ``Sum`` output, or a skip-normalization's two inputs added, written into
+    ``graph``; ``None`` when there is none), and the constant weights of the ``MatMul`` s on the way
+    (an error ``e`` arrives as ``e @ W1 @ W2 ...``; constant bias ``Add`` s pass it unchanged).
+
+    The next normalization scales that error by the sum's norm, not by ``y``'s: measured on MiniLM,
+    attention output projections have 10-40x the relative error of their FFN neighbours on their own
+    outputs and 1/10 of their end-to-end one. Rank correlation (Spearman) of MiniLM's 24 local
+    errors with their end-to-end errors alone: 0.09 on the ops' own outputs, 0.41 against the
+    residual sums, 0.85 with the projections on the way too (the fused Attention's error through its
+    output projection).
+    """
+    v, weights = y, []
+    while len(v.uses()) == 1 and not v.is_graph_output():
+        user, idx = v.uses()[0]
+        if (user.domain, user.op_type) in _SKIP_NORMS and idx in (0, 1):
+            a, b = user.inputs[0], user.inputs[1]
+            assert a is not None and b is not None
+            return rw.make("Add", [a, b], graph=graph, types=[a.type]).outputs[0], weights
+        out = user.outputs[0]
+        if user.domain != "" or out is None:
+            break
+        if user.op_type == "MatMul" and idx == 0 and _constant(user.inputs[1]):
+            weights.append(user.inputs[1])
+            v = out
+            continue
+        if user.op_type not in ("Add", "Sum"):
+            break
+        others = [u for j, u in enumerate(user.inputs) if j != idx]
+        if not all(_constant(u) for u in others):
+            return out, weights  # the residual Add (or Sum with a bias)
+        v = out  # a bias Add: the error passes through unchanged
+    return None, []
+
+
+def _constant(v: ir.Value | None) -> bool:
+    return v is not None and (v.is_initializer() or v.const_value is not None)
 
 
 @dataclass(frozen=True)
