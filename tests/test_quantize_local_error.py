@@ -34,6 +34,11 @@ def _with_outputs(model: ir.Model, names: list[str]) -> ir.Model:
     return m
 
 
+def _if_output(switch: ir.Model, index: int) -> str:
+    """A candidate's output in the switch model: its (outer) If's output, whatever form it selects."""
+    return next(n for n in switch.graph if n.name == f"switch{index}_int8").outputs[0].name
+
+
 class _Batches:
     """The minimal evaluator :func:`local_errors` reads: its batches."""
 
@@ -68,8 +73,7 @@ def test_probe_errors_are_the_switch_models_op_errors(plan_name: str, nbits: boo
     residual = {"att": "att", "h": "h", "a": "ab", "b": "ab"}
     y_float = dict(zip(y_names + ["ab"], _run(_with_outputs(model, y_names + ["ab"]), feeds, y_names + ["ab"])))
     switch, flags = build_switch_model(model, cands, plan, weight_only=weight_only)
-    # each candidate's output in the switch model: its (outer) If's output, whatever form it selects
-    selected = {c.index: next(n for n in switch.graph if n.name == f"switch{c.index}_int8").outputs[0].name for c in cands}
+    selected = {c.index: _if_output(switch, c.index) for c in cands}
     switch = _with_outputs(switch, list(selected.values()))
     sess = ort_session(model_bytes_or_path(switch)[0])
     for j, (index, form) in enumerate(got.keys):
@@ -96,10 +100,10 @@ def test_an_error_through_a_projection_is_measured_where_it_joins_the_residual()
 
     rng = np.random.default_rng(3)
     k = 32
-    w1, w2 = (rng.standard_normal((k, k)) * 0.2).astype(np.float32), (rng.standard_normal((k, k)) * 0.2).astype(np.float32)
+    w1, w2 = ((rng.standard_normal((k, k)) * 0.2).astype(np.float32) for _ in range(2))
     g = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"), helper.make_node("MatMul", ["h", "w2"], ["p"], name="mm2"),
-         helper.make_node("Add", ["p", "x"], ["y"])], "g",
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+         helper.make_node("MatMul", ["h", "w2"], ["p"], name="mm2"), helper.make_node("Add", ["p", "x"], ["y"])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, k])],
         [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
@@ -112,7 +116,7 @@ def test_an_error_through_a_projection_is_measured_where_it_joins_the_residual()
     got = local_errors(_Batches([{"x": x}]), ort_session(model_bytes_or_path(probe)[0]), outputs).relative([0], "int8")
 
     switch, flags = build_switch_model(model, cands, plan)
-    sel = {c.index: next(n for n in switch.graph if n.name == f"switch{c.index}_int8").outputs[0].name for c in cands}
+    sel = {c.index: _if_output(switch, c.index) for c in cands}
     switch = _with_outputs(switch, list(sel.values()))
     sess = ort_session(model_bytes_or_path(switch)[0])
     h, p, y = (v.astype(np.float64) for v in _run(_with_outputs(model, ["h", "p"]), {"x": x}, ["h", "p", "y"]))

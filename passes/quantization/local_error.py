@@ -35,7 +35,8 @@ from ..framework.numerics import tensor_bytes
 from ..framework.rewriter import Rewriter
 from .sensitivity import Evaluator
 
-__all__ = ["LOCAL_RANKING_BYTES", "RANKINGS", "FormWriter", "resolve_ranking", "LocalErrors", "build_probe_model", "local_errors", "nbits_form", "quantize_forms"]
+__all__ = ["LOCAL_RANKING_BYTES", "RANKINGS", "FormWriter", "LocalErrors", "build_probe_model", "local_errors",
+           "nbits_form", "quantize_forms", "resolve_ranking"]
 
 
 #: ``ranking=auto`` ranks by local errors above this many candidates x tensor bytes: ranking by ops

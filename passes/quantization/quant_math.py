@@ -141,7 +141,8 @@ def _clip_ratios(w: np.ndarray, qmax: int, per_channel: bool, axis: int, ratios:
     if workers == 1 or n <= step or w.size < (1 << 20):
         return _channel_ratios(w, qmax, ratios)
     with ThreadPoolExecutor(workers) as pool:
-        return np.concatenate(list(pool.map(lambda j: _channel_ratios(w[:, j:j + step], qmax, ratios), range(0, n, step))))
+        parts = pool.map(lambda j: _channel_ratios(w[:, j:j + step], qmax, ratios), range(0, n, step))
+        return np.concatenate(list(parts))
 
 
 def _channel_ratios(w: np.ndarray, qmax: int, ratios: np.ndarray) -> np.ndarray:

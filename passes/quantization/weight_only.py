@@ -267,7 +267,8 @@ class WeightOnlyQuantizePass(Pass):
         summary = ", ".join(f"{counts[b]} {'float' if b == 0 else f'int{b}'}" for b in sorted(counts, reverse=True))
         ctx.note(self.name, "model", f"{summary} of {len(todo)} ops; {final if final is not None else whole} "
                  f"(budget {self.min_cosine}) on {calib.source}; {ev.stats.evaluations} measurements in "
-                 f"{time.perf_counter() - t0:.1f} s" + ("; ranked by local errors (one probe run)" if ranking == "local" else ""))
+                 f"{time.perf_counter() - t0:.1f} s"
+                 + ("; ranked by local errors (one probe run)" if ranking == "local" else ""))
         rows = []
         key = "local error" if ranking == "local" else "error"
         for c in todo:

@@ -176,7 +176,8 @@ class CompileReport:
             # quantize gives "error" ("local error" with ranking=local); quantize-weights "error int4"/"error int8"
             # (the first is its bits; "local error int4"...)
             key = "local error" if any(k.startswith("local error") for q in self.quantization for k in q) else "error"
-            lines += ["", f"{'quantize: op':<72} {'decision':<10} {'local error' if key != 'error' else 'error alone':>11}"]
+            header = "local error" if key != "error" else "error alone"
+            lines += ["", f"{'quantize: op':<72} {'decision':<10} {header:>11}"]
             for q in self.quantization:
                 e = q.get(key, next((v for k, v in q.items() if k.startswith(key + " ")), None))
                 err = "-" if e is None else f"{e:.2e}"
