@@ -164,9 +164,10 @@ class Evaluator:
         """``encoder``, ``decoder`` or ``generic``: how the first scored output is read."""
         return next((k for k in self.kinds if k != "skip"), "generic")
 
-    def session(self, source: bytes | str) -> Any:
-        """An onnxruntime session on ``source`` with the evaluator's thread count."""
-        return session(source, self.threads)
+    def session(self, source: bytes | str, *, prepack: bool = True) -> Any:
+        """An onnxruntime session on ``source`` with the evaluator's thread count (``prepack``: see
+        :func:`passes.framework.numerics.session`)."""
+        return session(source, self.threads, prepack=prepack)
 
     def session_of(self, model: ir.Model) -> Any:
         """An onnxruntime session on an IR model.
