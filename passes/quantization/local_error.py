@@ -92,11 +92,14 @@ def build_probe_model(model: ir.Model, candidates: list[Candidate], forms: dict[
     The float graph is unchanged (every op reads float inputs); beside each candidate each form of
     ``forms`` (name -> writer, e.g. :func:`quantize_forms`) reads the same input, and a scalar output
     is added: the mean over the output's rows (every index but the last axis: a token) of
-    ``|y_form - y|^2 / |y|^2``. Per row, not over the whole batch: the model normalizes each token
-    (LayerNorm, RMSNorm), so a small token's error counts as much as a large one's; measured on
-    MiniLM, the whole-batch ratio ranked the ops against their end-to-end errors (Spearman -0.33), as
-    one token's huge activations (where the error is relatively small) dominate its sums. An
-    ``Attention`` candidate gets only the ``int8`` form (weight-only forms are MatMul/Gemm's).
+    ``|e|^2 / |r|^2``, ``e`` the form's error ``y_form - y`` as it reaches the residual stream and ``r``
+    the residual sum there (:func:`_residual_path`; ``y`` itself where the output joins none). Per
+    row, not over the whole batch: the model normalizes each token (LayerNorm, RMSNorm), so a small
+    token's error counts as much as a large one's; measured on MiniLM, the whole-batch ratio on the
+    ops' own outputs ranked them against their end-to-end errors (Spearman -0.33), as one token's huge
+    activations (where the error is relatively small) dominate its sums; per row 0.09; to the
+    residual 0.85. An ``Attention`` candidate gets only the ``int8`` form (weight-only forms are
+    MatMul/Gemm's).
 
     Returns:
         The copy, and for each ``(candidate index, form)`` the name of its error output.
@@ -109,10 +112,12 @@ def build_probe_model(model: ir.Model, candidates: list[Candidate], forms: dict[
     f32 = ir.DataType.FLOAT
     axes_input = (m.opset("") or 0) >= 18  # ReduceSumSquare / ReduceMean take axes as an input from opset 18
 
+    last_axis = rw.constant(graph, np.array([-1], np.int64), name="probe_axes") if axes_input else None
+
     def row_sum_sq(v: ir.Value) -> ir.Value:
-        if axes_input:
-            node = rw.make("ReduceSumSquare", [v, rw.constant(graph, np.array([-1], np.int64), name="probe_axes")],
-                           {"keepdims": 0}, graph=graph, types=[ir.TensorType(f32, None)])
+        if last_axis is not None:
+            node = rw.make("ReduceSumSquare", [v, last_axis], {"keepdims": 0}, graph=graph,
+                           types=[ir.TensorType(f32, None)])
         else:
             node = rw.make("ReduceSumSquare", [v], {"keepdims": 0, "axes": [-1]}, graph=graph,
                            types=[ir.TensorType(f32, None)])
