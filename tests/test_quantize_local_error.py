@@ -9,6 +9,9 @@ the output is added to (``y`` itself where there is none).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -40,10 +43,19 @@ def _if_output(switch: ir.Model, index: int) -> str:
 
 
 class _Batches:
-    """The minimal evaluator :func:`local_errors` reads: its batches."""
+    """The minimal evaluator :func:`local_errors` uses: its batches, a model's bytes, a session on them."""
 
     def __init__(self, batches: list[dict[str, np.ndarray]]) -> None:
         self.batches = batches
+        self.prepack: list[bool] = []
+
+    @contextlib.contextmanager
+    def saved(self, model: ir.Model) -> Iterator[bytes]:
+        yield model_bytes_or_path(model)[0]
+
+    def session(self, source: bytes, *, prepack: bool = True) -> object:
+        self.prepack.append(prepack)
+        return ort_session(source)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -61,7 +73,9 @@ def test_probe_errors_are_the_switch_models_op_errors(plan_name: str, nbits: boo
     weight_only = NBITS if nbits else None
 
     probe, outputs = build_probe_model(model, cands, quantize_forms(plan, weight_only))
-    got = local_errors(_Batches([feeds, feeds]), ort_session(model_bytes_or_path(probe)[0]), outputs)
+    ev = _Batches([feeds, feeds])
+    got = local_errors(ev, lambda: (probe, outputs), prepack=nbits)
+    assert ev.prepack == [nbits]
     assert set(got.keys) == {(c.index, "int8") for c in cands} | {
         (c.index, "nbits") for c in cands if nbits and c.op != "Attention"}
     assert got.err.shape == (2, len(got.keys))
@@ -113,7 +127,7 @@ def test_an_error_through_a_projection_is_measured_where_it_joins_the_residual()
     x = rng.standard_normal((2, 5, k)).astype(np.float32)
     x[..., 0] *= 25.0
     probe, outputs = build_probe_model(model, cands, quantize_forms(plan))
-    got = local_errors(_Batches([{"x": x}]), ort_session(model_bytes_or_path(probe)[0]), outputs).relative([0], "int8")
+    got = local_errors(_Batches([{"x": x}]), lambda: (probe, outputs)).relative([0], "int8")
 
     switch, flags = build_switch_model(model, cands, plan)
     sel = {c.index: _if_output(switch, c.index) for c in cands}

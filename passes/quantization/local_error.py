@@ -33,7 +33,7 @@ from ._emit import NBITS_BITS, Plan, copy_model, int8_form
 from ..framework.base import PassError
 from ..framework.numerics import tensor_bytes
 from ..framework.rewriter import Rewriter
-from .sensitivity import Evaluator
+from .sensitivity import Evaluator, release_memory
 
 __all__ = ["LOCAL_RANKING_BYTES", "RANKINGS", "FormWriter", "LocalErrors", "build_probe_model", "local_errors",
            "nbits_form", "quantize_forms", "resolve_ranking"]
@@ -212,14 +212,25 @@ class LocalErrors:
         return {i: float(worst[j]) for j, (i, f) in enumerate(self.keys) if f == form}
 
 
-def local_errors(ev: Evaluator, sess: Any, outputs: dict[tuple[int, str], str], bar: Any = None) -> LocalErrors:
-    """Run a probe session (:func:`build_probe_model`) over ``ev``'s batches (``bar``: a progress bar to
-    advance a batch at a time)."""
+def local_errors(ev: Evaluator, build: Callable[[], tuple[ir.Model, dict[tuple[int, str], str]]], *,
+                 prepack: bool = True, bar: Any = None) -> LocalErrors:
+    """Run the probe model ``build()`` gives (:func:`build_probe_model`'s result; built here, so that
+    it is dropped once saved for onnxruntime; ``prepack`` as :func:`passes.framework.numerics.session`
+    takes it) over ``ev``'s batches (``bar``: a progress bar to advance a batch at a time)."""
+    release_memory()
+    probe, outputs = build()
+    with ev.saved(probe) as source:
+        del probe
+        sess = ev.session(source, prepack=prepack)
     keys = tuple(outputs)
     names = [outputs[k] for k in keys]
     err = []
-    for feeds in ev.batches:
-        err.append([float(v) for v in sess.run(names, feeds)])
-        if bar is not None:
-            bar.update()
+    try:
+        for feeds in ev.batches:
+            err.append([float(v) for v in sess.run(names, feeds)])
+            if bar is not None:
+                bar.update()
+    finally:
+        del sess
+        release_memory()
     return LocalErrors(keys, np.asarray(err, np.float64))

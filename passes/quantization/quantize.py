@@ -426,21 +426,15 @@ class QuantizePass(Pass):
     def _local_errors(self, model: ir.Model, ev: Evaluator, ctx: PassContext, candidates: list[Candidate], plan: Plan,
                       nbits: bool) -> LocalErrors:
         """Every op's local error in each form (``ranking=local``), from one run of the probe model."""
-        release_memory()
-        with weight_clipping(self.weight_clip):
-            probe, outputs = build_probe_model(model, candidates, quantize_forms(plan, NBITS if nbits else None))
-        with ev.saved(probe) as source:
-            del probe
+        def build() -> tuple[ir.Model, dict[tuple[int, str], str]]:
+            with weight_clipping(self.weight_clip):
+                return build_probe_model(model, candidates, quantize_forms(plan, NBITS if nbits else None))
+
+        with ctx.bar(len(ev.batches), "quantize: local errors (probe)") as bar:
             # Unpacked weights: the probe holds the float model and every int8 weight, and pre-packed
             # copies of them all would be twice that (a 1.1 B Llama: ~11 GB); it moves int8 errors by
             # under 0.2%, a ranking's noise. MatMulNBits needs its packing.
-            sess = ev.session(source, prepack=nbits)
-        try:
-            with ctx.bar(len(ev.batches), "quantize: local errors (probe)") as bar:
-                return local_errors(ev, sess, outputs, bar)
-        finally:
-            del sess
-            release_memory()
+            return local_errors(ev, build, prepack=nbits, bar=bar)
 
     def _variants(self, model: ir.Model, ev: Evaluator, candidates: list[Candidate], base: Plan
                   ) -> list[tuple[str, Plan]]:

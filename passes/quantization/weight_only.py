@@ -362,17 +362,10 @@ class WeightOnlyQuantizePass(Pass):
     def _local_errors(self, model: ir.Model, ctx: PassContext, todo: list[Candidate], ev: Any, precisions: list[int]
                       ) -> dict[tuple[int, int], float]:
         """Each op's relative output error at each of ``precisions``, from one run of the probe model."""
-        release_memory()
-        probe, outputs = build_probe_model(model, todo, {f"int{b}": nbits_form(self, b) for b in precisions})
-        with ev.saved(probe) as source:
-            del probe
-            sess = ev.session(source)
-        try:
-            with ctx.bar(len(ev.batches), "quantize-weights: local errors (probe)") as bar:
-                local = local_errors(ev, sess, outputs, bar)
-        finally:
-            del sess
-            release_memory()
+        forms = {f"int{b}": nbits_form(self, b) for b in precisions}
+        with ctx.bar(len(ev.batches), "quantize-weights: local errors (probe)") as bar:
+            # pre-packed: MatMulNBits applies its accuracy_level to packed weights only
+            local = local_errors(ev, lambda: build_probe_model(model, todo, forms), bar=bar)
         every = list(range(len(ev.batches)))
         return {(i, b): e for b in precisions for i, e in local.relative(every, f"int{b}").items()}
 
