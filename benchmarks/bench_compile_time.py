@@ -1,6 +1,7 @@
 """Compile time of one model across source trees: fresh processes, interleaved, CPU time, minima.
 
     python benchmarks/bench_compile_time.py MODEL.onnx --tree base=/tmp/base --tree now=. -n 5
+    python benchmarks/bench_compile_time.py MODEL.onnx --tree ... --pipeline "quantize-weights{bits=4,min_cosine=0.999}"
 
 Each run is a fresh process (a user's compile is one per process) that imports onnxruntime, loads
 the model, then compiles it without verification; it reports the CPU time (``time.process_time``,
@@ -19,7 +20,7 @@ import sys
 
 _CHILD = r"""
 import json, os, sys, time, types
-tree, model, target = sys.argv[1:4]
+tree, model, target, pipeline = sys.argv[1:5]
 sys.path.insert(0, tree); os.chdir(tree)
 from passes.framework import manager
 manager.time = types.SimpleNamespace(perf_counter=time.process_time)  # per-pass CPU time
@@ -28,7 +29,7 @@ import ir
 from passes.tools.compile import compile_model
 m = ir.load(model)
 t0 = time.process_time()
-r = compile_model(m, target, verify=False).report
+r = compile_model(m, target, pipeline or None, verify=False).report
 print(json.dumps({"total": time.process_time() - t0, "passes": [[p.spec, p.seconds] for p in r.passes]}))
 """
 
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("model")
     ap.add_argument("--tree", action="append", required=True, help="NAME=PATH of a source tree")
     ap.add_argument("--target", default="x86")
+    ap.add_argument("--pipeline", default="", help="a pipeline instead of the target's own")
     ap.add_argument("-n", type=int, default=5, help="runs per tree")
     args = ap.parse_args(argv)
     trees = dict(t.split("=", 1) for t in args.tree)
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     best: dict[str, dict] = {}
     for i in range(args.n):
         for k in names[i % len(names):] + names[: i % len(names)]:
-            out = subprocess.run([sys.executable, "-c", _CHILD, trees[k], args.model, args.target],
+            out = subprocess.run([sys.executable, "-c", _CHILD, trees[k], args.model, args.target, args.pipeline],
                                  capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             run = json.loads(out)
             b = best.setdefault(k, run)
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                 if row[0] == spec:
                     row[1] = min(row[1], s)
     first = best[names[0]]
-    print(f"{args.model} --target {args.target}: CPU ms, min of {args.n} fresh processes")
+    print(f"{args.model} --target {args.target}{' --pipeline ' + args.pipeline if args.pipeline else ''}: CPU ms, min of {args.n} fresh processes")
     print(f"{'':<32}" + "".join(f"{k:>10}" for k in names))
     for j, (spec, _) in enumerate(first["passes"]):
         row = [best[k]["passes"][j][1] if j < len(best[k]["passes"]) and best[k]["passes"][j][0] == spec

@@ -27,7 +27,8 @@ import ir  # noqa: E402
 import targets  # noqa: E402
 from passes import compile_model  # noqa: E402
 from passes.framework.numerics import session  # noqa: E402
-from passes.quantization._emit import Plan, build_switch_model, flag_feeds  # noqa: E402
+from passes.quantization._emit import Plan  # noqa: E402
+from passes.quantization.forms import build_switch_model, flag_feeds, quantize_forms  # noqa: E402
 from passes.quantization.quantize import find_candidates  # noqa: E402
 from passes.tools.export import minilm_dir  # noqa: E402
 
@@ -97,7 +98,7 @@ class Bench:
                          reduce_range=pol.reduce_range, signed=pol.weight_signed, format=pol.format)
 
     def switch(self, plan: Plan):
-        m, flags = build_switch_model(self.fused, self.candidates, plan)
+        m, flags = build_switch_model(self.fused, self.candidates, quantize_forms(plan))
         return session(ir.to_onnx(m).SerializeToString(), 2), flags
 
     def score(self, sess, flags, forms: dict[int, str], which: str = "held") -> np.ndarray:

@@ -693,7 +693,8 @@ def test_nbits_fallback_takes_the_ops_the_budget_keeps_out_of_int8(tmp_path: pat
 
 def test_switch_model_nbits_path_is_the_emitted_one(tmp_path: pathlib.Path) -> None:
     """The switch model's flags reproduce apply_plan's output for a mixed plan (int8, MatMulNBits, float)."""
-    from passes.quantization._emit import Plan, apply_plan, build_switch_model, flag_feeds
+    from passes.quantization._emit import Plan, apply_plan
+    from passes.quantization.forms import build_switch_model, flag_feeds, quantize_forms
     from passes.quantization.quantize import NBITS
 
     path, npz = _first_block_blind(tmp_path)
@@ -702,7 +703,7 @@ def test_switch_model_nbits_path_is_the_emitted_one(tmp_path: pathlib.Path) -> N
     cands = find_candidates(model, ("MatMul",))
     forms = {cands[0].index: "int8", cands[2].index: "nbits"}
     plan = Plan(frozenset([cands[0].index]), True, False, True, "integer-ops", nbits=frozenset([cands[2].index]))
-    switch, flags = build_switch_model(model, cands, plan, weight_only=NBITS)
+    switch, flags = build_switch_model(model, cands, quantize_forms(plan, NBITS))
     assert set(flags) == {(c.index, f) for c in cands for f in ("int8", "nbits")}
     got_switch = ort_session(model_bytes_or_path(switch)[0]).run(None, {"x": x, **flag_feeds(flags, forms)})
     apply_plan(model, cands, plan, NBITS)

@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 import ir
 from conftest import ort_session
 from passes.framework.numerics import model_bytes_or_path
-from passes.quantization._emit import build_switch_model, copy_model, flag_feeds
-from passes.quantization.local_error import build_probe_model, local_errors, quantize_forms
+from passes.quantization._emit import copy_model
+from passes.quantization.forms import build_switch_model, flag_feeds, quantize_forms
+from passes.quantization.local_error import build_probe_model, local_errors
 from passes.quantization.quantize import NBITS
 from test_quantize_switch import B, H, S, _model, _plans
 
@@ -86,7 +87,7 @@ def test_probe_errors_are_the_switch_models_op_errors(plan_name: str, nbits: boo
     # the residual sum each output joins (read off _model: "att" is a graph output, "h" goes to a Relu)
     residual = {"att": "att", "h": "h", "a": "ab", "b": "ab"}
     y_float = dict(zip(y_names + ["ab"], _run(_with_outputs(model, y_names + ["ab"]), feeds, y_names + ["ab"])))
-    switch, flags = build_switch_model(model, cands, plan, weight_only=weight_only)
+    switch, flags = build_switch_model(model, cands, quantize_forms(plan, weight_only))
     selected = {c.index: _if_output(switch, c.index) for c in cands}
     switch = _with_outputs(switch, list(selected.values()))
     sess = ort_session(model_bytes_or_path(switch)[0])
@@ -129,7 +130,7 @@ def test_an_error_through_a_projection_is_measured_where_it_joins_the_residual()
     probe, outputs = build_probe_model(model, cands, quantize_forms(plan))
     got = local_errors(_Batches([{"x": x}]), lambda: (probe, outputs)).relative([0], "int8")
 
-    switch, flags = build_switch_model(model, cands, plan)
+    switch, flags = build_switch_model(model, cands, quantize_forms(plan))
     sel = {c.index: _if_output(switch, c.index) for c in cands}
     switch = _with_outputs(switch, list(sel.values()))
     sess = ort_session(model_bytes_or_path(switch)[0])

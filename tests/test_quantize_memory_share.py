@@ -21,7 +21,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import ir
 from passes.quantization._candidates import find_candidates
-from passes.quantization._emit import Plan, apply_plan, build_switch_model, flag_feeds
+from passes.quantization._emit import Plan, apply_plan
+from passes.quantization.forms import build_switch_model, flag_feeds, quantize_forms
 from passes.quantization.sensitivity import Evaluator
 from tests.conftest import ort_session
 
@@ -203,7 +204,7 @@ def test_the_switch_model_shares_the_float_weights_and_saves_without_them(
     model = ir.load(str(path))
     cands = find_candidates(model, ("MatMul",))
     plan = Plan(frozenset(c.index for c in cands), True, False, True, "integer-ops")
-    switch, flags = build_switch_model(model, cands, plan, local_weights=False)  # as for a big model
+    switch, flags = build_switch_model(model, cands, quantize_forms(plan), local_weights=False)  # as for a big model
     for name, v in model.graph.initializers.items():
         assert switch.graph.initializers[name].const_value is v.const_value
     from passes.quantization import sensitivity
@@ -222,7 +223,7 @@ def test_the_switch_model_shares_the_float_weights_and_saves_without_them(
         assert int8_bytes <= os.path.getsize(source + ".data") < int8_bytes + 16 * 4096
         assert peak < int8_bytes + weight_bytes // 4, (peak, int8_bytes, weight_bytes)
         new = ort_session(source)
-    old_switch, old_flags = build_switch_model(_old_copy(model), cands, plan, local_weights=False)
+    old_switch, old_flags = build_switch_model(_old_copy(model), cands, quantize_forms(plan), local_weights=False)
     assert old_flags == flags and ir.structurally_equal(old_switch, switch)
     old = ort_session(ir.to_onnx(old_switch).SerializeToString())
     feeds = _feeds(1)

@@ -118,14 +118,15 @@ def test_clip_ranks_and_composition_with_smoothing_and_outliers() -> None:
 
 def test_switch_model_static_path_is_the_emitted_one(tmp_path: pathlib.Path) -> None:
     from passes.quantization._candidates import find_candidates
-    from passes.quantization._emit import Plan, apply_plan, build_switch_model, flag_feeds
+    from passes.quantization._emit import Plan, apply_plan
+    from passes.quantization.forms import build_switch_model, flag_feeds, quantize_forms
 
     path, x, _ = _mlp(tmp_path)
     model = ir.load(str(path))
     cands = find_candidates(model, ("MatMul",))
     static = {c.activation: (np.array(0.05, np.float32), np.array(100, np.uint8)) for c in cands}
     plan = Plan(frozenset(c.index for c in cands), True, False, True, "integer-ops", static=static)
-    switch, flags = build_switch_model(model, cands, plan)
+    switch, flags = build_switch_model(model, cands, quantize_forms(plan))
     via_switch = ort_session(model_bytes_or_path(switch)[0]).run(
         None, {"x": x[:8], **flag_feeds(flags, {c.index: "int8" for c in cands})})[0]
     apply_plan(model, cands, plan)

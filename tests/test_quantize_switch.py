@@ -20,7 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 import ir
 from conftest import ort_session
 from passes.framework.numerics import model_bytes_or_path
-from passes.quantization._emit import Plan, apply_plan, build_switch_model, flag_feeds
+from passes.quantization._emit import Plan, apply_plan
+from passes.quantization.forms import build_switch_model, flag_feeds, quantize_forms
 from passes.quantization.quantize import NBITS, find_candidates
 
 B, S, H = 2, 6, 16
@@ -88,7 +89,7 @@ def _setup() -> tuple[bytes, dict[str, np.ndarray], list[np.ndarray], dict[str, 
     ref = ort_session(proto).run(None, feeds)
     switches = {}
     for name, (cands, plan) in _plans(model).items():
-        switch, flags = build_switch_model(model, cands, plan, weight_only=NBITS)
+        switch, flags = build_switch_model(model, cands, quantize_forms(plan, NBITS))
         assert sum(n.op_type == "If" for n in switch.graph) == len(cands)
         switches[name] = (cands, plan, ort_session(model_bytes_or_path(switch)[0]), flags)
     return proto, feeds, ref, switches
@@ -134,7 +135,7 @@ def test_the_switch_flags_are_bool_scalars_and_one_if_per_form() -> None:
     proto, _, _, _ = _setup()
     model = _load(proto)
     cands, plan = _plans(model)["integer-ops"]
-    switch, flags = build_switch_model(model, cands, plan, weight_only=NBITS)
+    switch, flags = build_switch_model(model, cands, quantize_forms(plan, NBITS))
     ir.verify(switch)
     inputs = {v.name: v for v in switch.graph.inputs}
     assert all(inputs[n].type == ir.TensorType(ir.DataType.BOOL, ()) for n in flags.values())
@@ -158,7 +159,7 @@ def test_the_switch_model_saves_and_runs_from_a_file_sharing_the_weights(tmp_pat
     ir.save(_load(proto), str(src), external_data=True, size_threshold=0)
     model = ir.load(str(src))
     cands, plan = _plans(model)["integer-ops"]
-    switch, flags = build_switch_model(model, cands, plan, local_weights=local)
+    switch, flags = build_switch_model(model, cands, quantize_forms(plan), local_weights=local)
     out = tmp_path / "dst" / "m.onnx"
     out.parent.mkdir()
     ir.save(switch, str(out), external_data=True, share_external_data=True, size_threshold=0)

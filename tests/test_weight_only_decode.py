@@ -15,6 +15,8 @@ import pathlib
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import ir
@@ -23,6 +25,7 @@ from conftest import ort_session
 from passes import PassContext, PassManager
 from passes.framework.base import PassError
 from passes.framework.numerics import model_bytes_or_path
+from passes.framework.rewriter import Rewriter
 from passes.quantization.quant_math import cosine_rows
 from passes.tools.generate import GenerateError, generate_with_stats, make_session, perplexity
 
@@ -163,6 +166,35 @@ def _quantize(proto: object, options: str) -> tuple[ir.Model, object]:
     ctx = PassContext(target=targets.get("x86"))
     records = PassManager(f"quantize-weights{{{options}}}", check_modified=True).run(model, ctx)
     return model, records[0]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from([0, 4, 8]), min_size=4, max_size=4))
+def test_the_fallback_switch_computes_what_the_rewrite_writes(levels: list[int]) -> None:
+    """The fallback's switch model (each op's int4 / int8 forms behind If nodes), fed the flags of
+    an assignment of bits, computes what the rewrite of that assignment computes."""
+    from passes.quantization._candidates import find_candidates
+    from passes.quantization.forms import build_switch_model, flag_feeds
+    from passes.quantization.weight_only import WeightOnlyQuantizePass
+
+    proto = _chain(sensitive=2)
+    x = np.random.default_rng(3).standard_normal((8, 128)).astype(np.float32)
+    wo = WeightOnlyQuantizePass()
+    base = ir.from_onnx(proto)
+    cands = find_candidates(base, ("MatMul",))
+    switch, flags = build_switch_model(base, cands, wo._forms([4, 8]))
+    assert len(flags) == 2 * len(cands)
+    got = ort_session(model_bytes_or_path(switch)[0]).run(None, {
+        "x": x, **flag_feeds(flags, {c.index: f"int{b}" for c, b in zip(cands, levels) if b})})[0]
+    rewritten = ir.from_onnx(proto)
+    nodes = list(rewritten.graph)
+    rw = Rewriter()
+    for c, node, b in [(c, nodes[c.index], b) for c, b in zip(cands, levels)]:
+        if b:
+            wo._rewrite(rewritten.graph, rw, node, c.op, b)
+    rw.import_opset(rewritten, "com.microsoft")
+    assert _bits_by_name(rewritten) == {f"mm{i}": b for i, b in enumerate(levels)}
+    np.testing.assert_allclose(got, _run(rewritten, x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("ranking", ["alone", "local"])

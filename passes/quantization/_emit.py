@@ -6,8 +6,8 @@
 SmoothQuant factors and outlier channels, and the plan's ``nbits`` ops (kept out of the int8 set
 by the budget) as 8-bit block-wise weight-only ``MatMulNBits`` (:mod:`passes.quantization.weight_only`'s
 rewrite, ``accuracy_level=4``: activations quantized per block of 32, not per tensor).
-:func:`build_switch_model` writes every candidate every way behind run-time flags, so that one
-session measures any assignment of forms.
+:func:`int8_form` writes one op's int8 form beside it, for the switch and probe models that measure
+every assignment of forms (:mod:`passes.quantization.forms`).
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ import ir
 from ._candidates import MS, NORM_OPS, QATTENTION_ATTRS, Candidate, initializer_array, weight_of
 from .quant_math import quantize_weight
 from ..framework.base import PassError
-from ..framework.numerics import FILE_BYTES, tensor_bytes
 from ..framework.rewriter import Rewriter
 
-__all__ = ["Plan", "apply_plan", "build_switch_model", "copy_model", "flag_feeds", "int8_form"]
+__all__ = ["Plan", "apply_plan", "copy_model", "int8_form"]
 
 
 @dataclass(frozen=True)
@@ -326,102 +325,6 @@ def copy_model(model: ir.Model) -> ir.Model:
     return ir.copy_model(model)
 
 
-def build_switch_model(model: ir.Model, candidates: list[Candidate], plan: Plan, *, weight_only: Any = None,
-                       local_weights: bool | None = None) -> tuple[ir.Model, dict[tuple[int, str], str]]:
-    """A copy of ``model`` where every candidate can be switched between its forms at run time.
-
-    Each candidate becomes an ``If`` on a scalar bool graph input ``flag``: its then-branch computes
-    the int8 form of the op, its else-branch the float op itself (moved there), or with
-    ``weight_only`` (the MatMulNBits writer as in :func:`apply_plan`) for MatMul/Gemm ones a second
-    ``If`` on ``flag_nbits`` choosing between the 8-bit weight-only form and the float op. One
-    onnxruntime session then measures any assignment of forms, instead of one session per
-    assignment, and runs only the selected form of each op (the arithmetic blend this replaced,
-    ``y + flag * (y_int8 - y)``, ran every form: 2-3x the model's work). At most one form of an
-    op is on.
-
-    All flags off is the float model exactly; the int8 path is the same arithmetic
-    :func:`apply_plan` emits (one quantizer per op instead of a shared one, which computes the same
-    numbers), and the ``nbits`` path reads the unsmoothed activation, as :func:`apply_plan`'s
-    weight-only ops do.
-
-    The branches read the activation and the mask from the enclosing graph and hold their weights
-    as their own initializers: onnxruntime pre-packs no weight a subgraph reads from outside it (a
-    MatMulNBits then even computes other numbers). The float weights move into the else-branches
-    with ``local_weights``; by default only when the model is small enough to be loaded from bytes
-    (:data:`~passes.framework.numerics.FILE_BYTES`). A bigger one is saved to a file referencing
-    the original's weight file, which a subgraph cannot do (ONNX's checker refuses hard-linked data
-    there), so its float branches read the weights from outside, unpacked.
-
-    Returns:
-        The copy, and the flag input's name for each ``(candidate index, form)``, form ``int8`` or
-        ``nbits`` (see :func:`flag_feeds`).
-    """
-    if local_weights is None:
-        local_weights = tensor_bytes(model) <= FILE_BYTES
-    m = copy_model(model)
-    graph = m.graph
-    rw = Rewriter()
-    if plan.format == "integer-ops" or weight_only is not None:
-        rw.import_opset(m, MS)
-    nodes = list(graph)
-    flags: dict[tuple[int, str], str] = {}
-    for c in candidates:
-        node = nodes[c.index]
-        y = node.outputs[0]
-        assert y is not None and node.inputs[0] is not None
-        forms = ["int8"] + (["nbits"] if weight_only is not None and c.op != "Attention" else [])
-        names = [graph.unique_name(f"quant_flag_{c.index}" + ("" if form == "int8" else f"_{form}")) for form in forms]
-        # The If nodes go in first, so that the branches' names are drawn from the model's.
-        where: ir.Graph | ir.Node = node
-        branches: list[ir.Graph] = []
-        outer: ir.Value | None = None
-        for form, name in zip(forms, names):
-            flag = graph.add_input(ir.Value(name, ir.TensorType(ir.DataType.BOOL, ())))
-            then_g = ir.Graph(name=f"switch{c.index}_{form}")
-            else_g = ir.Graph(name=f"switch{c.index}_{form}_else")
-            kw: dict[str, Any] = {"before": where} if isinstance(where, ir.Node) else {"graph": where}
-            sel = rw.make("If", [flag], {"then_branch": then_g, "else_branch": else_g}, name=f"switch{c.index}_{form}",
-                          output_names=[f"switch{c.index}_{form}_out"], types=[y.type], **kw)
-            if outer is None:
-                outer = sel.outputs[0]
-            else:
-                rw.set_outputs(where, [sel.outputs[0]])  # type: ignore[arg-type, list-item]
-            branches.append(then_g)
-            where = else_g
-        assert outer is not None and isinstance(where, ir.Graph)
-        for then_g, form in zip(branches, forms):
-            if form == "int8":
-                out = int8_form(rw, c, node, plan, then_g)
-            else:
-                w, bias = weight_of(node)  # type: ignore[misc]
-                out = weight_only._nbits(then_g, rw, node.inputs[0], w, bias, NBITS_BITS, f"switch{c.index}_nbits",
-                                         y.type, into=then_g).outputs[0]
-            rw.set_outputs(then_g, [out])
-        rw.replace_all_uses_with(y, outer)
-        rw.move_into(node, where)
-        if local_weights:
-            _localize_weights(graph, rw, node)
-        rw.set_outputs(where, [y])
-        flags.update({(c.index, form): name for form, name in zip(forms, names)})
-    graph.sort()
-    return m, flags
-
-
-def _localize_weights(graph: ir.Graph, rw: Rewriter, node: ir.Node) -> None:
-    """Move the initializers of ``graph`` that only ``node`` (now in a subgraph) reads into ``node``'s graph.
-
-    onnxruntime pre-packs only a subgraph's own initializers: a weight read from the enclosing
-    graph is not packed (slower, and MatMulNBits' ``accuracy_level`` is then not applied).
-    """
-    home = node.graph
-    assert home is not None
-    for v in node.inputs:
-        if (v is None or graph.initializers.get(v.name) is not v or v.is_graph_input() or v.is_graph_output()
-                or any(user is not node for user, _ in v.uses()) or v.returned_by()):
-            continue
-        rw.move_initializer(v, home)
-
-
 def int8_form(rw: Rewriter, c: Candidate, node: ir.Node, plan: Plan, into: ir.Graph, *, base: str = "") -> ir.Value:
     """The int8 form of candidate ``c`` (``node``, left as it is) on its input, written at the end of
     ``into`` (an If branch, or the probe's main graph), its constants too: onnxruntime pre-packs a
@@ -482,36 +385,3 @@ def int8_form(rw: Rewriter, c: Candidate, node: ir.Node, plan: Plan, into: ir.Gr
     assert out is not None
     rw.set_type(out, y.type)
     return out
-
-
-def switch_in(graph: ir.Graph, rw: Rewriter, y: ir.Value, paths: list[tuple[str, ir.Node]], *, after: ir.Node
-              ) -> list[str]:
-    """Make ``y``'s readers read ``y + Σ flag_i · (path_i - y)``: each path on when its flag input is 1.
-
-    The arithmetic blend computes every path whatever the flags (``quantize-weights``' switch uses
-    it; :func:`build_switch_model` selects with ``If`` nodes instead).
-
-    ``paths`` are (flag input name, node computing the alternative of ``y``); the new scalar float
-    inputs are added to the graph under those names, which come back in order.
-    """
-    scalar = ir.TensorType(ir.DataType.FLOAT, ())
-    uses = list(y.uses())
-    acc, names = y, []
-    for name, path in paths:
-        flag = ir.Value(name, scalar)
-        graph.add_input(flag)
-        names.append(flag.name)
-        diff = rw.make("Sub", [path.outputs[0], y], after=after)
-        scaled = rw.make("Mul", [diff.outputs[0], flag], after=diff)
-        mixed = rw.make("Add", [acc, scaled.outputs[0]], after=scaled, types=[y.type])
-        acc, after = mixed.outputs[0], mixed
-    for user, idx in uses:
-        user.replace_input(idx, acc)
-    if y.is_graph_output():
-        rw.replace_graph_output(y, acc)
-    return names
-
-
-def flag_feeds(flags: dict[tuple[int, str], str], forms: dict[int, str]) -> dict[str, np.ndarray]:
-    """The switch model's flag inputs for ``forms`` (candidate index -> ``int8`` / ``nbits``; absent: float)."""
-    return {name: np.array(forms.get(i) == form) for (i, form), name in flags.items()}

@@ -7,9 +7,8 @@ evaluations of the whole model per search (three searches with ``quantize``'s cr
 margin). ``ranking=local`` ranks instead by each op's *local* error: a probe model computes, beside
 every candidate, each quantized form on the same float input, and returns per batch the mean over
 the output's rows (tokens) of ``|y_form - y|^2 / |y|^2``; one run of the probe over the calibration
-batches (about two evaluations' work) gives every op's relative error on every batch. The forms are written by the
-same code as the switch models' (:func:`passes.quantization._emit.int8_form`, the weight-only
-writer's ``_nbits``), so the probe measures the arithmetic that ships.
+batches (about two evaluations' work) gives every op's relative error on every batch. The forms are
+the switch models' (:mod:`passes.quantization.forms`), so the probe measures the arithmetic that ships.
 
 What it leaves out is how an op's error propagates to the model's output (an early op's error
 passes through more layers; a residual branch's is diluted by the stream it is added to); the
@@ -28,15 +27,15 @@ import numpy as np
 
 import ir
 
-from ._candidates import MS, Candidate, weight_of
-from ._emit import NBITS_BITS, Plan, copy_model, int8_form
+from ._candidates import MS, Candidate
+from ._emit import copy_model
+from .forms import Form
 from ..framework.base import PassError
 from ..framework.numerics import tensor_bytes
 from ..framework.rewriter import Rewriter
 from .sensitivity import Evaluator, release_memory
 
-__all__ = ["LOCAL_RANKING_BYTES", "RANKINGS", "FormWriter", "LocalErrors", "build_probe_model", "local_errors",
-           "nbits_form", "quantize_forms", "resolve_ranking"]
+__all__ = ["LOCAL_RANKING_BYTES", "RANKINGS", "LocalErrors", "build_probe_model", "local_errors", "resolve_ranking"]
 
 
 #: ``ranking=auto`` ranks by local errors above this many candidates x tensor bytes: ranking by ops
@@ -56,41 +55,12 @@ def resolve_ranking(pass_name: str, ranking: str, candidates: int, model: ir.Mod
     return "local" if candidates * tensor_bytes(model) > LOCAL_RANKING_BYTES else "alone"
 
 
-#: A form's writer: ``(graph, rewriter, candidate, node) -> value``, the form of ``node`` on its input
-#: (left as it is), written at the end of ``graph`` with its constants.
-FormWriter = Callable[[ir.Graph, Rewriter, Candidate, ir.Node], ir.Value]
-
-
-def quantize_forms(plan: Plan, weight_only: Any = None) -> dict[str, FormWriter]:
-    """The ``quantize`` pass's forms: ``int8`` as ``plan`` writes it, and with ``weight_only`` (the
-    MatMulNBits writer) ``nbits``, its 8-bit weight-only form, as the switch model selects them."""
-    forms: dict[str, FormWriter] = {
-        "int8": lambda graph, rw, c, node: int8_form(rw, c, node, plan, graph, base=f"probe{c.index}")}
-    if weight_only is not None:
-        forms["nbits"] = nbits_form(weight_only, NBITS_BITS)
-    return forms
-
-
-def nbits_form(weight_only: Any, bits: int) -> FormWriter:
-    """The ``bits``-bit ``MatMulNBits`` form of a MatMul/Gemm candidate (``weight_only``: the writer)."""
-
-    def write(graph: ir.Graph, rw: Rewriter, c: Candidate, node: ir.Node) -> ir.Value:
-        w, bias = weight_of(node)  # type: ignore[misc]
-        y = node.outputs[0]
-        out = weight_only._nbits(graph, rw, node.inputs[0], w, bias, bits, f"probe{c.index}_nbits{bits}",
-                                 y.type if y is not None else None, into=graph).outputs[0]
-        assert out is not None
-        return out
-
-    return write
-
-
-def build_probe_model(model: ir.Model, candidates: list[Candidate], forms: dict[str, FormWriter],
+def build_probe_model(model: ir.Model, candidates: list[Candidate], forms: dict[str, Form],
                       ) -> tuple[ir.Model, dict[tuple[int, str], str]]:
     """A copy of ``model`` that also returns, for every candidate and form, its relative output error.
 
     The float graph is unchanged (every op reads float inputs); beside each candidate each form of
-    ``forms`` (name -> writer, e.g. :func:`quantize_forms`) reads the same input, and a scalar output
+    ``forms`` (e.g. :func:`~passes.quantization.forms.quantize_forms`) that applies to it reads the same input, and a scalar output
     is added: the mean over the output's rows (every index but the last axis: a token) of
     ``|e|^2 / |r|^2``, ``e`` the form's error ``y_form - y`` as it reaches the residual stream and ``r``
     the residual sum there (:func:`_residual_path`; ``y`` itself where the output joins none). Per
@@ -98,8 +68,7 @@ def build_probe_model(model: ir.Model, candidates: list[Candidate], forms: dict[
     token's error counts as much as a large one's; measured on MiniLM, the whole-batch ratio on the
     ops' own outputs ranked them against their end-to-end errors (Spearman -0.33), as one token's huge
     activations (where the error is relatively small) dominate its sums; per row 0.09; to the
-    residual 0.85. An ``Attention`` candidate gets only the ``int8`` form (weight-only forms are
-    MatMul/Gemm's).
+    residual 0.85.
 
     Returns:
         The copy, and for each ``(candidate index, form)`` the name of its error output.
@@ -132,10 +101,11 @@ def build_probe_model(model: ir.Model, candidates: list[Candidate], forms: dict[
         assert y is not None and node.inputs[0] is not None
         residual, weights = _residual_path(graph, rw, y)
         den = rw.make("Max", [row_sum_sq(residual or y), tiny], graph=graph).outputs[0]
-        for form, write in forms.items():
-            if c.op == "Attention" and form != "int8":
+        for form, f in forms.items():
+            if not f.applies(c):
                 continue
-            diff = rw.make("Sub", [write(graph, rw, c, node), y], graph=graph, types=[y.type]).outputs[0]
+            out = f.write(graph, rw, c, node, f"probe{c.index}_{form}")
+            diff = rw.make("Sub", [out, y], graph=graph, types=[y.type]).outputs[0]
             for w in weights:  # the error as it reaches the residual stream
                 diff = rw.make("MatMul", [diff, w], graph=graph, types=[y.type]).outputs[0]
             assert diff is not None and den is not None

@@ -59,11 +59,12 @@ import numpy as np
 import ir
 
 from ._candidates import MS, NORM_OPS, Candidate, find_candidates, weight_of
-from ._emit import NBITS_BITS, Plan, apply_plan, build_switch_model, copy_model, flag_feeds
+from ._emit import NBITS_BITS, Plan, apply_plan, copy_model
 from ..framework.base import Pass, PassContext, PassError, PassResult
 from .budget import Budget, Gap, cross_validated_gap
 from .calibration import calibration_batches
-from .local_error import LocalErrors, build_probe_model, local_errors, quantize_forms, resolve_ranking
+from .forms import build_switch_model, flag_feeds, quantize_forms
+from .local_error import LocalErrors, build_probe_model, local_errors, resolve_ranking
 from .quant_math import WEIGHT_CLIPS, outlier_channels, smooth_factors, weight_clipping
 from ..framework.numerics import FILE_BYTES, tensor_bytes
 from .sensitivity import Evaluator, Score, release_memory
@@ -71,7 +72,7 @@ from .static_scales import ChannelRanges, channel_ranges, static_qparams
 from .weight_only import WeightOnlyQuantizePass
 from ..framework.registry import register_pass
 
-__all__ = ["QuantizePass", "find_candidates", "Candidate", "Plan", "apply_plan", "build_switch_model", "Budget", "Gap",
+__all__ = ["QuantizePass", "find_candidates", "Candidate", "Plan", "apply_plan", "Budget", "Gap",
            "cross_validated_gap"]
 
 
@@ -278,7 +279,7 @@ class QuantizePass(Pass):
 
         def switch_session(vplan: Plan) -> tuple[Any, dict[tuple[int, str], str]]:
             with weight_clipping(self.weight_clip):
-                switch, flags = build_switch_model(model, candidates, vplan, weight_only=NBITS if nbits else None)
+                switch, flags = build_switch_model(model, candidates, quantize_forms(vplan, NBITS if nbits else None))
             with ev.saved(switch) as source:
                 del switch  # its quantized weights go before onnxruntime makes its own copy
                 return ev.session(source), flags

@@ -33,9 +33,10 @@ alone, and keeps the ops whose error is largest at ``fallback`` precision (int8 
 the fewest such ops, found by bisection over the ops sorted by their measured error, with which the
 combined model (re-measured, not summed) keeps the worst sample's cosine at or above ``min_cosine``.
 When int8 fallback of every op is not enough either, the ops are moved to float in the order of
-their int8 error. One onnxruntime session on a *switch model* (every op computed at every
-precision, mixed by run-time flags, as the ``quantize`` pass does) measures every subset; the final
-rewrite is measured once more. The per-op table goes to the result's ``rows``.
+their int8 error. One onnxruntime session on a *switch model* (each op's precisions behind ``If``
+nodes that run-time flags select, :func:`passes.quantization.forms.build_switch_model`, as the
+``quantize`` pass's) measures every subset; the final rewrite is measured once more. The per-op
+table goes to the result's ``rows``.
 """
 
 from __future__ import annotations
@@ -50,12 +51,13 @@ import numpy as np
 import ir
 
 from ._candidates import MS, Candidate, find_candidates, initializer_array, weight_of
-from ._emit import _bias_add, _drop_unused, copy_model, switch_in
+from ._emit import _bias_add, _drop_unused, copy_model
 from ..framework.base import Pass, PassContext, PassError, PassResult
 from ..framework.registry import register_pass
 from ..framework.rewriter import Rewriter
 from .calibration import calibration_batches
-from .local_error import build_probe_model, local_errors, nbits_form, resolve_ranking
+from .forms import build_switch_model, flag_feeds, nbits_form
+from .local_error import build_probe_model, local_errors, resolve_ranking
 from .sensitivity import Evaluator, release_memory
 
 __all__ = ["WeightOnlyQuantizePass", "PackedWeight", "pack_weight", "dequantize_weight"]
@@ -288,21 +290,20 @@ class WeightOnlyQuantizePass(Pass):
         def open_switch(precisions: list[int]) -> None:
             state.clear()
             release_memory()
-            switch, state["flags"] = self._switch_model(model, todo, precisions)
+            switch, state["flags"] = build_switch_model(model, todo, self._forms(precisions))
             with ev.saved(switch) as source:
                 del switch  # its packed weights go before onnxruntime makes its own copy
                 state["sess"] = ev.session(source)
 
         def score(levels: dict[int, int]) -> Any:
-            feeds = {name: np.array(1.0 if levels.get(i) == b else 0.0, np.float32)
-                     for (i, b), name in state["flags"].items()}
-            return ev.score_session(state["sess"], feeds)
+            forms = {i: f"int{b}" for i, b in levels.items() if b}
+            return ev.score_session(state["sess"], flag_feeds(state["flags"], forms))
 
         budget = float(self.min_cosine)
         first = {c.index: self.bits for c in todo}
         # The fallback precision joins the switch model only when the whole model misses the budget: a
-        # flag at 0 adds exactly 0, so the scores are the same, and a model that holds it never pays for
-        # a second copy of its weights (1B Llama: 1.1 GB of int8 codes, twice while the session is built).
+        # model that holds it never pays for a second copy of its weights (1B Llama: 1.1 GB of int8
+        # codes, twice while the session is built).
         open_switch([self.bits])
         whole = score(first)
         ctx.report_progress(f"quantize-weights: all {len(todo)} ops int{self.bits}: {whole}")
@@ -362,10 +363,9 @@ class WeightOnlyQuantizePass(Pass):
     def _local_errors(self, model: ir.Model, ctx: PassContext, todo: list[Candidate], ev: Any, precisions: list[int]
                       ) -> dict[tuple[int, int], float]:
         """Each op's relative output error at each of ``precisions``, from one run of the probe model."""
-        forms = {f"int{b}": nbits_form(self, b) for b in precisions}
         with ctx.bar(len(ev.batches), "quantize-weights: local errors (probe)") as bar:
             # pre-packed: MatMulNBits applies its accuracy_level to packed weights only
-            local = local_errors(ev, lambda: build_probe_model(model, todo, forms), bar=bar)
+            local = local_errors(ev, lambda: build_probe_model(model, todo, self._forms(precisions)), bar=bar)
         every = list(range(len(ev.batches)))
         return {(i, b): e for b in precisions for i, e in local.relative(every, f"int{b}").items()}
 
@@ -393,31 +393,9 @@ class WeightOnlyQuantizePass(Pass):
                     lo = mid + 1
             return moved(hi)
 
-    def _switch_model(self, model: ir.Model, todo: list[Candidate], precisions: list[int]
-                      ) -> tuple[ir.Model, dict[tuple[int, int], str]]:
-        """A copy of ``model`` where each op's output is ``y + sum_b flag_b * (y_b - y)`` over ``precisions``.
-
-        Returns the copy and the flag input name per ``(candidate index, bits)``; all flags 0 is the
-        float model exactly.
-        """
-        m = copy_model(model)
-        graph, rw = m.graph, Rewriter()
-        rw.import_opset(m, MS)
-        nodes = list(graph)
-        flags: dict[tuple[int, int], str] = {}
-        for c in todo:
-            node = nodes[c.index]
-            x, y = node.inputs[0], node.outputs[0]
-            assert x is not None and y is not None
-            w, bias = weight_of(node)  # type: ignore[misc]
-            paths, after = [], node
-            for bits in precisions:
-                after = self._nbits(graph, rw, x, w, bias, bits, f"switch{c.index}_{bits}", y.type, after=after)
-                paths.append((graph.unique_name(f"nbits_flag_{c.index}_{bits}"), after))
-            names = switch_in(graph, rw, y, paths, after=after)
-            flags.update({(c.index, bits): name for bits, name in zip(precisions, names)})
-        graph.sort()
-        return m, flags
+    def _forms(self, precisions: list[int]) -> dict[str, Any]:
+        """The MatMulNBits forms at ``precisions``, named ``int<bits>`` (the switch's and the probe's)."""
+        return {f"int{b}": nbits_form(self, b) for b in precisions}
 
     # -- the rewrite --------------------------------------------------------------------------
     def _nbits(self, graph: ir.Graph, rw: Rewriter, x: ir.Value, w: np.ndarray, bias: np.ndarray | None, bits: int,
