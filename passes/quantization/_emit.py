@@ -187,119 +187,140 @@ def apply_plan(model: ir.Model, candidates: list[Candidate], plan: Plan, weight_
         if s is not None:
             x = _smooth(graph, rw, x, [n for _, n in members], s)
             weights = {k: (w * s[:, None], b) for k, (w, b) in weights.items()}  # type: ignore[misc]
-        first = min((n for _, n in members), key=lambda n: _position(graph, n))
-        idx = plan.outliers.get(act)
-        outlier: tuple[ir.Value, np.ndarray] | None = None
-        if idx is not None and len(idx) and not any(c.op == "Attention" for c, _ in members):
-            x, gathered = _outlier_inputs(graph, rw, x, idx, members[0][0].weight_shape[0], first, act)
-            outlier = (gathered, idx)
-            rw.count("outlier channels", len(idx))
-        shared: tuple[ir.Value, ...] | None = None
-        static = plan.static.get(act)
-        if plan.format == "qdq":
-            if static is not None:
-                qx: list[ir.Value] = list(_static_quantizer(graph, rw, x, static, act, before=first))
-            else:
-                qx = list(rw.make("DynamicQuantizeLinear", [x], before=first, name=f"{act}_quant", num_outputs=3,
-                                  output_names=[f"{act}_q", f"{act}_scale", f"{act}_zero_point"]).outputs)
-            dq = rw.make("DequantizeLinear", qx, before=first, name=f"{act}_dequant",
-                         output_names=[f"{act}_dq"], types=[x.type])
-            shared = (dq.outputs[0],)
-        elif static is not None:
-            shared = _static_quantizer(graph, rw, x, static, act, before=first)
-            rw.count("static activation scales")
-        elif len(members) > 1 or any(c.op == "Attention" for c, _ in members):
-            dql = rw.make("DynamicQuantizeLinear", [x], before=first, name=f"{act}_quant", num_outputs=3,
-                          output_names=[f"{act}_q", f"{act}_scale", f"{act}_zero_point"])
-            shared = tuple(dql.outputs)  # type: ignore[arg-type]
-        for c, node in members:
-            w, b = weights[id(node)]  # type: ignore[misc]
-            _rewrite_one(graph, rw, c, node, x, w, b, shared, plan, outlier)
+        # An Attention reads the activation without outlier masking (its output is not linear in
+        # it): it quantizes its input apart from the activation's other readers.
+        for attention in (False, True):
+            readers = [(c, n) for c, n in members if (c.op == "Attention") == attention]
+            if not readers:
+                continue
+            first = min((n for _, n in readers), key=lambda n: _position(graph, n))
+            q = _quantized_input(graph, rw, x, plan, readers[0][0], shared=len(readers) > 1,
+                                 base=act + ("_attention" if attention and len(readers) < len(members) else ""),
+                                 before=first)
+            for c, node in readers:
+                w, b = weights[id(node)]  # type: ignore[misc]
+                _replace_with_int8(graph, rw, c, node, q, w, b, plan)
     return rw
 
 
-def _rewrite_one(
-    graph: ir.Graph, rw: Rewriter, c: Candidate, node: ir.Node, x: ir.Value, w: np.ndarray,
-    bias: np.ndarray | None, shared: tuple[ir.Value, ...] | None, plan: Plan,
-    outlier: tuple[ir.Value, np.ndarray] | None = None,
-) -> None:
-    old_weight = node.inputs[1]
-    old_bias = [v for v in node.inputs[2:3] if v is not None]
-    base = node.name or c.activation
-    n = w.shape[1]
+@dataclass(frozen=True)
+class _QuantizedInput:
+    """What the int8 ops of one activation read.
+
+    Attributes:
+        x: the float activation their quantizer reads (smoothed, outlier channels masked).
+        quant: ``(x_q, scale, zero_point)`` of a quantizer they share (dynamic, or static with
+            calibrated constants), ``(dequantized,)`` in the ``qdq`` format, or ``None``: each op
+            quantizes ``x`` itself (``DynamicQuantizeMatMul``).
+        outlier: the gathered outlier channels and their indices, or ``None``.
+    """
+
+    x: ir.Value
+    quant: tuple[ir.Value, ...] | None
+    outlier: tuple[ir.Value, np.ndarray] | None
+
+
+def _quantized_input(graph: ir.Graph, rw: Rewriter, x: ir.Value, plan: Plan, c: Candidate, *, shared: bool, base: str,
+                     before: ir.Node | None = None, into: ir.Graph | None = None) -> _QuantizedInput:
+    """The quantized activation ``x`` (of ``c`` and, with ``shared``, of other readers too) as ``plan`` says.
+
+    The nodes go before ``before`` or at the end of ``into``; the constants into ``graph``.
+    """
+    act = c.activation
+    idx = plan.outliers.get(act)
+    outlier: tuple[ir.Value, np.ndarray] | None = None
+    if idx is not None and len(idx) and c.op != "Attention":
+        x, gathered = _outlier_inputs(graph, rw, x, idx, c.weight_shape[0], before, base, into=into)
+        outlier = (gathered, idx)
+        rw.count("outlier channels", len(idx))
+    static = plan.static.get(act)
+    quant: tuple[ir.Value, ...] | None = None
+    if static is not None:
+        quant = _static_quantizer(graph, rw, x, static, base, before=before, into=into)
+        rw.count("static activation scales")
+    elif plan.format == "qdq" or shared or c.op == "Attention":
+        quant = tuple(rw.make("DynamicQuantizeLinear", [x], before=before, graph=into, name=f"{base}_quant",
+                              num_outputs=3, output_names=[f"{base}_q", f"{base}_scale", f"{base}_zero_point"]).outputs)
     if plan.format == "qdq":
-        assert shared is not None
-        transposed = c.op == "Gemm" and node.attributes.get("transB") is not None and node.attributes["transB"].value
-        w_store = w.T if transposed else w
-        if c.op == "Gemm":  # alpha was folded into w; the stored B carries it now
-            rw.remove_attr(node, "alpha")
-        qw = quantize_weight(w_store, per_channel=plan.per_channel, signed=plan.signed,
+        assert quant is not None
+        dq = rw.make("DequantizeLinear", list(quant), before=before, graph=into, name=f"{base}_dequant",
+                     output_names=[f"{base}_dq"], types=[x.type])
+        quant = (dq.outputs[0],)
+    return _QuantizedInput(x, quant, outlier)
+
+
+def _int8_op(graph: ir.Graph, rw: Rewriter, c: Candidate, node: ir.Node, q: _QuantizedInput, w: np.ndarray,
+             bias: np.ndarray | None, plan: Plan, base: str, out_type: ir.Type | None, *,
+             before: ir.Node | None = None, into: ir.Graph | None = None) -> ir.Value:
+    """The int8 op of candidate ``c`` (``node``) on ``q`` with the effective weight ``w`` and ``bias``; its value.
+
+    ``qdq``: ``node``'s own op on the dequantized activation and weight (a Gemm keeps its ``C`` and
+    ``beta``; ``alpha`` is in ``w``); ``integer-ops``: ``QAttention``, ``MatMulIntegerToFloat`` on a
+    shared quantizer, else ``DynamicQuantizeMatMul``, with ``bias`` inside. The outlier channels'
+    float product is added. The nodes go before ``before`` or at the end of ``into``.
+    """
+    at: dict[str, Any] = {"before": before, "graph": into}
+    if plan.format == "qdq":
+        assert q.quant is not None
+        transposed = c.op == "Gemm" and bool(node.attributes["transB"].value if "transB" in node.attributes else 0)
+        qw = quantize_weight(w.T if transposed else w, per_channel=plan.per_channel, signed=plan.signed,
                              reduce_range=plan.reduce_range, axis=0 if transposed else 1)
         ins = [rw.constant(graph, qw.q, name=f"{base}_w_q"), rw.constant(graph, qw.scale, name=f"{base}_w_scale"),
                rw.constant(graph, qw.zero_point, name=f"{base}_w_zero_point")]
-        attrs = {"axis": qw.axis} if qw.axis is not None else {}
-        dq = rw.make("DequantizeLinear", ins, attrs, before=node, name=f"{base}_w_dequant",
-                     output_names=[f"{base}_w_dq"], types=[ir.TensorType(ir.DataType.FLOAT, qw.q.shape)])
-        rw.replace_input(node, 0, shared[0])
-        rw.replace_input(node, 1, dq.outputs[0])
-        if outlier is not None:
-            y = node.outputs[0]
-            assert y is not None
-            part = _outlier_matmul(graph, rw, outlier, w, base, after=node)
-            add = rw.make("Add", [y, part], after=part.producer(), name=f"{base}_add_outliers",
-                          output_names=[f"{base}_with_outliers"], types=[y.type])
-            for user, i in list(y.uses()):
-                if user is not add:
-                    rw.replace_input(user, i, add.outputs[0])
-            if y.is_graph_output():
-                rw.replace_graph_output(y, add.outputs[0])
-        rw.count(f"quantized {c.op}")
-        _drop_unused(graph, rw, old_weight)
-        return
-    qw = quantize_weight(w, per_channel=plan.per_channel, signed=plan.signed, reduce_range=plan.reduce_range, axis=1)
-    wq = rw.constant(graph, qw.q, name=f"{base}_w_q")
-    ws = rw.constant(graph, qw.scale, name=f"{base}_w_scale")
-    wz = rw.constant(graph, qw.zero_point, name=f"{base}_w_zero_point")
-    out_type = node.outputs[0].type if node.outputs[0] is not None else None
-    if c.op == "Attention":
-        assert shared is not None
-        xq, xs, xz = shared
-        mask = node.inputs[3] if len(node.inputs) > 3 else None
-        attrs = {k: a for k, a in node.attributes.items() if k in QATTENTION_ATTRS}
-        b = rw.constant(graph, bias.astype(np.float32), name=f"{base}_bias")  # type: ignore[union-attr]
-        new = rw.make("QAttention", [xq, wq, b, xs, ws, mask, xz, wz], dict(attrs),
-                      before=node, domain=MS, name=f"{base}_quant", output_names=[f"{base}_out"], types=[out_type])
-        rw.replace_all_uses_with(node.outputs[0], new.outputs[0])
-        rw.erase(node)
-        rw.count("quantized Attention")
-        for v in [old_weight, *old_bias]:
-            _drop_unused(graph, rw, v)
-        return
-    # MatMul / Gemm: fold the following bias Add (or Gemm's C) into the quantized op.
-    replaced, erase = node.outputs[0], [node]
-    if bias is None and c.op == "MatMul":
-        add = _bias_add(node, n)
-        if add is not None:
-            bias = initializer_array(add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]).reshape(-1)  # type: ignore[union-attr]
-            replaced, erase = add.outputs[0], [add, node]
-            old_bias = [v for v in add.inputs if v is not None and v.is_initializer()]
-    b = rw.constant(graph, bias.astype(np.float32), name=f"{base}_bias") if bias is not None else None
-    if shared is None:
-        new = rw.make("DynamicQuantizeMatMul", [x, wq, ws, wz, b], before=node, domain=MS, name=f"{base}_quant",
-                      output_names=[f"{base}_out"], types=[replaced.type])
+        dqw = rw.make("DequantizeLinear", ins, {"axis": qw.axis} if qw.axis is not None else {},
+                      name=f"{base}_w_dequant", output_names=[f"{base}_w_dq"],
+                      types=[ir.TensorType(ir.DataType.FLOAT, qw.q.shape)], **at)
+        attrs = {k: a for k, a in node.attributes.items() if k != "alpha"}
+        new = rw.make(c.op, [q.quant[0], dqw.outputs[0], *node.inputs[2:]], attrs, name=f"{base}_quant",
+                      output_names=[f"{base}_out"], types=[out_type], **at)
     else:
-        xq, xs, xz = shared
-        new = rw.make("MatMulIntegerToFloat", [xq, wq, xs, ws, xz, wz, b], before=node, domain=MS,
-                      name=f"{base}_quant", output_names=[f"{base}_out"], types=[replaced.type])
-    result = new.outputs[0]
-    if outlier is not None:
-        part = _outlier_matmul(graph, rw, outlier, w, base, before=node)
-        result = rw.make("Add", [result, part], before=node, name=f"{base}_add_outliers",
-                         output_names=[f"{base}_with_outliers"], types=[replaced.type]).outputs[0]
-    rw.replace_all_uses_with(replaced, result)
+        qw = quantize_weight(w, per_channel=plan.per_channel, signed=plan.signed, reduce_range=plan.reduce_range,
+                             axis=1)
+        wq = rw.constant(graph, qw.q, name=f"{base}_w_q")
+        ws = rw.constant(graph, qw.scale, name=f"{base}_w_scale")
+        wz = rw.constant(graph, qw.zero_point, name=f"{base}_w_zero_point")
+        b = rw.constant(graph, bias.astype(np.float32), name=f"{base}_bias") if bias is not None else None
+        if c.op == "Attention":
+            assert q.quant is not None and b is not None
+            xq, xs, xz = q.quant
+            mask = node.inputs[3] if len(node.inputs) > 3 else None
+            attrs = {k: a for k, a in node.attributes.items() if k in QATTENTION_ATTRS}
+            new = rw.make("QAttention", [xq, wq, b, xs, ws, mask, xz, wz], dict(attrs), domain=MS,
+                          name=f"{base}_quant", output_names=[f"{base}_out"], types=[out_type], **at)
+        elif q.quant is not None:
+            xq, xs, xz = q.quant
+            new = rw.make("MatMulIntegerToFloat", [xq, wq, xs, ws, xz, wz, b], domain=MS, name=f"{base}_quant",
+                          output_names=[f"{base}_out"], types=[out_type], **at)
+        else:
+            new = rw.make("DynamicQuantizeMatMul", [q.x, wq, ws, wz, b], domain=MS, name=f"{base}_quant",
+                          output_names=[f"{base}_out"], types=[out_type], **at)
+    out = new.outputs[0]
+    if q.outlier is not None:
+        part = _outlier_matmul(graph, rw, q.outlier, w, base, before=before, into=into)
+        out = rw.make("Add", [out, part], name=f"{base}_add_outliers", output_names=[f"{base}_with_outliers"],
+                      types=[out_type], **at).outputs[0]
+    assert out is not None
+    return out
+
+
+def _replace_with_int8(graph: ir.Graph, rw: Rewriter, c: Candidate, node: ir.Node, q: _QuantizedInput, w: np.ndarray,
+                       bias: np.ndarray | None, plan: Plan) -> None:
+    """Replace ``node`` by its int8 op (:func:`_int8_op`); in ``integer-ops`` a MatMul's bias ``Add`` goes inside."""
+    old = [v for v in node.inputs[1:] if v is not None]
+    replaced, erase = node.outputs[0], [node]
+    if plan.format != "qdq" and bias is None and c.op == "MatMul":
+        add = _bias_add(node, w.shape[1])
+        if add is not None:
+            other = add.inputs[1] if add.inputs[0] is node.outputs[0] else add.inputs[0]
+            bias = initializer_array(other).reshape(-1)  # type: ignore[union-attr]
+            replaced, erase = add.outputs[0], [add, node]
+            old.append(other)  # type: ignore[arg-type]
+    assert replaced is not None
+    out = _int8_op(graph, rw, c, node, q, w, bias, plan, node.name or c.activation, replaced.type, before=node)
+    rw.replace_all_uses_with(replaced, out)
     rw.erase(erase)
     rw.count(f"quantized {c.op}")
-    for v in [old_weight, *old_bias]:
+    for v in old:
         _drop_unused(graph, rw, v)
 
 
@@ -329,59 +350,19 @@ def int8_form(rw: Rewriter, c: Candidate, node: ir.Node, plan: Plan, into: ir.Gr
     """The int8 form of candidate ``c`` (``node``, left as it is) on its input, written at the end of
     ``into`` (an If branch, or the probe's main graph), its constants too: onnxruntime pre-packs a
     subgraph's own weights only. Its value comes back; ``base`` prefixes the new names.
+
+    The ops :func:`apply_plan` writes (:func:`_quantized_input`, :func:`_int8_op`), with a quantizer
+    of its own, the smoothing as a ``Mul`` and a MatMul's bias ``Add`` left outside: the same numbers.
     """
-    graph = into
     x, y = node.inputs[0], node.outputs[0]
     assert x is not None and y is not None
     w, bias = weight_of(node)  # type: ignore[misc]
     base = base or f"switch{c.index}"
     s = plan.smooth.get(c.activation)
     if s is not None:
-        inv = rw.constant(graph, (1.0 / s).astype(np.float32), name=f"{c.activation}_smooth_inv")
+        inv = rw.constant(into, (1.0 / s).astype(np.float32), name=f"{c.activation}_smooth_inv")
         x = rw.make("Mul", [x, inv], graph=into, types=[x.type]).outputs[0]
         w = w * s[:, None]
-    idx = plan.outliers.get(c.activation)
-    outlier: tuple[ir.Value, np.ndarray] | None = None
-    if idx is not None and len(idx) and c.op != "Attention":
-        x, gathered = _outlier_inputs(graph, rw, x, idx, c.weight_shape[0], None, base, into=into)
-        outlier = (gathered, idx)
-    static = plan.static.get(c.activation)
-    qw = quantize_weight(w, per_channel=plan.per_channel, signed=plan.signed, reduce_range=plan.reduce_range)
-    if plan.format == "qdq":
-        if static is not None:
-            qx = _static_quantizer(graph, rw, x, static, base, into=into)
-        else:
-            dql = rw.make("DynamicQuantizeLinear", [x], graph=into, num_outputs=3)
-            qx = tuple(dql.outputs)  # type: ignore[assignment]
-        dqx = rw.make("DequantizeLinear", list(qx), graph=into)
-        attrs = {"axis": 1} if qw.axis is not None else {}
-        dqw = rw.make("DequantizeLinear", [rw.constant(graph, qw.q, name=f"{base}_w_q"),
-                                           rw.constant(graph, qw.scale, name=f"{base}_w_scale"),
-                                           rw.constant(graph, qw.zero_point, name=f"{base}_w_zp")], attrs, graph=into)
-        last = rw.make("MatMul", [dqx.outputs[0], dqw.outputs[0]], graph=into)
-        if bias is not None:
-            last = rw.make("Add", [last.outputs[0], rw.constant(graph, bias, name=f"{base}_bias")], graph=into)
-    else:
-        wq = rw.constant(graph, qw.q, name=f"{base}_w_q")
-        ws = rw.constant(graph, qw.scale, name=f"{base}_w_scale")
-        wz = rw.constant(graph, qw.zero_point, name=f"{base}_w_zp")
-        b = rw.constant(graph, bias, name=f"{base}_bias") if bias is not None else None
-        if static is not None:
-            xq, xs, xz = _static_quantizer(graph, rw, x, static, base, into=into)
-        elif c.op == "Attention":
-            xq, xs, xz = rw.make("DynamicQuantizeLinear", [x], graph=into, num_outputs=3).outputs
-        if c.op == "Attention":
-            attrs = {k: a for k, a in node.attributes.items() if k in QATTENTION_ATTRS}
-            mask = node.inputs[3] if len(node.inputs) > 3 else None
-            last = rw.make("QAttention", [xq, wq, b, xs, ws, mask, xz, wz], dict(attrs), graph=into, domain=MS)
-        elif static is not None:
-            last = rw.make("MatMulIntegerToFloat", [xq, wq, xs, ws, xz, wz, b], graph=into, domain=MS)
-        else:
-            last = rw.make("DynamicQuantizeMatMul", [x, wq, ws, wz, b], graph=into, domain=MS)
-    out = last.outputs[0]
-    if outlier is not None:
-        part = _outlier_matmul(graph, rw, outlier, w, base, into=into)
-        out = rw.make("Add", [out, part], graph=into).outputs[0]
-    assert out is not None
-    rw.set_type(out, y.type)
-    return out
+    assert x is not None
+    q = _quantized_input(into, rw, x, plan, c, shared=False, base=base, into=into)
+    return _int8_op(into, rw, c, node, q, w, bias, plan, base, y.type, into=into)
