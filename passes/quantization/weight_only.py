@@ -56,7 +56,7 @@ from ..framework.base import Pass, PassContext, PassError, PassResult
 from ..framework.registry import register_pass
 from ..framework.rewriter import Rewriter
 from .calibration import calibration_batches
-from .forms import build_switch_model, flag_feeds, nbits_form
+from .forms import Form, build_switch_model, flag_feeds, nbits_form
 from .local_error import build_probe_model, local_errors, resolve_ranking
 from .sensitivity import Evaluator, release_memory
 
@@ -393,7 +393,7 @@ class WeightOnlyQuantizePass(Pass):
                     lo = mid + 1
             return moved(hi)
 
-    def _forms(self, precisions: list[int]) -> dict[str, Any]:
+    def _forms(self, precisions: list[int]) -> dict[str, Form]:
         """The MatMulNBits forms at ``precisions``, named ``int<bits>`` (the switch's and the probe's)."""
         return {f"int{b}": nbits_form(self, b) for b in precisions}
 
