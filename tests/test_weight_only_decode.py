@@ -128,8 +128,9 @@ def test_perplexity_matches_torch_and_int8_barely_moves_it(past_export) -> None:
 # -- per-op fallback -------------------------------------------------------------------------------
 
 
-def _chain(sensitive: int, n: int = 4, k: int = 128) -> object:
-    """``x -> MatMul W0 -> ... -> MatMul W{n-1}``, Gaussian weights; ``W{sensitive}`` made sensitive (>= 1)."""
+def _chain(sensitive: int, n: int = 4, k: int = 128, large: float = 2.0) -> object:
+    """``x -> MatMul W0 -> ... -> MatMul W{n-1}``, Gaussian weights; ``W{sensitive}`` made sensitive (>= 1):
+    ``large`` 2 breaks int4, 2000 int8 too (its step per block rounds the others to 0 at 8 bits)."""
     rng = np.random.default_rng(0)
     nodes, inits = [], []
     for i in range(n):
@@ -137,7 +138,7 @@ def _chain(sensitive: int, n: int = 4, k: int = 128) -> object:
         if i == sensitive - 1:
             w[:, ::32] = 0.0  # channels 0, 32, ... of the next op's input are always 0
         if i == sensitive:  # ... and read with large weights: no effect in float, but int4's step per
-            w[::32, :] = 2.0 * np.sign(rng.standard_normal((k // 32, k)))  # block rounds the others to 0
+            w[::32, :] = large * np.sign(rng.standard_normal((k // 32, k)))  # block rounds the others to 0
         inits.append(numpy_helper.from_array(w, f"W{i}"))
         nodes.append(helper.make_node("MatMul", [f"h{i}" if i else "x", f"W{i}"], [f"h{i + 1}" if i < n - 1 else "y"],
                                       name=f"mm{i}"))
@@ -223,6 +224,22 @@ def test_fallback_keeps_the_op_made_sensitive(sensitive: int, ranking: str) -> N
     # float fallback: the same op, kept as a float MatMul
     model, _ = _quantize(proto, f"bits=4,min_cosine={budget},fallback=float,ranking={ranking}")
     assert _bits_by_name(model) == {f"mm{i}": 0 if i == sensitive else 4 for i in range(4)}
+
+
+@pytest.mark.parametrize("ranking", ["alone", "local"])
+def test_an_op_only_float_holds_goes_float_and_the_rest_stays_int4(ranking: str) -> None:
+    """int8 everywhere misses the budget (one op needs float): that op goes float, and the others,
+    moved to int8 on the way, go back to int4 where the budget allows (here all of them)."""
+    proto = _chain(sensitive=2, large=2000.0)
+    x = np.random.default_rng(1).standard_normal((16, 128)).astype(np.float32)
+    ref = ort_session(proto.SerializeToString()).run(None, {"x": x})[0]  # type: ignore[attr-defined]
+    budget = 0.97
+    for premise in ("bits=8", "bits=4"):  # neither precision everywhere holds it
+        plain, _ = _quantize(proto, premise)
+        assert float(cosine_rows(ref.astype(np.float64), _run(plain, x).astype(np.float64)).min()) < budget
+    model, _ = _quantize(proto, f"bits=4,min_cosine={budget},ranking={ranking}")
+    assert _bits_by_name(model) == {"mm0": 4, "mm1": 4, "mm2": 0, "mm3": 4}
+    assert float(cosine_rows(ref.astype(np.float64), _run(model, x).astype(np.float64)).min()) >= budget
 
 
 def test_fallback_leaves_the_model_alone_when_it_already_holds() -> None:

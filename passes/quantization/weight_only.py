@@ -33,7 +33,8 @@ alone, and keeps the ops whose error is largest at ``fallback`` precision (int8 
 the fewest such ops, found by bisection over the ops sorted by their measured error, with which the
 combined model (re-measured, not summed) keeps the worst sample's cosine at or above ``min_cosine``.
 When int8 fallback of every op is not enough either, the ops are moved to float in the order of
-their int8 error. One onnxruntime session on a *switch model* (each op's precisions behind ``If``
+their int8 error, and then as many of the ops left at int8 as the budget allows go back to int4
+(the same bisection, by their int4 error). One onnxruntime session on a *switch model* (each op's precisions behind ``If``
 nodes that run-time flags select, :func:`passes.quantization.forms.build_switch_model`, as the
 ``quantize`` pass's) measures every subset; the final rewrite is measured once more. The per-op
 table goes to the result's ``rows``.
@@ -324,6 +325,10 @@ class WeightOnlyQuantizePass(Pass):
                     self._alone(ctx, todo, lower, score, alone)
                 order = sorted(todo, key=lambda c: -alone[(c.index, lower)])
                 found = self._fewest(ctx, order, {c.index: lower for c in todo}, 0, score, budget)
+                if found is not None:  # with those in float, the int8 ones back to int<bits> where it holds
+                    back = sorted((c for c in todo if found[c.index] == lower), key=lambda c: -alone[(c.index, self.bits)])
+                    found = self._fewest(ctx, back, {**found, **{c.index: self.bits for c in back}}, lower, score,
+                                         budget)
             if found is None:
                 ctx.note(self.name, "model", f"the budget min_cosine={budget} cannot be met even with every op "
                          f"in float fallback on {calib_source}; the model is left in float")
