@@ -163,5 +163,12 @@ def _localize_weights(graph: ir.Graph, rw: Rewriter, node: ir.Node) -> None:
 
 
 def flag_feeds(flags: dict[tuple[int, str], str], forms: dict[int, str]) -> dict[str, np.ndarray]:
-    """The switch model's flag inputs for ``forms`` (candidate index -> form name; absent: float)."""
+    """The switch model's flag inputs for ``forms`` (candidate index -> form name; absent: float).
+
+    Raises:
+        KeyError: a form the switch model does not hold for that candidate (it would run in float).
+    """
+    missing = [key for key in forms.items() if key not in flags]
+    if missing:
+        raise KeyError(f"the switch model holds no form {missing[0][1]!r} for candidate {missing[0][0]}")
     return {name: np.array(forms.get(i) == form) for (i, form), name in flags.items()}
