@@ -250,3 +250,38 @@ def test_the_float_session_is_freed_once_the_references_are_taken(
     gc.collect()
     assert len(made) == 1 and made[0]() is None
     assert len(ev.batches) == 2 and ev.batches[1]["input_ids"].shape == (8, 32)  # still made from the metadata
+
+
+def test_the_probe_runs_without_a_switch_session_beside_it(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A big model's probe (``ranking=local``) is built once no switch session is alive: the last
+    remedy's session, when it won, is released first (on a 1.1 B Llama both at once held 17.5 GB)."""
+    import gc
+    import weakref
+
+    import targets
+    from passes import PassContext, PassManager
+    from passes.quantization import quantize, sensitivity
+
+    made: list[weakref.ref] = []
+    real_session, real_local = sensitivity.session, quantize.local_errors
+    alive_at_probe: list[int] = []
+
+    def recording(*args: object, **kwargs: object) -> object:
+        s = real_session(*args, **kwargs)  # type: ignore[arg-type]
+        made.append(weakref.ref(s._sess))
+        return s
+
+    def probing(*args: object, **kwargs: object) -> object:
+        gc.collect()
+        alive_at_probe.append(sum(r() is not None for r in made))
+        return real_local(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sensitivity, "session", recording)
+    monkeypatch.setattr(quantize, "local_errors", probing)
+    monkeypatch.setattr(quantize, "FILE_BYTES", 0)  # treated as big: the best switch session is not kept
+    # one remedy: it is the best and the last, the case whose session outlived the remedies
+    monkeypatch.setattr(quantize.QuantizePass, "_variants", lambda self, model, ev, cands, base: [("per-channel", base)])
+    model = ir.load(str(_model("decoder", tmp_path)))
+    PassManager("quantize{ranking=local,min_cosine=0.9}").run(model, PassContext(target=targets.get("x86-avx2")))
+    assert alive_at_probe == [0]

@@ -313,6 +313,8 @@ class QuantizePass(Pass):
         best = None
         local: LocalErrors | None = None
         if ranking == "local":
+            if not keep_best:  # the probe holds the model and every form too: not beside a switch session
+                sess = None  # (the last remedy's, when it won: a 1.1 B Llama's probe phase then held 17.5 GB)
             local = self._local_errors(model, ev, ctx, candidates, plan, nbits)
         if sess is None:
             release_memory()
