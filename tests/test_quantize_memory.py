@@ -281,7 +281,8 @@ def test_the_probe_runs_without_a_switch_session_beside_it(
     monkeypatch.setattr(quantize, "local_errors", probing)
     monkeypatch.setattr(quantize, "FILE_BYTES", 0)  # treated as big: the best switch session is not kept
     # one remedy: it is the best and the last, the case whose session outlived the remedies
-    monkeypatch.setattr(quantize.QuantizePass, "_variants", lambda self, model, ev, cands, base: [("per-channel", base)])
+    monkeypatch.setattr(quantize.QuantizePass, "_variants",
+                        lambda self, model, ev, cands, base: [("per-channel", base)])
     model = ir.load(str(_model("decoder", tmp_path)))
     PassManager("quantize{ranking=local,min_cosine=0.9}").run(model, PassContext(target=targets.get("x86-avx2")))
     assert alive_at_probe == [0]

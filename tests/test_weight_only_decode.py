@@ -25,7 +25,6 @@ from conftest import ort_session
 from passes import PassContext, PassManager
 from passes.framework.base import PassError
 from passes.framework.numerics import model_bytes_or_path
-from passes.framework.rewriter import Rewriter
 from passes.quantization.quant_math import cosine_rows
 from passes.tools.generate import GenerateError, generate_with_stats, make_session, perplexity
 
@@ -188,12 +187,7 @@ def test_the_fallback_switch_computes_what_the_rewrite_writes(levels: list[int])
     got = ort_session(model_bytes_or_path(switch)[0]).run(None, {
         "x": x, **flag_feeds(flags, {c.index: f"int{b}" for c, b in zip(cands, levels) if b})})[0]
     rewritten = ir.from_onnx(proto)
-    nodes = list(rewritten.graph)
-    rw = Rewriter()
-    for c, node, b in [(c, nodes[c.index], b) for c, b in zip(cands, levels)]:
-        if b:
-            wo._rewrite(rewritten.graph, rw, node, c.op, b)
-    rw.import_opset(rewritten, "com.microsoft")
+    wo.apply_levels(rewritten, cands, {c.index: b for c, b in zip(cands, levels)})
     assert _bits_by_name(rewritten) == {f"mm{i}": b for i, b in enumerate(levels)}
     np.testing.assert_allclose(got, _run(rewritten, x), rtol=1e-5, atol=1e-5)
 

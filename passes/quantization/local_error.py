@@ -62,13 +62,13 @@ def build_probe_model(model: ir.Model, candidates: list[Candidate], forms: dict[
     The float graph is unchanged (every op reads float inputs); beside each candidate each form of
     ``forms`` (e.g. :func:`~passes.quantization.forms.quantize_forms`) that applies to it reads the
     same input, and a scalar output is added: the mean over the output's rows (every index but the
-    last axis: a token) of ``|e|^2 / |r|^2``, ``e`` the form's error ``y_form - y`` as it reaches the residual stream and ``r``
-    the residual sum there (:func:`_residual_path`; ``y`` itself where the output joins none). Per
-    row, not over the whole batch: the model normalizes each token (LayerNorm, RMSNorm), so a small
-    token's error counts as much as a large one's; measured on MiniLM, the whole-batch ratio on the
-    ops' own outputs ranked them against their end-to-end errors (Spearman -0.33), as one token's huge
-    activations (where the error is relatively small) dominate its sums; per row 0.09; to the
-    residual 0.85.
+    last axis: a token) of ``|e|^2 / |r|^2``, ``e`` the form's error ``y_form - y`` as it reaches
+    the residual stream and ``r`` the residual sum there (:func:`_residual_path`; ``y`` itself where
+    the output joins none). Per row, not over the whole batch: the model normalizes each token
+    (LayerNorm, RMSNorm), so a small token's error counts as much as a large one's; measured on
+    MiniLM, the whole-batch ratio on the ops' own outputs ranked them against their end-to-end
+    errors (Spearman -0.33), as one token's huge activations (where the error is relatively small)
+    dominate its sums; per row 0.09; to the residual 0.85.
 
     Returns:
         The copy, and for each ``(candidate index, form)`` the name of its error output.

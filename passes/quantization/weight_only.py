@@ -34,10 +34,10 @@ the fewest such ops, found by bisection over the ops sorted by their measured er
 combined model (re-measured, not summed) keeps the worst sample's cosine at or above ``min_cosine``.
 When int8 fallback of every op is not enough either, the ops are moved to float in the order of
 their int8 error, and then as many of the ops left at int8 as the budget allows go back to int4
-(the same bisection, by their int4 error). One onnxruntime session on a *switch model* (each op's precisions behind ``If``
-nodes that run-time flags select, :func:`passes.quantization.forms.build_switch_model`, as the
-``quantize`` pass's) measures every subset; the final rewrite is measured once more. The per-op
-table goes to the result's ``rows``.
+(the same bisection, by their int4 error). One onnxruntime session on a *switch model* (each op's
+precisions behind ``If`` nodes that run-time flags select,
+:func:`passes.quantization.forms.build_switch_model`, as the ``quantize`` pass's) measures every
+subset; the final rewrite is measured once more. The per-op table goes to the result's ``rows``.
 """
 
 from __future__ import annotations
@@ -229,18 +229,7 @@ class WeightOnlyQuantizePass(Pass):
         rows: list[dict[str, Any]] = []
         if self.min_cosine > 0:
             levels, rows = self._decide(model, ctx, todo, resolve_ranking(self.name, self.ranking, len(todo), model))
-        nodes = list(model.graph)
-        todo_nodes = [nodes[c.index] for c in todo]  # indices shift as nodes are inserted
-        for c, node in zip(todo, todo_nodes):
-            bits = levels[c.index]
-            if bits:
-                self._rewrite(model.graph, rw, node, c.op, bits)
-                rw.count(f"{c.op} -> MatMulNBits ({bits}-bit)")
-            else:
-                rw.count("kept float")
-        if any(levels.values()):
-            rw.import_opset(model, MS)
-        result = rw.result()
+        result = self.apply_levels(model, todo, levels).result()
         result.rows = rows
         return result
 
@@ -326,7 +315,8 @@ class WeightOnlyQuantizePass(Pass):
                 order = sorted(todo, key=lambda c: -alone[(c.index, lower)])
                 found = self._fewest(ctx, order, {c.index: lower for c in todo}, 0, score, budget)
                 if found is not None:  # with those in float, the int8 ones back to int<bits> where it holds
-                    back = sorted((c for c in todo if found[c.index] == lower), key=lambda c: -alone[(c.index, self.bits)])
+                    back = sorted((c for c in todo if found[c.index] == lower),
+                                  key=lambda c: -alone[(c.index, self.bits)])
                     found = self._fewest(ctx, back, {**found, **{c.index: self.bits for c in back}}, lower, score,
                                          budget)
             if found is None:
@@ -340,12 +330,7 @@ class WeightOnlyQuantizePass(Pass):
         final = None
         if any(levels.values()):  # the real rewrite, measured once more
             trial = copy_model(model)
-            nodes = list(trial.graph)
-            trial_rw = Rewriter()
-            for c, node in [(c, nodes[c.index]) for c in todo]:
-                if levels[c.index]:
-                    self._rewrite(trial.graph, trial_rw, node, c.op, levels[c.index])
-            trial_rw.import_opset(trial, MS)
+            self.apply_levels(trial, todo, levels)
             final = ev.score_model(trial)
             del trial
             if final.worst < budget:
@@ -426,6 +411,22 @@ class WeightOnlyQuantizePass(Pass):
         return rw.make("MatMulNBits", inputs, attrs, before=before, after=after, graph=into, domain=MS,
                        name=f"{base}_nbits",
                        output_names=[f"{base}_out"], types=[out_type])
+
+    def apply_levels(self, model: ir.Model, todo: list[Candidate], levels: dict[int, int]) -> Rewriter:
+        """Rewrite each candidate of ``todo`` in ``model`` to ``MatMulNBits`` at ``levels[index]`` bits
+        (0: left float); the rewriter that did it (its stats count the ops)."""
+        rw = Rewriter()
+        nodes = list(model.graph)
+        for c, node in [(c, nodes[c.index]) for c in todo]:  # indices shift as nodes are inserted
+            bits = levels[c.index]
+            if bits:
+                self._rewrite(model.graph, rw, node, c.op, bits)
+                rw.count(f"{c.op} -> MatMulNBits ({bits}-bit)")
+            else:
+                rw.count("kept float")
+        if any(levels.values()):
+            rw.import_opset(model, MS)
+        return rw
 
     def _rewrite(self, graph: ir.Graph, rw: Rewriter, node: ir.Node, op: str, bits: int) -> None:
         w, bias = weight_of(node)  # type: ignore[misc]
