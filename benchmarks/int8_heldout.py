@@ -12,6 +12,7 @@ session, any subset of ops int8 by flags) built on the target's fused float grap
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import pathlib
 import sys
@@ -74,7 +75,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class Bench:
     """The fused float model, its candidates, and held-out / calibration references."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, pipeline: str | None = None) -> None:
         t0 = time.perf_counter()
         self.target = targets.get(target)
         ref_sess = session(str(SOURCE), 2, optimize=False)
@@ -84,11 +85,12 @@ class Bench:
         self.ref_calib, self.ref_held = pooled(ref_sess, self.calib), pooled(ref_sess, self.held)
         del ref_sess
         print(f"references done ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
-        cache = pathlib.Path(os.environ.get("INT8_HELDOUT_CACHE", "/tmp/int8-heldout")) / f"{self.target.name}.onnx"
+        key = hashlib.sha256((pipeline or "").encode()).hexdigest()[:8] if pipeline else "default"
+        cache = pathlib.Path(os.environ.get("INT8_HELDOUT_CACHE", "/tmp/int8-heldout")) / f"{self.target.name}-{key}.onnx"
         if cache.exists():
             self.fused = ir.load(str(cache))
         else:
-            self.fused = compile_model(str(SOURCE), self.target, verify=False).model
+            self.fused = compile_model(str(SOURCE), self.target, pipeline, verify=False).model
             cache.parent.mkdir(parents=True, exist_ok=True)
             ir.save(self.fused, str(cache))
         print(f"fused model ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
@@ -164,9 +166,11 @@ def main() -> int:
     ap.add_argument("--target", default="x86-avx2")
     ap.add_argument("--study", default="ops")
     ap.add_argument("-O", action="append", default=[], help="quantize option key=value (e2e)")
+    ap.add_argument("--pipeline", help="the fused float model's pipeline (default: the target's), "
+                    "e.g. with fuse-attention{form=mha,qkv=split}")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    b = Bench(args.target)
+    b = Bench(args.target, args.pipeline)
     print(f"{len(b.candidates)} candidates on {b.target.name}; {len(b.held)} held-out, {len(b.calib)} calibration "
           f"({time.perf_counter() - t0:.1f} s)", flush=True)
     if args.study == "ops":

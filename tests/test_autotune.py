@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pathlib
 import time
 
@@ -128,7 +130,16 @@ def test_compiled_candidates_are_reused_across_timing_lengths(tiny: pathlib.Path
 
 def test_candidates_follow_target_capabilities() -> None:
     x86 = [c.name for c in candidates(targets.get("x86"))]
-    assert len(x86) == 7 and any("residual skip" in n for n in x86) and any("int4" in n for n in x86)
+    assert len(x86) == 11 and any("residual skip" in n for n in x86) and any("int4" in n for n in x86)
+    forms = {c.name: c.pipeline for c in candidates(targets.get("x86")) if "fuse-attention{" in c.pipeline}
+    assert sorted(p.split("fuse-attention")[1].split("}")[0] + "}" for p in forms.values()) == [
+        "{form=mha,qkv=split}", "{form=mha,qkv=split}", "{form=mha}", "{form=standard}"], forms
+    assert [n for n, p in forms.items() if p.endswith(",quantize,dead-flow")] == [
+        "int8 dynamic, MultiHeadAttention split QKV"]
+    no_mha = dataclasses.replace(targets.get("x86"), contrib_ops=[o for o in targets.get("x86").contrib_ops
+                                                                  if o != "MultiHeadAttention"])
+    assert [c.name for c in candidates(no_mha) if "fuse-attention{" in c.pipeline] == [
+        "fp32, attention in standard ops"]
     pipes = [c.pipeline for c in candidates(targets.get("x86"))]
     assert any(p.endswith("quantize{fallback=nbits},dead-flow") for p in pipes)
     assert any("quantize{fallback=nbits,static=on}" in p for p in pipes), pipes

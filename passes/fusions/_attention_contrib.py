@@ -86,8 +86,12 @@ class ContribAttention:
         rw.import_opset(self.model, MS)
         erase_layer(m, rw, self.model, old)
 
-    def multi_head_attention(self, m: AttentionMatch, rw: Rewriter) -> None:
-        """The layer as ``MultiHeadAttention`` on 3-D Q/K/V (see the module docs for the forms)."""
+    def multi_head_attention(self, m: AttentionMatch, rw: Rewriter, *, split_qkv: bool = False) -> None:
+        """The layer as ``MultiHeadAttention`` on 3-D Q/K/V (see the module docs for the forms).
+
+        ``split_qkv``: three projections ``x @ W + b`` instead of one packed MatMul and a Split (each
+        then quantized or kept float on its own).
+        """
         c = m.cand
         graph = self.model.graph
         anchor = m.output.producer()
@@ -110,13 +114,19 @@ class ContribAttention:
         def const(a: np.ndarray, name: str) -> ir.Value:
             return rw.constant(graph, a, name=name)
 
-        qkv = make("MatMul", [c.x, const(np.concatenate([wq, wk, wv], axis=1), "attention_qkv_weight")],
-                   name="attention_qkv").outputs[0]
-        bias = np.concatenate([bq, bk, bv])
-        if np.any(bias != 0):
-            qkv = make("Add", [qkv, const(bias, "attention_qkv_bias")], name="attention_qkv_bias").outputs[0]
-        q, k, v = make("Split", [qkv, const(np.array(cols, np.int64), "attention_qkv_split")], {"axis": -1},
-                       outputs=3, name="attention_qkv_split").outputs
+        def project(w: np.ndarray, b: np.ndarray, name: str) -> ir.Value:
+            y = make("MatMul", [c.x, const(w, f"attention_{name}_weight")], name=f"attention_{name}").outputs[0]
+            if np.any(b != 0):
+                y = make("Add", [y, const(b, f"attention_{name}_bias")], name=f"attention_{name}_bias").outputs[0]
+            assert y is not None
+            return y
+
+        if split_qkv:
+            q, k, v = project(wq, bq, "q"), project(wk, bk, "k"), project(wv, bv, "v")
+        else:
+            qkv = project(np.concatenate([wq, wk, wv], axis=1), np.concatenate([bq, bk, bv]), "qkv")
+            q, k, v = make("Split", [qkv, const(np.array(cols, np.int64), "attention_qkv_split")], {"axis": -1},
+                           outputs=3, name="attention_qkv_split").outputs
         assert q is not None and k is not None and v is not None
         rotated = {}
         for key, val in (("q", q), ("k", k)):

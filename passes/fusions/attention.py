@@ -101,12 +101,15 @@ from ._attention_contrib import ContribAttention
 from ._attention_match import MS, AttentionMatch, erase_layer
 from ._attention_match import fused_op as _layer_op
 from ._attention_standard import StandardMasks, rewrite_standard, standard_form_unsupported
-from ..framework.base import Pass, PassContext, PassResult
+from ..framework.base import Pass, PassContext, PassError, PassResult
 from ..framework.rules import NoMatch, Rule, apply_rules
 from ..framework.registry import register_pass
 from ..framework.rewriter import Rewriter
 
-__all__ = ["FuseAttentionPass", "AttentionFusion"]
+__all__ = ["FuseAttentionPass", "AttentionFusion", "FORMS"]
+
+#: :attr:`FuseAttentionPass.form`'s values.
+FORMS = ("auto", "mha", "standard")
 
 
 def fused_op(m: AttentionMatch) -> str:
@@ -121,12 +124,46 @@ class AttentionFusion(Rule):
     roots: ClassVar[tuple[str, ...]] = ("Softmax",)
     stat: ClassVar[str] = "fused attention layers"
 
-    def __init__(self, analysis: Analysis, *, standard: bool = False) -> None:
+    def __init__(self, analysis: Analysis, *, standard: bool = False, form: str = "auto",
+                 split_qkv: bool = False) -> None:
         self.analysis = analysis
         #: The target has no contrib attention: write matched layers in standard ops instead.
         self.standard = standard
+        #: Which form to prefer where the layer and the target allow it (:attr:`FuseAttentionPass.form`).
+        self.form = form
+        #: MultiHeadAttention layers get three projections instead of one packed MatMul and a Split.
+        self.split_qkv = split_qkv
         self.masks = StandardMasks(analysis.model.graph, analysis.model.opset("") or 17)
         self.contrib = ContribAttention(analysis.model)
+
+    def _preferred(self, m: AttentionMatch) -> list[str]:
+        """The forms to try for ``m``, best first: contrib op names, or ``"standard"``."""
+        auto = [fused_op(m)] + (["standard"] if self.standard else [])
+        if self.form == "standard":
+            return ["standard", *auto]
+        if self.form == "mha":  # MultiHeadAttention expresses every layer Attention does
+            return ["MultiHeadAttention", *[f for f in auto if f != "MultiHeadAttention"]]
+        return auto
+
+    def form_of(self, m: AttentionMatch, ctx: PassContext) -> str | NoMatch:
+        """The form ``m`` is written in: the first of :meth:`_preferred` that the layer and target allow."""
+        preferred = self._preferred(m)
+        why_standard = None
+        for form in preferred:
+            if form == "standard":
+                why_standard = standard_form_unsupported(m, self.masks.opset)
+                if why_standard is None:
+                    return form
+                if why_standard.startswith("already") and form == preferred[0]:
+                    return NoMatch(why_standard)
+            elif ctx.target is None or ctx.target.supports(form, MS):
+                return form
+        op = next(f for f in preferred if f != "standard")
+        if why_standard is not None and not why_standard.startswith("already"):
+            return NoMatch(f"target has no com.microsoft {op} and {why_standard}; attention left as it is", near=True)
+        if why_standard is not None:
+            return NoMatch(why_standard)
+        return NoMatch(f"this layer needs com.microsoft {op}, which the target does not provide", near=True)
 
     def check(self, node: ir.Node, ctx: PassContext) -> AttentionMatch | NoMatch:
         if node.graph is not self.analysis.model.graph:
@@ -138,22 +175,16 @@ class AttentionFusion(Rule):
             live = [res.cand.softmax, res.cand.ctx_mm, res.cand.scores_mm]
             if any(n.graph is None for n in live) or res.output.producer() is None:
                 return NoMatch("the layer changed after analysis")
-            op = fused_op(res)
-            if ctx.target is not None and not ctx.target.supports(op, MS):
-                if self.standard:
-                    why = standard_form_unsupported(res, self.masks.opset)
-                    if why is None:
-                        return res
-                    if why.startswith("already"):
-                        return NoMatch(why)
-                    return NoMatch(f"target has no com.microsoft {op} and {why}; attention left as it is",
-                                   near=True)
-                return NoMatch(f"this layer needs com.microsoft {op}, which the target does not provide", near=True)
+            form = self.form_of(res, ctx)
+            if isinstance(form, NoMatch):
+                return form
         return res
 
     def rewrite(self, m: AttentionMatch, rw: Rewriter, ctx: PassContext) -> None:
-        if self.standard and ctx.target is not None and not ctx.target.supports(fused_op(m), MS):
-            self.analysis.results[id(m.cand.softmax)] = NoMatch("already rewritten")
+        form = self.form_of(m, ctx)
+        assert not isinstance(form, NoMatch), form
+        self.analysis.results[id(m.cand.softmax)] = NoMatch("already rewritten")
+        if form == "standard":
             graph = self.analysis.model.graph
             size = len(graph)
             out = rewrite_standard(m, rw, graph, self.masks)
@@ -161,14 +192,12 @@ class AttentionFusion(Rule):
             erase_layer(m, rw, self.analysis.model, [m.output])
             rw.count("attention layers in standard ops")
             rw.count("attention nodes removed (net)", size - len(graph))
-            return
-        if fused_op(m) == "MultiHeadAttention":
-            self.contrib.multi_head_attention(m, rw)
+        elif form == "MultiHeadAttention":
+            self.contrib.multi_head_attention(m, rw, split_qkv=self.split_qkv)
             rw.count("fused MultiHeadAttention")
-            return
-        rw.count("fused Attention")
-        self.analysis.results[id(m.cand.softmax)] = NoMatch("already fused")
-        self.contrib.attention(m, rw)
+        else:
+            self.contrib.attention(m, rw)
+            rw.count("fused Attention")
 
 
 @register_pass
@@ -179,7 +208,20 @@ class FuseAttentionPass(Pass):
     name: ClassVar[str] = "fuse-attention"
     summary: ClassVar[str] = "self-attention (projections, mask, softmax, head merge) -> com.microsoft Attention"
 
+    #: The form to prefer where the layer and the target allow it: ``auto`` (Attention with packed
+    #: weights where it expresses the layer, else MultiHeadAttention; standard ops on targets with
+    #: neither), ``mha`` (MultiHeadAttention for every layer), ``standard`` (the standard-op form for
+    #: the layers it covers, the contrib op for the others). ``--autotune`` measures them.
+    form: str = "auto"
+    #: ``packed`` (one MatMul and a Split before MultiHeadAttention) or ``split`` (three projections,
+    #: each quantized or kept float on its own). Attention takes packed weights; the standard form packs.
+    qkv: str = "packed"
+
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        if self.form not in FORMS:
+            raise PassError(f"fuse-attention: form must be one of {', '.join(FORMS)}, not {self.form!r}")
+        if self.qkv not in ("packed", "split"):
+            raise PassError(f"fuse-attention: qkv must be packed or split, not {self.qkv!r}")
         rw = Rewriter()
         if not any(n.op_type == "Softmax" for n in model.graph.all_nodes()):
             return rw.result()
@@ -187,5 +229,6 @@ class FuseAttentionPass(Pass):
         standard = target is not None and not (
             target.supports("Attention", MS) or target.supports("MultiHeadAttention", MS))
         analysis = Analysis(model, ctx)
-        apply_rules(model, [AttentionFusion(analysis, standard=standard)], ctx, rw, pass_name=self.name)
+        rule = AttentionFusion(analysis, standard=standard, form=self.form, split_qkv=self.qkv == "split")
+        apply_rules(model, [rule], ctx, rw, pass_name=self.name)
         return rw.result()

@@ -9,8 +9,13 @@ the profile's fixed rules are a guess; here they are measured:
 1. **Candidates** (:func:`candidates`), each a pipeline string from the target's capabilities
    (never its name): the target's default fp32 pipeline; the other residual form before each
    LayerNorm (``fuse-layer-norm{residual=skip|sum}``: SkipLayerNormalization vs Sum +
-   LayerNormalization) where the target provides SkipLayerNormalization; int8 with dynamic
-   activations (the ``quantize`` pass, its own per-op budget), the same once per other weight
+   LayerNormalization) where the target provides SkipLayerNormalization; the other attention
+   forms where it provides contrib attention (``fuse-attention{form=mha}``: MultiHeadAttention
+   after one packed QKV MatMul instead of Attention, ``{form=mha,qkv=split}``: after three
+   projections, ``{form=standard}``: standard ops); int8 with dynamic
+   activations (the ``quantize`` pass, its own per-op budget), the same on the split-QKV form (each
+   projection int8 or float on its own: on MiniLM 26 of 36 ops int8 within the budget where the
+   packed form's budget keeps 12 of 24), the same once per other weight
    encoding the target's kernels take (its policy's :attr:`~targets.QuantPolicy.variants`, e.g. u8
    8-bit weights beside s8 7-bit ones on x86 without VNNI: the quantize pass then sees the target's
    policy with the variant's changes), and where the target provides
@@ -227,25 +232,21 @@ def cache_dir() -> Path:
 # -- candidates ---------------------------------------------------------------------------------
 
 
-def _with_residual(pipeline: str, form: str) -> str | None:
-    """``pipeline`` with ``fuse-layer-norm{residual=form}``, or None when it has no fuse-layer-norm."""
+def _with_pass_options(pipeline: str, pass_name: str, options: dict[str, Any]) -> str | None:
+    """``pipeline`` with ``options`` on its ``pass_name`` passes, or None when it has none."""
     items = parse_pipeline(pipeline)
-    found = False
-    out = []
-    for it in items:
-        if getattr(it, "name", "") == "fuse-layer-norm":
-            it = dataclasses.replace(it, residual=form)  # type: ignore[call-overload]
-            found = True
-        out.append(it)
-    return format_pipeline(out) if found else None
-
-
-def _with_quantize_option(pipeline: str, key: str, value: Any) -> str | None:
-    """``pipeline`` with ``key=value`` on its ``quantize`` passes, or None when it has none."""
-    items = parse_pipeline(pipeline)
-    if not any(getattr(it, "name", "") == "quantize" for it in items):
+    if not any(getattr(it, "name", "") == pass_name for it in items):
         return None
-    return format_pipeline(with_options(items, "quantize", {key: value}))
+    return format_pipeline(with_options(items, pass_name, options))
+
+
+#: fuse-attention's other forms (:attr:`~passes.fusions.attention.FuseAttentionPass.form`, ``qkv``):
+#: (label, options, the contrib op the form needs or None)
+ATTENTION_FORMS = (
+    ("attention as MultiHeadAttention", {"form": "mha"}, "MultiHeadAttention"),
+    ("MultiHeadAttention, split QKV", {"form": "mha", "qkv": "split"}, "MultiHeadAttention"),
+    ("attention in standard ops", {"form": "standard"}, None),
+)
 
 
 def candidates(target: targets.Target) -> list[Candidate]:
@@ -254,19 +255,31 @@ def candidates(target: targets.Target) -> list[Candidate]:
     out = [Candidate(f"fp32 (default, residual {target.residual_layer_norm})", base)]
     if target.supports("SkipLayerNormalization", MS):
         other = "skip" if target.residual_layer_norm == "sum" else "sum"
-        alt = _with_residual(base, other)
+        alt = _with_pass_options(base, "fuse-layer-norm", {"residual": other})
         if alt is not None:
             out.append(Candidate(f"fp32, residual {other}", alt))
+    # the other attention forms, where the target has contrib attention (else the standard form is the only one)
+    forms: dict[str, str] = {}
+    if target.supports("Attention", MS) or target.supports("MultiHeadAttention", MS):
+        for label, opts, needs in ATTENTION_FORMS:
+            alt = _with_pass_options(base, "fuse-attention", opts)
+            if alt is not None and (needs is None or target.supports(needs, MS)):
+                forms[label] = alt
+                out.append(Candidate(f"fp32, {label}", alt))
     if target.quantize_pipeline:
         out.append(Candidate("int8 dynamic (quantize)", f"{base},{target.quantize_pipeline}", quantized=True))
+        split = forms.get("MultiHeadAttention, split QKV")
+        if split is not None:  # each projection int8 or float on its own, not the layer's three together
+            out.append(Candidate("int8 dynamic, MultiHeadAttention split QKV", f"{split},{target.quantize_pipeline}",
+                                 quantized=True))
         for v in target.quantization.variants:
             out.append(Candidate(f"int8 dynamic ({v.name})", f"{base},{target.quantize_pipeline}", quantized=True,
                                  variant=v))
     if target.supports("MatMulNBits", MS):
-        fallback = _with_quantize_option(target.quantize_pipeline, "fallback", "nbits")
+        fallback = _with_pass_options(target.quantize_pipeline, "quantize", {"fallback": "nbits"})
         if fallback is not None:
             out.append(Candidate("int8 dynamic + MatMulNBits fallback", f"{base},{fallback}", quantized=True))
-            static = _with_quantize_option(fallback, "static", "on")
+            static = _with_pass_options(fallback, "quantize", {"static": "on"})
             out.append(Candidate("int8 static scales + MatMulNBits fallback", f"{base},{static}", quantized=True))
         for bits in (8, 4):
             out.append(Candidate(f"weight-only int{bits} (MatMulNBits)",
