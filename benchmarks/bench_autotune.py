@@ -194,7 +194,8 @@ def plot(all_rows: list[dict], path: pathlib.Path, title: str = "all-MiniLM-L6-v
     import matplotlib.pyplot as plt
 
     seqs = sorted({r["seq"] for r in all_rows}, reverse=True)
-    fig, axes = plt.subplots(1, len(seqs), figsize=(6.5 * len(seqs), 5), squeeze=False)
+    names = list(dict.fromkeys(r["name"].lstrip("* ") for r in all_rows))  # one number per variant, all plots
+    fig, axes = plt.subplots(1, len(seqs), figsize=(6.5 * len(seqs), 5 + 0.16 * len(names)), squeeze=False)
     for ax, seq in zip(axes[0], seqs):
         for r in (r for r in all_rows if r["seq"] == seq):
             ours, win = r["name"].lstrip("* ").startswith("ours"), r["name"].startswith("*")
@@ -203,15 +204,19 @@ def plot(all_rows: list[dict], path: pathlib.Path, title: str = "all-MiniLM-L6-v
                        marker="*" if win else ("o" if ours else ("x" if bound else "s")),
                        color="tab:green" if win else ("tab:blue" if ours else ("tab:red" if bound else "tab:gray")),
                        zorder=3)
-            ax.annotate(r["name"].replace("ours: ", "").replace("(optimizer + quantize_dynamic)", ""),
-                        (r["ms"], 1 - r["worst"] + 1e-7), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            ax.annotate(str(names.index(r["name"].lstrip("* ")) + 1), (r["ms"], 1 - r["worst"] + 1e-7), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
         ax.set_yscale("log")
         ax.invert_yaxis()
         ax.set_xlabel("median latency (ms), batch 1, 2 threads")
         ax.set_ylabel("1 - worst held-out sentence cosine (log; up is more accurate)")
         ax.set_title(f"{title}, seq {seq}")
         ax.grid(True, alpha=0.3)
-    fig.tight_layout()
+    key = [f"{i + 1}: {n.replace('ours: ', '')}" for i, n in enumerate(names)]
+    half = (len(key) + 1) // 2
+    for col, part in enumerate((key[:half], key[half:])):
+        fig.text(0.02 + 0.5 * col, 0.01, "\n".join(part), fontsize=7, va="bottom", family="monospace")
+    fig.tight_layout(rect=(0, 0.16 * len(names) / 2 / (5 + 0.16 * len(names)) + 0.02, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"plot: {path}")

@@ -67,6 +67,35 @@ def test_a_candidate_made_slower_is_not_picked(tiny: pathlib.Path) -> None:
     assert "fastest within the budget" in res.reason and "fp32 |" not in res.table()
 
 
+def test_the_playoff_decides_between_close_candidates(tiny: pathlib.Path) -> None:
+    """A candidate ahead in the run over all but behind when the close ones meet again loses; one
+    far behind (outside PLAYOFF_WITHIN) does not play off."""
+    calls: dict[str, int] = {}
+    main_calls = 3 * 3  # rounds x runs of _tune's run over all
+
+    def hook(c: Candidate, run):
+        # "fp32" 2 ms in the run over all, 3 ms after it; "fp32 again" 2.2 ms; "far" 10 ms
+        def timed(feeds):
+            calls[c.name] = calls.get(c.name, 0) + 1
+            late = calls[c.name] > main_calls
+            time.sleep({"fp32": 0.003 if late else 0.002, "fp32 again": 0.0022}.get(c.name, 0.010))
+            return run(feeds)
+
+        return timed
+
+    far = Candidate("far", "dead-flow")
+    res = _tune(tiny, [FP32, FP32_COPY, far], runner_hook=hook)
+    rows = {r["name"]: r for r in res.rows}
+    assert rows["fp32"]["median_ms"] < rows["fp32 again"]["median_ms"]  # ahead in the run over all
+    assert rows["fp32"]["playoff_ms"] > rows["fp32 again"]["playoff_ms"] and rows["far"]["playoff_ms"] is None
+    assert res.winner["name"] == "fp32 again" and calls["far"] == main_calls
+    assert "playoff of the 2 within 1.2x" in res.reason and "next: fp32 at" in res.reason
+    # without the late slowdown the run over all and the playoff agree
+    calls.clear()
+    main_calls = 10 ** 6
+    assert _tune(tiny, [FP32, FP32_COPY, far], runner_hook=hook).winner["name"] == "fp32"
+
+
 def test_a_candidate_outside_the_budget_is_never_picked(tiny: pathlib.Path) -> None:
     # int4 is the fastest here (fp32 is slowed), but its worst cosine is below a budget this tight
     res = _tune(tiny, [FP32, INT4], min_cosine=0.99999, runner_hook=_slow("fp32"))

@@ -82,6 +82,15 @@ columns, one Split, Reshape/Transpose per operand, ``Softmax(Q·Kᵀ + bias)·V`
 Reshape, with the additive ``bias`` built once per model from the 2-D mask (plus the score bias,
 joined in one ``Add``). Other layers there are left as they are, with a note.
 
+The options choose among the forms a layer and the target allow (``--autotune`` measures them):
+``form=auto`` is the above; ``form=mha`` writes every layer as MultiHeadAttention (an encoder
+layer then reads one packed ``[H, 3H]`` projection and a Split), ``form=standard`` writes the
+layers the standard-op form covers in standard ops on any target (the others keep their contrib
+op). ``qkv=split`` gives MultiHeadAttention three projections ``x @ W + b`` instead of the packed
+one and its Split, so that the quantize pass decides int8 or float for Q, K and V one by one
+(Attention takes packed weights; the standard form packs). A form the target lacks falls back to
+``auto``'s.
+
 The pieces, in the order a layer goes through them: :mod:`~passes.fusions._attention_match` (the
 match types and the syntactic walk), :mod:`~passes.fusions._attention_check` (the probe-evaluated
 checks, with :mod:`~passes.fusions._attention_probe` and :mod:`~passes.fusions._attention_mask`),

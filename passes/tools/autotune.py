@@ -34,7 +34,10 @@ the profile's fixed rules are a guess; here they are measured:
 4. **Latency** of all of them in one interleaved run (the bench module's sessions: same feeds,
    ``threads`` intra-op threads, thread spinning off, round robin so drift hits every candidate
    alike), as the median.
-5. The fastest that holds the budget wins; the table and the reason go to the report.
+5. The candidates within the budget whose median is within :data:`PLAYOFF_WITHIN` (1.2x) of the
+   fastest one's (at most :data:`PLAYOFF_SIZE`) play off: the same rounds again over them alone,
+   closer together in time, so that a drift of the host hits them alike. The fastest there (else
+   the fastest within the budget) wins; the table and the reason go to the report.
 
 Decisions are cached in ``$TFCOMPILE_CACHE_DIR/autotune`` (default ``~/.cache/tfcompile/autotune``)
 under a key of the model's content, the host (machine, CPU flags, onnxruntime version), the
@@ -75,6 +78,12 @@ MS = "com.microsoft"
 #: The CPU flags that decide onnxruntime's kernels (shown in reports; the cache key hashes all flags).
 KEY_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "asimddp", "sve")
 Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+#: Candidates within the budget whose median is within this factor of the fastest one's meet again
+#: in a playoff: rounds over them alone, closer together in time than in the run over every
+#: candidate (a drift of the host then hits them alike), whose medians decide.
+PLAYOFF_WITHIN = 1.2
+#: at most this many candidates (the fastest) play off
+PLAYOFF_SIZE = 4
 
 
 @dataclass(frozen=True)
@@ -122,13 +131,16 @@ class Trial:
     compile_s: float = 0.0
     times: list[float] = field(default_factory=list)
     runs_per_round: int = 1
+    #: the playoff's times and median (:data:`PLAYOFF_WITHIN`), when this candidate was in it
+    playoff_times: list[float] = field(default_factory=list)
+    playoff_ms: float | None = None
 
     def row(self) -> dict[str, Any]:
         """A JSON-ready row."""
         return {"name": self.candidate.name, "pipeline": self.candidate.spec(), "nodes": self.nodes,
                 "median_ms": self.median_ms, "ratio": self.ratio, "worst_cosine": self.worst,
                 "mean_cosine": self.mean, "within_budget": self.ok, "error": self.error,
-                "compile_s": round(self.compile_s, 3)}
+                "compile_s": round(self.compile_s, 3), "playoff_ms": self.playoff_ms}
 
 
 @dataclass
@@ -159,7 +171,8 @@ class AutotuneResult:
 
     def table(self) -> str:
         """The candidates as a fixed-width table (latency ratio to the target's default fp32 program)."""
-        head = f"  {'candidate':<30} {'nodes':>6} {'median ms':>10} {'ratio':>7} {'worst cos':>10} {'mean cos':>10}  budget"
+        head = (f"  {'candidate':<30} {'nodes':>6} {'median ms':>10} {'ratio':>7} {'worst cos':>10} {'mean cos':>10}  "
+                f"budget  playoff ms")
         lines = [head]
         for r in self.rows:
             mark = "*" if r["name"] == self.winner["name"] else " "
@@ -170,8 +183,9 @@ class AutotuneResult:
             ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
             worst = "-" if r["worst_cosine"] is None else f"{r['worst_cosine']:.5f}"
             mean = "-" if r["mean_cosine"] is None else f"{r['mean_cosine']:.5f}"
+            playoff = "" if r.get("playoff_ms") is None else f"{r['playoff_ms']:.2f}"
             lines.append(f"{mark} {r['name']:<30} {r['nodes'] if r['nodes'] is not None else '':>6} {ms:>10} "
-                         f"{ratio:>7} {worst:>10} {mean:>10}  {'ok' if r['within_budget'] else 'OUT'}")
+                         f"{ratio:>7} {worst:>10} {mean:>10}  {'ok ' if r['within_budget'] else 'OUT'}     {playoff:>10}")
         s = self.setup
         flags = ", ".join(s.get("cpu_flags", [])) or "none of " + "/".join(KEY_FLAGS)
         lines.append(f"  {'(cached decision) ' if self.cached else ''}batch {s['batch']}, seq {s['seq']}, "
@@ -407,7 +421,7 @@ def autotune(
     trials = [Trial(c, runs_per_round=runs) for c in cands]
     runners: dict[int, Runner] = {}
     built: dict[int, tuple[ir.Model, list[Any]]] = {}
-    bar = _progress_bar(len(cands) + rounds, "autotune", show_bar)
+    bar = _progress_bar(len(cands) + 2 * rounds, "autotune", show_bar)
     try:
         for i, (c, tr) in enumerate(zip(cands, trials)):
             if i > 0 and time.perf_counter() - t_start > budget_s:
@@ -446,22 +460,19 @@ def autotune(
             bar.update(1)
             say(f"autotune: {c.name}: {tr.nodes} nodes, worst cosine {score.worst:.6f}, in {tr.compile_s:.1f} s")
         # one interleaved run over every candidate that compiled
-        for r in range(rounds):
-            if r >= 3 and time.perf_counter() - t_start > budget_s:
-                break
-            for i, run in runners.items():
-                for _ in range(runs):
-                    t = time.perf_counter()
-                    run(feeds)
-                    trials[i].times.append(time.perf_counter() - t)
-            bar.update(1)
-        done_rounds = r + 1 if runners else 0
+        done_rounds = _interleaved(runners, {i: trials[i].times for i in runners}, feeds, rounds, runs,
+                                   lambda: time.perf_counter() - t_start > budget_s, bar)
+        for tr in trials:
+            if tr.times:
+                tr.median_ms = float(np.median(tr.times)) * 1e3
+        contenders = _contenders(trials)
+        if len(contenders) > 1:
+            _interleaved({i: runners[i] for i in contenders}, {i: trials[i].playoff_times for i in contenders}, feeds,
+                         rounds, runs, lambda: time.perf_counter() - t_start > budget_s, bar)
+            for i in contenders:
+                trials[i].playoff_ms = float(np.median(trials[i].playoff_times)) * 1e3
     finally:
         bar.close()
-
-    for i, tr in enumerate(trials):
-        if tr.times:
-            tr.median_ms = float(np.median(tr.times)) * 1e3
     base = trials[0].median_ms if trials and trials[0].median_ms else None
     for tr in trials:
         if tr.median_ms is not None and base:
@@ -472,7 +483,9 @@ def autotune(
                         for tr in trials)
         mean = f", min_mean_cosine={min_mean_cosine}" if min_mean_cosine > 0 else ""
         raise PassError(f"autotune: no candidate holds the budget min_cosine={min_cosine}{mean}: {why}")
-    best = min(ok, key=lambda i: trials[i].median_ms)  # type: ignore[arg-type,return-value]
+    played = [i for i in ok if trials[i].playoff_ms is not None]
+    best = (min(played, key=lambda i: trials[i].playoff_ms) if played  # type: ignore[arg-type,return-value]
+            else min(ok, key=lambda i: trials[i].median_ms))  # type: ignore[arg-type,return-value]
     reason = _reason(trials, best, min_cosine)
     winner_model, records = built[best]
     setup = {"batch": batch, "seq": seq, "threads": threads, "rounds": done_rounds, "runs": runs,
@@ -494,11 +507,40 @@ def _runner(source: bytes | str, threads: int) -> Runner:
     return lambda feeds: sess.run(names, {k: v for k, v in feeds.items() if k in inputs})
 
 
-def _rounds_won(a: Trial, b: Trial) -> tuple[int, int]:
+def _interleaved(runners: dict[int, Runner], times: dict[int, list[float]], feeds: dict[str, np.ndarray],
+                 rounds: int, runs: int, spent: Callable[[], bool], bar: Any) -> int:
+    """Round robin over ``runners``, ``runs`` timed runs each a round, into ``times``; returns the rounds done
+    (at least 3, then no more once ``spent()``)."""
+    done = 0
+    for r in range(rounds):
+        if r >= 3 and spent():
+            break
+        for i, run in runners.items():
+            for _ in range(runs):
+                t = time.perf_counter()
+                run(feeds)
+                times[i].append(time.perf_counter() - t)
+        bar.update(1)
+        done = r + 1
+    return done if runners else 0
+
+
+def _contenders(trials: list[Trial]) -> list[int]:
+    """The candidates within the budget whose median is within :data:`PLAYOFF_WITHIN` of the fastest one's."""
+    ok = sorted((i for i, tr in enumerate(trials) if tr.ok and tr.median_ms is not None),
+                key=lambda i: trials[i].median_ms)  # type: ignore[arg-type,return-value]
+    if not ok:
+        return []
+    fastest = trials[ok[0]].median_ms
+    return [i for i in ok if trials[i].median_ms <= PLAYOFF_WITHIN * fastest][:PLAYOFF_SIZE]  # type: ignore[operator]
+
+
+def _rounds_won(a: Trial, b: Trial, playoff: bool = False) -> tuple[int, int]:
     """In how many interleaved rounds ``a``'s median beat ``b``'s (a lead that holds in most rounds is not noise)."""
-    n = min(len(a.times), len(b.times)) // max(1, a.runs_per_round)
+    ta, tb = (a.playoff_times, b.playoff_times) if playoff else (a.times, b.times)
     k = max(1, a.runs_per_round)
-    won = sum(np.median(a.times[r * k:(r + 1) * k]) < np.median(b.times[r * k:(r + 1) * k]) for r in range(n))
+    n = min(len(ta), len(tb)) // k
+    won = sum(np.median(ta[r * k:(r + 1) * k]) < np.median(tb[r * k:(r + 1) * k]) for r in range(n))
     return int(won), n
 
 
@@ -508,13 +550,24 @@ def _reason(trials: list[Trial], best: int, min_cosine: float) -> str:
     ok_others = [tr for tr in others if tr.ok]
     faster_out = [tr for tr in others if not tr.ok and tr.median_ms < w.median_ms]  # type: ignore[operator]
     ratio = "" if w.ratio is None else f", {w.ratio:.2f}x the default"
-    text = f"fastest within the budget ({w.median_ms:.2f} ms{ratio}, worst cosine {w.worst:.5f})"
-    if ok_others:
+    played = [tr for tr in ok_others if tr.playoff_ms is not None]
+    if w.playoff_ms is not None and played:
+        nxt = min(played, key=lambda tr: tr.playoff_ms)  # type: ignore[arg-type,return-value]
+        text = (f"fastest within the budget in a playoff of the {len(played) + 1} within {PLAYOFF_WITHIN:.1f}x of the "
+                f"fastest ({w.playoff_ms:.2f} ms there, {w.median_ms:.2f} ms in the run over all{ratio}, worst cosine "
+                f"{w.worst:.5f}); next: {nxt.candidate.name} at {nxt.playoff_ms / w.playoff_ms:.2f}x the winner's "  # type: ignore[operator]
+                f"time")
+        won, n = _rounds_won(w, nxt, playoff=True)
+    elif ok_others:
+        text = f"fastest within the budget ({w.median_ms:.2f} ms{ratio}, worst cosine {w.worst:.5f})"
         nxt = min(ok_others, key=lambda tr: tr.median_ms)  # type: ignore[arg-type,return-value]
         text += f"; next within budget: {nxt.candidate.name} at {nxt.median_ms / w.median_ms:.2f}x the winner's time"  # type: ignore[operator]
         won, n = _rounds_won(w, nxt)
+    else:
+        text, won, n = f"fastest within the budget ({w.median_ms:.2f} ms{ratio}, worst cosine {w.worst:.5f})", 0, 0
+    if n:
         text += f", the winner faster in {won}/{n} rounds" + (" (within noise: measure again on a quieter host)"
-                                                             if n and won < 0.75 * n else "")
+                                                             if won < 0.75 * n else "")
     if faster_out:
         text += "; faster but outside the budget: " + ", ".join(
             f"{tr.candidate.name} (worst cosine {tr.worst:.5f}, mean {tr.mean:.5f})" for tr in faster_out)
