@@ -12,6 +12,7 @@ session, any subset of ops int8 by flags) built on the target's fused float grap
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import pathlib
@@ -75,9 +76,12 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class Bench:
     """The fused float model, its candidates, and held-out / calibration references."""
 
-    def __init__(self, target: str, pipeline: str | None = None) -> None:
+    def __init__(self, target: str, pipeline: str | None = None, variant: str | None = None) -> None:
         t0 = time.perf_counter()
         self.target = targets.get(target)
+        if variant:  # one of the target's policy variants (x86-avx2: "u8 weights, 8-bit", "s8 weights, 8-bit")
+            v = next(v for v in self.target.quantization.variants if v.name == variant)
+            self.target = dataclasses.replace(self.target, quantization=v.apply(self.target.quantization))
         ref_sess = session(str(SOURCE), 2, optimize=False)
         names = {i.name for i in ref_sess.get_inputs()}
         self.calib_texts, self.held_texts = split()
@@ -168,9 +172,10 @@ def main() -> int:
     ap.add_argument("-O", action="append", default=[], help="quantize option key=value (e2e)")
     ap.add_argument("--pipeline", help="the fused float model's pipeline (default: the target's), "
                     "e.g. with fuse-attention{form=mha,qkv=split}")
+    ap.add_argument("--variant", help="a policy variant of the target, by name (e.g. 'u8 weights, 8-bit')")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    b = Bench(args.target, args.pipeline)
+    b = Bench(args.target, args.pipeline, args.variant)
     print(f"{len(b.candidates)} candidates on {b.target.name}; {len(b.held)} held-out, {len(b.calib)} calibration "
           f"({time.perf_counter() - t0:.1f} s)", flush=True)
     if args.study == "ops":

@@ -93,6 +93,7 @@ def test_a_plugin_rule_becomes_a_pass(monkeypatch: pytest.MonkeyPatch) -> None:
 
     rule = PatternRule("plugin-double-neg", lambda op, x: op.Neg(op.Neg(x)), lambda op, x: x)
     ep = types.SimpleNamespace(name="plugin-double-neg", value="pkg:rule", load=lambda: rule)
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the plugin's pass goes with the test
     monkeypatch.setattr(registry, "_LOADED", False)
     monkeypatch.setattr(registry, "entry_points", lambda group: [ep])
     assert "plugin-double-neg" in registry.registered_passes()
