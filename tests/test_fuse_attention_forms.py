@@ -20,7 +20,7 @@ import ir
 import targets
 from conftest import ort_run
 from passes import PassContext, PassError, PassManager
-from test_fuse_attention import _LAYERS, _decoder_graph, _encoder_graph, _feeds, _real_feeds
+from test_fuse_attention import _LAYERS, _decoder_graph, _encoder_graph, _feeds, assert_real_outputs_equal
 from test_fuse_attention_past import N as PAST_HEADS
 from test_fuse_attention_past import _past_feeds, _past_layer, _visible_rows
 
@@ -148,10 +148,4 @@ def test_real_exports_in_every_form(exported, arch: str, dynamo: bool, form: str
     else:
         assert ops.count("MultiHeadAttention") == layers and "Softmax" not in ops
         assert ops.count("Split") == (0 if "split" in form else layers)
-    fused = ir.to_onnx(model)
-    for batch in (1, 2):
-        feeds = _real_feeds(arch, batch)
-        ref, got = ort_run(proto, feeds), ort_run(fused, feeds)
-        for name in ref:
-            err = float(np.max(np.abs(ref[name] - got[name])))
-            assert err <= 1e-4, (form, batch, name, err)
+    assert_real_outputs_equal(proto, model, arch, form)
