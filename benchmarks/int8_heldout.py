@@ -90,7 +90,8 @@ class Bench:
         del ref_sess
         print(f"references done ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
         key = hashlib.sha256((pipeline or "").encode()).hexdigest()[:8] if pipeline else "default"
-        cache = pathlib.Path(os.environ.get("INT8_HELDOUT_CACHE", "/tmp/int8-heldout")) / f"{self.target.name}-{key}.onnx"
+        folder = pathlib.Path(os.environ.get("INT8_HELDOUT_CACHE", "/tmp/int8-heldout"))
+        cache = folder / f"{self.target.name}-{key}.onnx"
         if cache.exists():
             self.fused = ir.load(str(cache))
         else:

@@ -184,8 +184,9 @@ class AutotuneResult:
             worst = "-" if r["worst_cosine"] is None else f"{r['worst_cosine']:.5f}"
             mean = "-" if r["mean_cosine"] is None else f"{r['mean_cosine']:.5f}"
             playoff = "" if r.get("playoff_ms") is None else f"{r['playoff_ms']:.2f}"
+            budget = "ok " if r["within_budget"] else "OUT"
             lines.append(f"{mark} {r['name']:<30} {r['nodes'] if r['nodes'] is not None else '':>6} {ms:>10} "
-                         f"{ratio:>7} {worst:>10} {mean:>10}  {'ok ' if r['within_budget'] else 'OUT'}     {playoff:>10}")
+                         f"{ratio:>7} {worst:>10} {mean:>10}  {budget}     {playoff:>10}")
         s = self.setup
         flags = ", ".join(s.get("cpu_flags", [])) or "none of " + "/".join(KEY_FLAGS)
         lines.append(f"  {'(cached decision) ' if self.cached else ''}batch {s['batch']}, seq {s['seq']}, "
@@ -553,10 +554,10 @@ def _reason(trials: list[Trial], best: int, min_cosine: float) -> str:
     played = [tr for tr in ok_others if tr.playoff_ms is not None]
     if w.playoff_ms is not None and played:
         nxt = min(played, key=lambda tr: tr.playoff_ms)  # type: ignore[arg-type,return-value]
+        behind = nxt.playoff_ms / w.playoff_ms  # type: ignore[operator]
         text = (f"fastest within the budget in a playoff of the {len(played) + 1} within {PLAYOFF_WITHIN:.1f}x of the "
                 f"fastest ({w.playoff_ms:.2f} ms there, {w.median_ms:.2f} ms in the run over all{ratio}, worst cosine "
-                f"{w.worst:.5f}); next: {nxt.candidate.name} at {nxt.playoff_ms / w.playoff_ms:.2f}x the winner's "  # type: ignore[operator]
-                f"time")
+                f"{w.worst:.5f}); next: {nxt.candidate.name} at {behind:.2f}x the winner's time")
         won, n = _rounds_won(w, nxt, playoff=True)
     elif ok_others:
         text = f"fastest within the budget ({w.median_ms:.2f} ms{ratio}, worst cosine {w.worst:.5f})"
