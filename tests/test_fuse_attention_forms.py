@@ -106,15 +106,16 @@ def test_a_layer_the_standard_form_cannot_express_keeps_its_contrib_op() -> None
         assert float(np.max(np.abs(ref["y"][seen] - got["y"][seen]))) <= 1e-5
 
 
-def test_a_split_kv_cache_layer_decodes_as_the_packed_one() -> None:
-    proto = _past_layer()
+@pytest.mark.parametrize("kv_heads", [PAST_HEADS, 2], ids=["mha", "gqa"])
+def test_a_split_kv_cache_layer_decodes_as_the_packed_one(kv_heads: int) -> None:
+    proto = _past_layer(kv_heads)
     outs = {}
     for qkv in ("packed", "split"):
         model = ir.from_onnx(proto)
         assert _run(model, f"fuse-attention{{qkv={qkv}}},dead-flow")[0]
         assert _ops(model).count("Split") == (qkv == "packed")
         outs[qkv] = ir.to_onnx(model)
-    feeds = _past_feeds(PAST_HEADS, 2, 3, 5)
+    feeds = _past_feeds(kv_heads, 2, 3, 5)
     ref = ort_run(proto, feeds)
     seen = _visible_rows(feeds["mask"], 3)
     for qkv, fused in outs.items():
