@@ -74,11 +74,12 @@ def test_the_playoff_decides_between_close_candidates(tiny: pathlib.Path) -> Non
     main_calls = 3 * 3  # rounds x runs of _tune's run over all
 
     def hook(c: Candidate, run):
-        # "fp32" 2 ms in the run over all, 3 ms after it; "fp32 again" 2.2 ms; "far" 10 ms
+        # "fp32" 10 ms in the run over all, 25 ms after it; "fp32 again" 11.5 ms; "far" 40 ms (sleeps long
+        # beside the model's own ~0.1 ms, so that a loaded host's delays do not reorder them)
         def timed(feeds):
             calls[c.name] = calls.get(c.name, 0) + 1
             late = calls[c.name] > main_calls
-            time.sleep({"fp32": 0.003 if late else 0.002, "fp32 again": 0.0022}.get(c.name, 0.010))
+            time.sleep({"fp32": 0.025 if late else 0.010, "fp32 again": 0.0115}.get(c.name, 0.040))
             return run(feeds)
 
         return timed

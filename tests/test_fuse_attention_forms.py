@@ -53,6 +53,7 @@ EXPECTED = {
     ("mha", "packed"): ("MultiHeadAttention", 1),
     ("mha", "split"): ("MultiHeadAttention", 3),
     ("standard", "packed"): (None, 1),
+    ("standard", "split"): (None, 1),  # the standard form packs
 }
 
 

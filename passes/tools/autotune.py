@@ -552,6 +552,7 @@ def _reason(trials: list[Trial], best: int, min_cosine: float) -> str:
     faster_out = [tr for tr in others if not tr.ok and tr.median_ms < w.median_ms]  # type: ignore[operator]
     ratio = "" if w.ratio is None else f", {w.ratio:.2f}x the default"
     played = [tr for tr in ok_others if tr.playoff_ms is not None]
+    text, won, n = f"fastest within the budget ({w.median_ms:.2f} ms{ratio}, worst cosine {w.worst:.5f})", 0, 0
     if w.playoff_ms is not None and played:
         nxt = min(played, key=lambda tr: tr.playoff_ms)  # type: ignore[arg-type,return-value]
         behind = nxt.playoff_ms / w.playoff_ms  # type: ignore[operator]
@@ -560,12 +561,9 @@ def _reason(trials: list[Trial], best: int, min_cosine: float) -> str:
                 f"{w.worst:.5f}); next: {nxt.candidate.name} at {behind:.2f}x the winner's time")
         won, n = _rounds_won(w, nxt, playoff=True)
     elif ok_others:
-        text = f"fastest within the budget ({w.median_ms:.2f} ms{ratio}, worst cosine {w.worst:.5f})"
         nxt = min(ok_others, key=lambda tr: tr.median_ms)  # type: ignore[arg-type,return-value]
         text += f"; next within budget: {nxt.candidate.name} at {nxt.median_ms / w.median_ms:.2f}x the winner's time"  # type: ignore[operator]
         won, n = _rounds_won(w, nxt)
-    else:
-        text, won, n = f"fastest within the budget ({w.median_ms:.2f} ms{ratio}, worst cosine {w.worst:.5f})", 0, 0
     if n:
         text += f", the winner faster in {won}/{n} rounds" + (" (within noise: measure again on a quieter host)"
                                                              if won < 0.75 * n else "")
