@@ -67,19 +67,25 @@ def test_a_candidate_made_slower_is_not_picked(tiny: pathlib.Path) -> None:
     assert "fastest within the budget" in res.reason and "fp32 |" not in res.table()
 
 
-def test_the_playoff_decides_between_close_candidates(tiny: pathlib.Path) -> None:
+def test_the_playoff_decides_between_close_candidates(tiny: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A candidate ahead in the run over all but behind when the close ones meet again loses; one
-    far behind (outside PLAYOFF_WITHIN) does not play off."""
+    far behind (outside PLAYOFF_WITHIN) does not play off. Timed on a clock the runs advance by set
+    amounts, so that a loaded host cannot reorder them."""
+    import types
+
+    from passes.tools import autotune as autotune_module
+
+    clock = [0.0]
+    monkeypatch.setattr(autotune_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     calls: dict[str, int] = {}
     main_calls = 3 * 3  # rounds x runs of _tune's run over all
 
     def hook(c: Candidate, run):
-        # "fp32" 10 ms in the run over all, 25 ms after it; "fp32 again" 11.5 ms; "far" 40 ms (sleeps long
-        # beside the model's own ~0.1 ms, so that a loaded host's delays do not reorder them)
+        # "fp32" 10 ms in the run over all, 25 ms after it; "fp32 again" 11.5 ms; "far" 40 ms
         def timed(feeds):
             calls[c.name] = calls.get(c.name, 0) + 1
             late = calls[c.name] > main_calls
-            time.sleep({"fp32": 0.025 if late else 0.010, "fp32 again": 0.0115}.get(c.name, 0.040))
+            clock[0] += {"fp32": 0.025 if late else 0.010, "fp32 again": 0.0115}.get(c.name, 0.040)
             return run(feeds)
 
         return timed
@@ -91,6 +97,7 @@ def test_the_playoff_decides_between_close_candidates(tiny: pathlib.Path) -> Non
     assert rows["fp32"]["playoff_ms"] > rows["fp32 again"]["playoff_ms"] and rows["far"]["playoff_ms"] is None
     assert res.winner["name"] == "fp32 again" and calls["far"] == main_calls
     assert "playoff of the 2 within 1.2x" in res.reason and "next: fp32 at" in res.reason
+    assert "faster in 3/3 rounds" in res.reason
     # without the late slowdown the run over all and the playoff agree
     calls.clear()
     main_calls = 10 ** 6
