@@ -255,11 +255,13 @@ def _with_pass_options(pipeline: str, pass_name: str, options: dict[str, Any]) -
     return format_pipeline(with_options(items, pass_name, options))
 
 
+#: fuse-attention's MultiHeadAttention form on three projections (also the split-QKV int8 candidate's)
+SPLIT_QKV = {"form": "mha", "qkv": "split"}
 #: fuse-attention's other forms (:attr:`~passes.fusions.attention.FuseAttentionPass.form`, ``qkv``):
 #: (label, options, the contrib op the form needs or None)
 ATTENTION_FORMS = (
     ("attention as MultiHeadAttention", {"form": "mha"}, "MultiHeadAttention"),
-    ("MultiHeadAttention, split QKV", {"form": "mha", "qkv": "split"}, "MultiHeadAttention"),
+    ("MultiHeadAttention, split QKV", SPLIT_QKV, "MultiHeadAttention"),
     ("attention in standard ops", {"form": "standard"}, None),
 )
 
@@ -274,16 +276,15 @@ def candidates(target: targets.Target) -> list[Candidate]:
         if alt is not None:
             out.append(Candidate(f"fp32, residual {other}", alt))
     # the other attention forms, where the target has contrib attention (else the standard form is the only one)
-    forms: dict[str, str] = {}
+    split = None
     if target.supports("Attention", MS) or target.supports("MultiHeadAttention", MS):
         for label, opts, needs in ATTENTION_FORMS:
             alt = _with_pass_options(base, "fuse-attention", opts)
             if alt is not None and (needs is None or target.supports(needs, MS)):
-                forms[label] = alt
                 out.append(Candidate(f"fp32, {label}", alt))
+                split = alt if opts is SPLIT_QKV else split
     if target.quantize_pipeline:
         out.append(Candidate("int8 dynamic (quantize)", f"{base},{target.quantize_pipeline}", quantized=True))
-        split = forms.get("MultiHeadAttention, split QKV")
         if split is not None:  # each projection int8 or float on its own, not the layer's three together
             out.append(Candidate("int8 dynamic, MultiHeadAttention split QKV", f"{split},{target.quantize_pipeline}",
                                  quantized=True))
@@ -461,15 +462,17 @@ def autotune(
             bar.update(1)
             say(f"autotune: {c.name}: {tr.nodes} nodes, worst cosine {score.worst:.6f}, in {tr.compile_s:.1f} s")
         # one interleaved run over every candidate that compiled
-        done_rounds = _interleaved(runners, {i: trials[i].times for i in runners}, feeds, rounds, runs,
-                                   lambda: time.perf_counter() - t_start > budget_s, bar)
+        def spent() -> bool:
+            return time.perf_counter() - t_start > budget_s
+
+        done_rounds = _interleaved(runners, {i: trials[i].times for i in runners}, feeds, rounds, runs, spent, bar)
         for tr in trials:
             if tr.times:
                 tr.median_ms = float(np.median(tr.times)) * 1e3
         contenders = _contenders(trials)
         if len(contenders) > 1:
             _interleaved({i: runners[i] for i in contenders}, {i: trials[i].playoff_times for i in contenders}, feeds,
-                         rounds, runs, lambda: time.perf_counter() - t_start > budget_s, bar)
+                         rounds, runs, spent, bar)
             for i in contenders:
                 trials[i].playoff_ms = float(np.median(trials[i].playoff_times)) * 1e3
     finally:
