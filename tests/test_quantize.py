@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import ir
 import targets
 from conftest import ROOT, feeds_for, ort_session
-from passes import PassContext, PassManager, parse_pipeline, registered_passes
+from passes import PassContext, PassError, PassManager, parse_pipeline, registered_passes
 from passes.framework.pipeline import with_options
 from passes.framework.numerics import model_bytes_or_path
 from passes.quantization.quant_math import cosine_rows, dynamic_quantize_linear, outlier_channels, quantize_weight, smooth_factors
@@ -691,11 +691,34 @@ def test_nbits_fallback_takes_the_ops_the_budget_keeps_out_of_int8(tmp_path: pat
     assert "MatMulNBits" not in _ops(onnx_model)
 
 
+def test_int4_fallback_takes_the_ops_its_budget_allows(tmp_path: pathlib.Path) -> None:
+    """``fallback_bits=4``: the blind ops go to 4-bit MatMulNBits where the budget allows its larger
+    weight error (0.98), and stay float where it does not (0.995, which 8 bits meet above)."""
+    path, npz = _first_block_blind(tmp_path)
+    x = np.load(npz)["x"]
+    model, ctx, rec = _quantize(path, "x86-avx2", min_cosine=0.98, calibration=npz, outliers="off", fallback="nbits",
+                                fallback_bits=4)
+    decisions = {r["name"].split("'")[1]: r["decision"] for r in rec.rows}
+    assert decisions == {"benign0": "quantized", "benign1": "quantized",
+                         "blind2": "weight-only int4 (MatMulNBits)", "blind3": "weight-only int4 (MatMulNBits)"}
+    nb = [n for n in model.graph if n.op_type == "MatMulNBits"]
+    assert len(nb) == 2 and {n.attributes["bits"].value for n in nb} == {4}
+    assert rec.stats["MatMul -> MatMulNBits (4-bit)"] == 2
+    cos = _primary_cosines(path, model, x)
+    assert 0.98 <= cos.min() < 0.995, "4-bit weights cost accuracy that 8-bit ones do not"
+    assert any("2 weight-only int4 (MatMulNBits)" in str(d) for d in ctx.diagnostics)
+    tight, _, rec = _quantize(path, "x86-avx2", min_cosine=0.995, calibration=npz, outliers="off", fallback="nbits",
+                              fallback_bits=4)
+    assert _ops(tight) == {"DynamicQuantizeLinear": 1, "MatMulIntegerToFloat": 2, "MatMul": 2}
+    with pytest.raises(PassError, match="fallback_bits must be one of 8, 4"):
+        _quantize(path, "x86-avx2", calibration=npz, fallback="nbits", fallback_bits=2)
+
+
 def test_switch_model_nbits_path_is_the_emitted_one(tmp_path: pathlib.Path) -> None:
     """The switch model's flags reproduce apply_plan's output for a mixed plan (int8, MatMulNBits, float)."""
     from passes.quantization._emit import Plan, apply_plan
     from passes.quantization.forms import build_switch_model, flag_feeds, quantize_forms
-    from passes.quantization.quantize import NBITS
+    from passes.quantization.quantize import nbits_writer
 
     path, npz = _first_block_blind(tmp_path)
     x = np.load(npz)["x"][:8]
@@ -703,10 +726,10 @@ def test_switch_model_nbits_path_is_the_emitted_one(tmp_path: pathlib.Path) -> N
     cands = find_candidates(model, ("MatMul",))
     forms = {cands[0].index: "int8", cands[2].index: "nbits"}
     plan = Plan(frozenset([cands[0].index]), True, False, True, "integer-ops", nbits=frozenset([cands[2].index]))
-    switch, flags = build_switch_model(model, cands, quantize_forms(plan, NBITS))
+    switch, flags = build_switch_model(model, cands, quantize_forms(plan, nbits_writer(8)))
     assert set(flags) == {(c.index, f) for c in cands for f in ("int8", "nbits")}
     got_switch = ort_session(model_bytes_or_path(switch)[0]).run(None, {"x": x, **flag_feeds(flags, forms)})
-    apply_plan(model, cands, plan, NBITS)
+    apply_plan(model, cands, plan, nbits_writer(8))
     assert _ops(model) == {"DynamicQuantizeMatMul": 1, "MatMulNBits": 1, "MatMul": 2}
     got = ort_session(model_bytes_or_path(model)[0]).run(None, {"x": x})
     ref = ort_session(str(path)).run(None, {"x": x})

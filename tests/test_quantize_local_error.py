@@ -22,7 +22,7 @@ from passes.framework.numerics import model_bytes_or_path
 from passes.quantization._emit import copy_model
 from passes.quantization.forms import build_switch_model, flag_feeds, quantize_forms
 from passes.quantization.local_error import build_probe_model, local_errors
-from passes.quantization.quantize import NBITS
+from passes.quantization.quantize import nbits_writer
 from test_quantize_switch import B, H, S, _model, _plans
 
 
@@ -71,7 +71,7 @@ def test_probe_errors_are_the_switch_models_op_errors(plan_name: str, nbits: boo
     mask = np.ones((B, S), np.int32)
     mask[1, rng.integers(1, S):] = 0
     feeds = {"x": x, "mask": mask}
-    weight_only = NBITS if nbits else None
+    weight_only = nbits_writer(8) if nbits else None
 
     probe, outputs = build_probe_model(model, cands, quantize_forms(plan, weight_only))
     ev = _Batches([feeds, feeds])

@@ -150,3 +150,34 @@ def test_auto_keeps_the_form_that_measures_better(tmp_path: pathlib.Path) -> Non
     assert float(cosine_rows(ref, got).min()) >= 0.99
     with pytest.raises(Exception, match="static must be"):
         _quantize(path, static="maybe", calibration=str(tmp_path / "c.npz"))
+
+
+def test_the_margin_fits_each_folds_static_scales_on_that_fold(tmp_path: pathlib.Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Static scales are fitted on calibration data, so the cross-validated margin fits them again on
+    each fold's batches: activations of the other fold outside that range are then clipped, and the
+    gap shows it. Here every odd batch runs at 6x the even ones' scale: the even fold's scales clip
+    the odd batches, a gap scales fitted on all batches (both folds' activations seen) would not show."""
+    from passes.quantization import quantize as quantize_mod
+
+    path, x, _ = _mlp(tmp_path)
+    x = np.abs(x) / np.abs(x).max(axis=1, keepdims=True) * np.sign(x)  # every row at the same range
+    x[np.arange(64) // 4 % 2 == 1] *= 6.0  # batches of 4: the odd ones (fold 1) at 6x
+    np.savez(tmp_path / "c.npz", x=x)
+    seen = []
+    real = quantize_mod.cross_validated_gap
+
+    def spy(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(quantize_mod, "cross_validated_gap", spy)
+    _quantize(path, min_cosine=0.99, calibration=str(tmp_path / "c.npz"), calibration_batch=4, static="on",
+              static_clips=(100.0,), smooth="off", outliers="off", margin="cv-max")
+    (gap,) = seen
+    (even_in_out, _), _ = gap.folds
+    assert even_in_out > 0.05, gap.folds  # decided on the even fold, clipped on the odd one
+    seen.clear()
+    _quantize(path, min_cosine=0.99, calibration=str(tmp_path / "c.npz"), calibration_batch=4, static="off",
+              smooth="off", outliers="off", margin="cv-max")
+    assert abs(seen[0].folds[0][0]) < 0.01, seen[0].folds  # dynamic scales: no fold is clipped

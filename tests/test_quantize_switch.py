@@ -22,7 +22,7 @@ from conftest import ort_session
 from passes.framework.numerics import model_bytes_or_path
 from passes.quantization._emit import Plan, apply_plan
 from passes.quantization.forms import build_switch_model, flag_feeds, quantize_forms
-from passes.quantization.quantize import NBITS, find_candidates
+from passes.quantization.quantize import FALLBACK_BITS, find_candidates, nbits_writer
 
 B, S, H = 2, 6, 16
 
@@ -89,9 +89,10 @@ def _setup() -> tuple[bytes, dict[str, np.ndarray], list[np.ndarray], dict[str, 
     ref = ort_session(proto).run(None, feeds)
     switches = {}
     for name, (cands, plan) in _plans(model).items():
-        switch, flags = build_switch_model(model, cands, quantize_forms(plan, NBITS))
-        assert sum(n.op_type == "If" for n in switch.graph) == len(cands)
-        switches[name] = (cands, plan, ort_session(model_bytes_or_path(switch)[0]), flags)
+        for bits in FALLBACK_BITS:
+            switch, flags = build_switch_model(model, cands, quantize_forms(plan, nbits_writer(bits)))
+            assert sum(n.op_type == "If" for n in switch.graph) == len(cands)
+            switches[name, bits] = (cands, plan, ort_session(model_bytes_or_path(switch)[0]), flags)
     return proto, feeds, ref, switches
 
 
@@ -100,23 +101,24 @@ def _load(proto: bytes) -> ir.Model:
 
 
 @st.composite
-def _assignment(draw: st.DrawFn) -> tuple[str, dict[int, str]]:
+def _assignment(draw: st.DrawFn) -> tuple[str, int, dict[int, str]]:
     plan = draw(st.sampled_from(["integer-ops", "smooth+outliers", "qdq"]))
-    cands = _setup()[3][plan][0]
+    bits = draw(st.sampled_from(FALLBACK_BITS))
+    cands = _setup()[3][plan, bits][0]
     forms = {}
     for c in cands:
         form = draw(st.sampled_from(["float", "int8"] if c.op == "Attention" else ["float", "int8", "nbits"]))
         if form != "float":
             forms[c.index] = form
-    return plan, forms
+    return plan, bits, forms
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_assignment())
-def test_the_switch_model_computes_what_apply_plan_writes(case: tuple[str, dict[int, str]]) -> None:
-    plan_name, forms = case
+def test_the_switch_model_computes_what_apply_plan_writes(case: tuple[str, int, dict[int, str]]) -> None:
+    plan_name, bits, forms = case
     proto, feeds, ref, switches = _setup()
-    cands, plan, sess, flags = switches[plan_name]
+    cands, plan, sess, flags = switches[plan_name, bits]
     got = sess.run(None, {**feeds, **flag_feeds(flags, forms)})
     if not forms:
         for g, r in zip(got, ref):
@@ -125,7 +127,7 @@ def test_the_switch_model_computes_what_apply_plan_writes(case: tuple[str, dict[
     chosen = frozenset(i for i, f in forms.items() if f == "int8")
     nbits = frozenset(i for i, f in forms.items() if f == "nbits")
     model = _load(proto)
-    apply_plan(model, cands, dataclasses.replace(plan, chosen=chosen, nbits=nbits), NBITS)
+    apply_plan(model, cands, dataclasses.replace(plan, chosen=chosen, nbits=nbits), nbits_writer(bits))
     want = ort_session(model_bytes_or_path(model)[0]).run(None, feeds)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
@@ -135,7 +137,7 @@ def test_the_switch_flags_are_bool_scalars_and_one_if_per_form() -> None:
     proto, _, _, _ = _setup()
     model = _load(proto)
     cands, plan = _plans(model)["integer-ops"]
-    switch, flags = build_switch_model(model, cands, quantize_forms(plan, NBITS))
+    switch, flags = build_switch_model(model, cands, quantize_forms(plan, nbits_writer(8)))
     ir.verify(switch)
     inputs = {v.name: v for v in switch.graph.inputs}
     assert all(inputs[n].type == ir.TensorType(ir.DataType.BOOL, ()) for n in flags.values())

@@ -42,8 +42,8 @@ class Plan:
         outliers: input channels computed in float, by activation name (LLM.int8()-style: the
             quantized path reads the activation with those channels zeroed, and a small float
             ``MatMul`` of the gathered channels with the matching weight rows is added back).
-        nbits: indices of MatMul/Gemm candidates not in ``chosen`` to compute as 8-bit block-wise
-            weight-only ``MatMulNBits`` instead of float.
+        nbits: indices of MatMul/Gemm candidates not in ``chosen`` to compute as block-wise
+            weight-only ``MatMulNBits`` instead of float (the bits are its writer's).
         static: static activation quantization by activation name: the uint8 ``(scale, zero_point)``
             (0-d arrays) of its quantizer's input (after smoothing and outlier masking), from
             calibration (:mod:`passes.quantization.static_scales`); a ``QuantizeLinear`` with these
@@ -73,12 +73,6 @@ def _static_quantizer(graph: ir.Graph, rw: Rewriter, x: ir.Value, qparams: tuple
     q = rw.make("QuantizeLinear", [x, scale, zp], before=before, after=after, graph=into, name=f"{base}_static_quant",
                 output_names=[f"{base}_static_q"], types=[ir.TensorType(ir.DataType.UINT8, None)])
     return q.outputs[0], scale, zp
-
-
-#: The weight-only form of :attr:`Plan.nbits`: ``MatMulNBits`` bits (its writer, a
-#: :class:`~passes.quantization.weight_only.WeightOnlyQuantizePass`, is passed in by the caller:
-#: ``weight_only`` imports this module).
-NBITS_BITS = 8
 
 
 def _bias_add(node: ir.Node, n: int) -> ir.Node | None:
@@ -149,8 +143,9 @@ def _position(graph: ir.Graph, node: ir.Node) -> int:
 def apply_plan(model: ir.Model, candidates: list[Candidate], plan: Plan, weight_only: Any = None) -> Rewriter:
     """Quantize the chosen candidates of ``model`` in place.
 
-    ``weight_only`` (a ``WeightOnlyQuantizePass`` of :data:`NBITS_BITS` bits) writes the plan's
-    ``nbits`` ops; it is needed only when there are some.
+    ``weight_only`` (a :class:`~passes.quantization.weight_only.WeightOnlyQuantizePass`, passed in by
+    the caller: that module imports this one) writes the plan's ``nbits`` ops at its ``bits``; it is
+    needed only when there are some.
 
     Returns:
         The rewriter that made the changes (its stats count the quantized ops).
@@ -170,8 +165,8 @@ def apply_plan(model: ir.Model, candidates: list[Candidate], plan: Plan, weight_
         if weight_only is None:
             raise PassError("quantize: a plan with MatMulNBits ops needs their writer (weight_only=)")
         for c, node in nbits_ops:
-            weight_only._rewrite(graph, rw, node, c.op, NBITS_BITS)
-            rw.count(f"{c.op} -> MatMulNBits ({NBITS_BITS}-bit)")
+            weight_only._rewrite(graph, rw, node, c.op, weight_only.bits)
+            rw.count(f"{c.op} -> MatMulNBits ({weight_only.bits}-bit)")
         rw.import_opset(model, MS)
     if plan.format == "integer-ops":
         rw.import_opset(model, MS)

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from .sensitivity import Score
 
 __all__ = ["Budget", "Gap", "cross_validated_gap"]
+
+#: what a fold's decision is: the forms chosen, or the forms with what scores them
+Decision = TypeVar("Decision")
 
 
 @dataclass(frozen=True)
@@ -64,8 +68,8 @@ class Gap:
         return f"worst {self.worst:.2e}, mean {self.mean:.2e}"
 
 
-def cross_validated_gap(batches: list[int], decide: Callable[[list[int], Budget], dict[int, str]],
-                        score: Callable[[dict[int, str], list[int]], Score], budget: Budget, folds: int = 2,
+def cross_validated_gap(batches: list[int], decide: Callable[[list[int], Budget], Decision],
+                        score: Callable[[Decision, list[int]], Score], budget: Budget, folds: int = 2,
                         reduce: str = "mean") -> Gap:
     """The optimism of deciding on calibration samples, by ``folds``-fold cross-validation.
 
@@ -85,8 +89,10 @@ def cross_validated_gap(batches: list[int], decide: Callable[[list[int], Budget]
 
     Args:
         batches: the batch indices to split.
-        decide: ``decide(part, budget) -> forms`` (candidate index -> form).
-        score: ``score(forms, part) -> Score`` over those batches.
+        decide: ``decide(part, budget) -> decision``: the forms chosen (candidate index -> form), or
+            anything ``score`` reads them from (e.g. with a model fitted on ``part``, as static
+            activation scales are); a fold's decision is released before the next fold's is made.
+        score: ``score(decision, part) -> Score`` over those batches.
         budget: the budget the decisions hold.
         folds: parts (at least 2).
         reduce: ``mean`` or ``max`` over the folds.
@@ -99,8 +105,9 @@ def cross_validated_gap(batches: list[int], decide: Callable[[list[int], Budget]
     diffs = []
     for k, inside in enumerate(parts):
         outside = [b for j, p in enumerate(parts) if j != k for b in p]
-        forms = decide(inside, budget)
-        s_in, s_out = score(forms, inside), score(forms, outside)
+        decision = decide(inside, budget)
+        s_in, s_out = score(decision, inside), score(decision, outside)
+        del decision  # it may hold a session of its own
         diffs.append((s_in.worst - s_out.worst, s_in.mean - s_out.mean))
     agg = np.mean if reduce == "mean" else np.max
     return Gap(max(0.0, float(agg([d[0] for d in diffs]))), max(0.0, float(agg([d[1] for d in diffs]))),

@@ -26,7 +26,7 @@ import numpy as np
 import ir
 
 from ._candidates import MS, Candidate, weight_of
-from ._emit import NBITS_BITS, Plan, copy_model, int8_form
+from ._emit import Plan, copy_model, int8_form
 from ..framework.numerics import FILE_BYTES, tensor_bytes
 from ..framework.rewriter import Rewriter
 
@@ -54,11 +54,11 @@ class Form:
 
 def quantize_forms(plan: Plan, weight_only: Any = None) -> dict[str, Form]:
     """The ``quantize`` pass's forms: ``int8`` as ``plan`` writes it, and with ``weight_only`` (the
-    MatMulNBits writer) ``nbits``, its :data:`~passes.quantization._emit.NBITS_BITS`-bit weight-only
-    form of MatMul/Gemm candidates (it reads the unsmoothed activation, as ``apply_plan``'s do)."""
+    MatMulNBits writer) ``nbits``, the weight-only form at the writer's ``bits`` of MatMul/Gemm
+    candidates (it reads the unsmoothed activation, as ``apply_plan``'s do)."""
     forms = {"int8": Form(lambda graph, rw, c, node, base: int8_form(rw, c, node, plan, graph, base=base))}
     if weight_only is not None:
-        forms["nbits"] = nbits_form(weight_only, NBITS_BITS)
+        forms["nbits"] = nbits_form(weight_only, weight_only.bits)
     return forms
 
 

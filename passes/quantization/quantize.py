@@ -20,7 +20,8 @@ What it does, in order:
    multiply-add moved to int8 (``K*N``, a proxy for the time saved)
    while the combined model (re-measured, not summed) keeps the worst sample's cosine at or above
    ``min_cosine`` (and, with ``min_mean_cosine``, the mean cosine at or above that); the others stay
-   float, or with ``fallback=nbits`` go to 8-bit block-wise weight-only ``MatMulNBits`` as far as the
+   float, or with ``fallback=nbits`` go to block-wise weight-only ``MatMulNBits`` (8-bit, or
+   ``fallback_bits=4``) as far as the
    same budget and search allow. If not even one op fits, the model stays float and a note
    says so. Screening keeps this cheap: the ops alone are ranked, and every subset tried is first
    checked, on the few calibration batches the fully quantized model does worst on
@@ -59,7 +60,7 @@ import numpy as np
 import ir
 
 from ._candidates import MS, NORM_OPS, Candidate, find_candidates, weight_of
-from ._emit import NBITS_BITS, Plan, apply_plan, copy_model
+from ._emit import Plan, apply_plan, copy_model
 from ..framework.base import Pass, PassContext, PassError, PassResult
 from .budget import Budget, Gap, cross_validated_gap
 from .calibration import calibration_batches
@@ -76,8 +77,14 @@ __all__ = ["QuantizePass", "find_candidates", "Candidate", "Plan", "apply_plan",
            "cross_validated_gap"]
 
 
-#: The writer of ``fallback=nbits``'s ops: 8-bit block-wise MatMulNBits, activations per block of 32.
-NBITS = WeightOnlyQuantizePass(bits=NBITS_BITS, block_size=32, accuracy_level=4)
+#: The bits ``fallback=nbits`` may write its ops at.
+FALLBACK_BITS = (8, 4)
+
+
+def nbits_writer(bits: int) -> WeightOnlyQuantizePass:
+    """The writer of ``fallback=nbits``'s ops: ``bits``-bit block-wise MatMulNBits, activations
+    quantized per block of 32 (``accuracy_level=4``)."""
+    return WeightOnlyQuantizePass(bits=bits, block_size=32, accuracy_level=4)
 
 
 @register_pass
@@ -105,10 +112,12 @@ class QuantizePass(Pass):
             many times the level of the channels past the budget (see
             :func:`passes.quantization.quant_math.outlier_channels`).
         outlier_fraction: the largest fraction of an activation's channels kept float.
-        fallback: where the ops the budget keeps out of int8 go: ``float``, or ``nbits`` (8-bit
-            block-wise weight-only ``MatMulNBits`` with ``accuracy_level=4``, where the target
+        fallback: where the ops the budget keeps out of int8 go: ``float``, or ``nbits``
+            (block-wise weight-only ``MatMulNBits`` with ``accuracy_level=4``, where the target
             provides it; MatMul/Gemm only): after the int8 set is chosen, the other ops are moved to
             it under the same budget and search, and those that still break it stay float.
+        fallback_bits: the weight bits of ``fallback=nbits``: 8, or 4 (half the weight bytes again:
+            where a model is bound by streaming its weights, as a small encoder at short sequences).
         static: static activation scales from calibration (a ``QuantizeLinear`` with constant scale
             and zero point instead of the per-call ``DynamicQuantizeLinear``, see
             :mod:`passes.quantization.static_scales`): ``off``; ``auto`` (the best dynamic remedy is
@@ -169,6 +178,7 @@ class QuantizePass(Pass):
     outlier_threshold: float = 2.0
     outlier_fraction: float = 0.02
     fallback: str = "float"
+    fallback_bits: int = 8
     static: str = "off"
     static_clips: tuple[float, ...] = (100.0, 99.99)
     margin: str = "cv"
@@ -196,6 +206,10 @@ class QuantizePass(Pass):
             raise PassError(f"quantize: static must be auto, on or off, not {self.static!r}")
         if self.fallback not in ("float", "nbits"):
             raise PassError(f"quantize: fallback must be float or nbits, not {self.fallback!r}")
+        if self.fallback_bits not in FALLBACK_BITS:
+            raise PassError(f"quantize: fallback_bits must be one of {', '.join(map(str, FALLBACK_BITS))}, "
+                            f"not {self.fallback_bits!r}")
+        writer = nbits_writer(self.fallback_bits)
         ops = tuple(o for o in policy.ops if policy.format == "integer-ops" or o != "Attention")
         exclude = set(self.exclude)
         min_cos = float(self.min_cosine)
@@ -229,14 +243,14 @@ class QuantizePass(Pass):
             report.append({
                 "name": c.name, "op": c.op, "shape": list(c.weight_shape),
                 "decision": "quantized" if c.index in plan.chosen else (
-                    "weight-only int8 (MatMulNBits)" if c.index in plan.nbits else "kept float"),
+                    f"weight-only int{writer.bits} (MatMulNBits)" if c.index in plan.nbits else "kept float"),
                 error_key: None if err is None else round(err, 7),
                 "smoothed": c.activation in plan.smooth and c.index in plan.chosen,
             })
         if not plan.chosen and not plan.nbits:
             return PassResult(False, stats=Counter({"kept float": len(candidates)}), rows=report)
         with weight_clipping(self.weight_clip):
-            rw = apply_plan(model, candidates, plan, NBITS)
+            rw = apply_plan(model, candidates, plan, writer)
         rw.count("kept float", len(candidates) - len(plan.chosen) - len(plan.nbits))
         smoothed = {c.activation for c in candidates if c.index in plan.chosen and c.activation in plan.smooth}
         if smoothed:
@@ -265,8 +279,9 @@ class QuantizePass(Pass):
         if calib.generated:
             ctx.note(self.name, "calibration", "no --calibration or --tokenizer/--texts given: deciding on generated "
                      "inputs, which may not show the activation ranges of real data")
-        nbits = self.fallback == "nbits" and ctx.target is not None and ctx.target.supports("MatMulNBits", MS) \
-            and any(c.op != "Attention" for c in candidates)
+        # the fallback's MatMulNBits writer, when there is one
+        nbits = nbits_writer(self.fallback_bits) if self.fallback == "nbits" and ctx.target is not None \
+            and ctx.target.supports("MatMulNBits", MS) and any(c.op != "Attention" for c in candidates) else None
 
         # 1. remedies for activation outliers, each measured on the fully quantized model
         variants = self._variants(model, ev, candidates, base)
@@ -279,7 +294,7 @@ class QuantizePass(Pass):
 
         def switch_session(vplan: Plan) -> tuple[Any, dict[tuple[int, str], str]]:
             with weight_clipping(self.weight_clip):
-                switch, flags = build_switch_model(model, candidates, quantize_forms(vplan, NBITS if nbits else None))
+                switch, flags = build_switch_model(model, candidates, quantize_forms(vplan, nbits))
             with ev.saved(switch) as source:
                 del switch  # its quantized weights go before onnxruntime makes its own copy
                 return ev.session(source), flags
@@ -302,12 +317,16 @@ class QuantizePass(Pass):
 
         if self.static != "on":
             measure(variants)
+        acts = sorted({c.activation for c in candidates})
+        # a static variant's plan without its scales and its clip, by name: the scales are fitted on
+        # calibration data, and the cross-validation below fits them again on each fold's batches
+        static_of: dict[str, tuple[Plan, float]] = {}
         if self.static != "off":
-            ranges = _channel_ranges(model, ev, sorted({c.activation for c in candidates}), tuple(self.static_clips))
+            ranges = _channel_ranges(model, ev, acts, tuple(self.static_clips))
             tried = variants if self.static == "on" else [(best[0], best[1])]  # type: ignore[index]
-            measure([(f"{vname} + static scales (clip {clip:g})", dataclasses.replace(vplan, static={
-                act: static_qparams(r, vplan.smooth.get(act), vplan.outliers.get(act)) for act, r in ranges[clip].items()
-            })) for vname, vplan in tried for clip in self.static_clips])
+            static_of = {f"{vname} + static scales (clip {clip:g})": (vplan, clip)
+                         for vname, vplan in tried for clip in self.static_clips}
+            measure([(name, _with_static(vplan, ranges[clip])) for name, (vplan, clip) in static_of.items()])
         assert best is not None
         best_name, plan, sess, flags, all_score = best
         best = None
@@ -324,13 +343,18 @@ class QuantizePass(Pass):
         # never below the worst over all batches, so a subset that misses the worst budget settles a
         # trial for the full set; only trials that pass it are measured on every batch (the mean
         # has no such bound, so it is checked on every batch only).
-        def score(forms: dict[int, str], on: Evaluator = ev) -> Score:
-            return on.score_session(sess, flag_feeds(flags, forms))
+        def score(forms: dict[int, str], on: Evaluator = ev, switch: tuple[Any, dict] | None = None) -> Score:
+            s, f = (sess, flags) if switch is None else switch
+            return on.score_session(s, flag_feeds(f, forms))
 
-        def search(on: Evaluator, batches: list[int], budget: Budget, label: str = ""
-                   ) -> tuple[dict[int, str], dict[int, float], dict[int, float]]:
-            """The forms the budget allows, decided on the batches ``batches`` of ``ev`` (``on``), and
+        def search(on: Evaluator, batches: list[int], budget: Budget, label: str = "",
+                   switch: tuple[Any, dict] | None = None) -> tuple[dict[int, str], dict[int, float], dict[int, float]]:
+            """The forms the budget allows, decided on the batches ``batches`` of ``ev`` (``on``) through
+            the switch session (``switch``: another one than the plan's, as ``(session, flags)``), and
             the int8 and nbits errors alone it ranked the ops by."""
+            def scored(forms: dict[int, str], on: Evaluator = ev) -> Score:
+                return score(forms, on, switch)
+
             n_hard = math.ceil(self.screen_fraction * len(batches))
             hard, ranked_on = None, batches
             if 0 < n_hard < len(batches) and len(all_score.batch_worst) == len(ev.batches):
@@ -338,9 +362,9 @@ class QuantizePass(Pass):
                 hard = ev.subset(ranked_on)
 
             def fits(forms: dict[int, str]) -> bool:
-                if hard is not None and score(forms, hard).worst < budget.worst:
+                if hard is not None and scored(forms, hard).worst < budget.worst:
                     return False
-                return budget.holds(score(forms, on))
+                return budget.holds(scored(forms, on))
 
             def errors_alone(pool: list[Candidate], form: str, start: dict[int, str], what: str) -> dict[int, float]:
                 """Each op's error in ``form`` (the others as in ``start``): measured alone, or local."""
@@ -349,7 +373,7 @@ class QuantizePass(Pass):
                 errs = {}
                 with ctx.bar(len(pool), f"quantize: {what}{label}") as bar:
                     for i, c in enumerate(pool):
-                        errs[c.index] = 1.0 - score({**start, c.index: form}, hard or on).worst
+                        errs[c.index] = 1.0 - scored({**start, c.index: form}, hard or on).worst
                         bar.update()
                         if i % 12 == 11:
                             ctx.report_progress(f"quantize: measured {i + 1}/{len(pool)} {what}{label}")
@@ -361,14 +385,14 @@ class QuantizePass(Pass):
                 ranked = sorted(pool, key=lambda c: (max(errs[c.index], 1e-9) / _macs(c), errs[c.index]))
                 return ranked if local is not None else [c for c in ranked if errs[c.index] <= 1.0 - budget.worst]
 
-            if budget.holds(score(all_on, on) if on is not ev else all_score):
+            if budget.holds(scored(all_on, on) if on is not ev else all_score):
                 return dict(all_on), {}, {}
             # 2. the ranking: each op alone (on the hardest batches when screening), or local errors
             errs = errors_alone(candidates, "int8", {}, "ops alone")
             rounds = LOCAL_ADDITION_ROUNDS if local is not None else None
             forms = _grow({}, order(candidates, errs), "int8", fits, ctx.bar, rounds)
             # 3. the ops left float: weight-only MatMulNBits under the same budget and search
-            rest = [c for c in candidates if c.index not in forms and c.op != "Attention"] if nbits else []
+            rest = [] if nbits is None else [c for c in candidates if c.index not in forms and c.op != "Attention"]
             nb_errs: dict[int, float] = {}
             if rest:
                 with_rest = {**forms, **{c.index: "nbits" for c in rest}}
@@ -384,8 +408,21 @@ class QuantizePass(Pass):
             # The calibration-to-held-out gap: decide on one half of the batches, score that decision
             # on the other half, both ways; the budget is tightened by the optimism measured (margin=cv: the
             # folds' mean; cv-max: the larger).
-            gap = cross_validated_gap(everything, lambda part, b: search(ev.subset(part), part, b, " (fold)")[0],
-                                      lambda forms, part: score(forms, ev.subset(part)), budget,
+            # A plan with static scales decides each fold through a switch model with scales fitted on
+            # that fold's batches only: scales fitted on every batch would see the other fold's
+            # activations, and the gap would miss how far unseen activations fall outside them (on a
+            # VNNI host MiniLM's static form held 0.9975 on calibration, 0.9954 on held-out sentences).
+            refit = static_of.get(best_name) if plan.static else None
+
+            def decide(part: list[int], b: Budget) -> tuple[dict[int, str], tuple[Any, dict] | None]:
+                switch = None
+                if refit is not None:
+                    vplan, clip = refit
+                    switch = switch_session(_with_static(vplan, _channel_ranges(model, ev.subset(part), acts,
+                                                                                 (clip,))[clip]))
+                return search(ev.subset(part), part, b, " (fold)", switch)[0], switch
+
+            gap = cross_validated_gap(everything, decide, lambda d, part: score(d[0], ev.subset(part), d[1]), budget,
                                       reduce="max" if self.margin == "cv-max" else "mean")
             ctx.report_progress(f"quantize: cross-validated calibration gap {gap}")
             budget = budget.tightened(gap)
@@ -402,7 +439,7 @@ class QuantizePass(Pass):
         while forms:
             trial = copy_model(model)
             with weight_clipping(self.weight_clip):
-                apply_plan(trial, candidates, _with_forms(plan, forms), NBITS)
+                apply_plan(trial, candidates, _with_forms(plan, forms), nbits)
             final = ev.score_model(trial)
             if budget.holds(final):
                 break
@@ -418,7 +455,7 @@ class QuantizePass(Pass):
         n_int8 = sum(1 for f in forms.values() if f == "int8")
         n_nbits = len(forms) - n_int8
         ctx.note(self.name, "model", f"{n_int8}/{len(candidates)} ops int8 ({best_name}), "
-                 + (f"{n_nbits} weight-only int8 (MatMulNBits), " if n_nbits else "")
+                 + (f"{n_nbits} weight-only int{self.fallback_bits} (MatMulNBits), " if n_nbits else "")
                  + f"{len(candidates) - len(forms)} kept float; {final} (budget {budget}) on {calib.source}; "
                  f"{ev.stats.evaluations} measurements ({ev.stats.batches} batches"
                  f"{f', screening on {len(hard.batches)} of {len(ev.batches)}' if hard is not None else ''}) "
@@ -427,17 +464,17 @@ class QuantizePass(Pass):
         return _with_forms(plan, forms), errs
 
     def _local_errors(self, model: ir.Model, ev: Evaluator, ctx: PassContext, candidates: list[Candidate], plan: Plan,
-                      nbits: bool) -> LocalErrors:
+                      nbits: WeightOnlyQuantizePass | None) -> LocalErrors:
         """Every op's local error in each form (``ranking=local``), from one run of the probe model."""
         def build() -> tuple[ir.Model, dict[tuple[int, str], str]]:
             with weight_clipping(self.weight_clip):
-                return build_probe_model(model, candidates, quantize_forms(plan, NBITS if nbits else None))
+                return build_probe_model(model, candidates, quantize_forms(plan, nbits))
 
         with ctx.bar(len(ev.batches), "quantize: local errors (probe)") as bar:
             # Unpacked weights: the probe holds the float model and every int8 weight, and pre-packed
             # copies of them all would be twice that (a 1.1 B Llama: ~11 GB); it moves int8 errors by
             # under 0.2%, a ranking's noise. MatMulNBits needs its packing.
-            return local_errors(ev, build, prepack=nbits, bar=bar)
+            return local_errors(ev, build, prepack=nbits is not None, bar=bar)
 
     def _variants(self, model: ir.Model, ev: Evaluator, candidates: list[Candidate], base: Plan
                   ) -> list[tuple[str, Plan]]:
@@ -554,6 +591,13 @@ def _smooth_groups(model: ir.Model, candidates: list[Candidate]) -> dict[str, li
         if p is not None and (p.domain, p.op_type) in NORM_OPS and x.index() == 0:  # type: ignore[union-attr]
             groups.setdefault(c.activation, []).append(c)
     return groups
+
+
+def _with_static(plan: Plan, ranges: dict[str, ChannelRanges]) -> Plan:
+    """``plan`` with static activation scales from the calibration ``ranges`` (after its smoothing
+    and outlier channels)."""
+    return dataclasses.replace(plan, static={act: static_qparams(r, plan.smooth.get(act), plan.outliers.get(act))
+                                             for act, r in ranges.items()})
 
 
 def _channel_ranges(model: ir.Model, ev: Evaluator, names: list[str], clips: tuple[float, ...]
