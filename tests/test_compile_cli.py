@@ -190,6 +190,23 @@ def test_out_of_tolerance_is_not_written_unless_forced(tmp_path: Path) -> None:
     assert proc.returncode == 0 and out.is_file()
 
 
+def test_a_pipeline_that_quantizes_is_verified_against_its_budget(tmp_path: Path) -> None:
+    """``--pipeline`` with a quantize pass (no ``--quantize``) is held to that pass's budget, as
+    ``--quantize int8`` is, not to fp32's 1e-4: int8 weights move outputs by ~1%."""
+    rng = np.random.default_rng(0)
+    w = onnx.numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "mm",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 64])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 32])], [w])
+    p = _write(tmp_path, "mm.onnx", helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    out = tmp_path / "mm.int8.onnx"
+    proc = _cli(str(p), "--target", "x86-avx2", "--pipeline", "quantize{sensitivity=false,min_cosine=0.99},dead-flow",
+                "-o", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "verify" in proc.stdout and "OK" in proc.stdout and out.is_file()
+    assert "DynamicQuantizeMatMul" in {n.op_type for n in onnx.load(str(out)).graph.node}
+
+
 def test_list_targets_and_passes() -> None:
     proc = _cli("--list-targets")
     assert proc.returncode == 0 and "x86-avx512vnni" in proc.stdout and "pipeline:" in proc.stdout

@@ -16,14 +16,13 @@ What it does, in order:
    (``Mul`` by a 0/1 mask) and computed in float (``Gather`` + small ``MatMul``, then ``Add``).
 4. **Sensitivity**: each candidate is quantized alone and the model scored against the float one
    (:mod:`passes.quantization.sensitivity`); for big models (``ranking=auto``) each op's local error
-   instead, all from one run of a probe model (:mod:`passes.quantization.local_error`). Candidates are then quantized in order of accuracy lost per
-   multiply-add moved to int8 (``K*N``, a proxy for the time saved)
-   while the combined model (re-measured, not summed) keeps the worst sample's cosine at or above
-   ``min_cosine`` (and, with ``min_mean_cosine``, the mean cosine at or above that); the others stay
-   float, or with ``fallback=nbits`` go to block-wise weight-only ``MatMulNBits`` (8-bit, or
-   ``fallback_bits=4``) as far as the
-   same budget and search allow. If not even one op fits, the model stays float and a note
-   says so. Screening keeps this cheap: the ops alone are ranked, and every subset tried is first
+   instead, all from one run of a probe model (:mod:`passes.quantization.local_error`). Candidates
+   are then quantized in order of accuracy lost per multiply-add moved to int8 (``K*N``, a proxy for
+   the time saved) while the combined model (re-measured, not summed) keeps the worst sample's
+   cosine at or above ``min_cosine`` (and, with ``min_mean_cosine``, the mean cosine at or above
+   that); the others stay float, or with ``fallback=nbits`` go to block-wise weight-only
+   ``MatMulNBits`` (8-bit, or 4 with ``fallback_bits=4``) as far as the same budget and search
+   allow. If not even one op fits, the model stays float and a note says so. Screening keeps this cheap: the ops alone are ranked, and every subset tried is first
    checked, on the few calibration batches the fully quantized model does worst on
    (``screen_fraction``); a subset that misses the budget there misses it on the full set (a worst
    over fewer samples is never lower), so only those that pass are measured on every batch.
@@ -52,7 +51,6 @@ import math
 from collections import Counter
 import time
 from dataclasses import dataclass
-from collections.abc import Callable
 from typing import Any, ClassVar, Optional
 
 import numpy as np
@@ -70,6 +68,7 @@ from .quant_math import WEIGHT_CLIPS, outlier_channels, smooth_factors, weight_c
 from ..framework.numerics import FILE_BYTES, tensor_bytes
 from .sensitivity import Evaluator, Score, release_memory
 from .static_scales import ChannelRanges, channel_ranges, static_qparams
+from .subset_search import LOCAL_ADDITION_ROUNDS, grow, macs
 from .weight_only import WeightOnlyQuantizePass
 from ..framework.registry import register_pass
 
@@ -116,8 +115,9 @@ class QuantizePass(Pass):
             (block-wise weight-only ``MatMulNBits`` with ``accuracy_level=4``, where the target
             provides it; MatMul/Gemm only): after the int8 set is chosen, the other ops are moved to
             it under the same budget and search, and those that still break it stay float.
-        fallback_bits: the weight bits of ``fallback=nbits``: 8, or 4 (half the weight bytes again:
-            where a model is bound by streaming its weights, as a small encoder at short sequences).
+        fallback_bits: the weight bits of ``fallback=nbits``: 8, or 4 (half the weight bytes, for a
+            model bound by streaming its weights; the larger weight error fits the budget on fewer
+            ops: on MiniLM at worst 0.997, on none).
         static: static activation scales from calibration (a ``QuantizeLinear`` with constant scale
             and zero point instead of the per-call ``DynamicQuantizeLinear``, see
             :mod:`passes.quantization.static_scales`): ``off``; ``auto`` (the best dynamic remedy is
@@ -128,8 +128,8 @@ class QuantizePass(Pass):
         margin: ``cv`` (default): the budget the search holds on the calibration samples is
             tightened by the gap between calibration and unseen samples, estimated by 2-fold
             cross-validation over the calibration batches (:func:`cross_validated_gap`: the search
-            decides on one half and its decision is scored on the other), the mean of the two
-            folds' gaps; ``cv-max``: the larger of the two (fewer ops int8, held on unseen samples
+            decides on one half and its decision is scored on the other; static scales are fitted
+            again on the half that decides), the mean of the two folds' gaps; ``cv-max``: the larger of the two (fewer ops int8, held on unseen samples
             more often: ``--autotune`` uses it, since keeping the fastest of several forms that pass
             on calibration favours the form whose gap was most underestimated; on MiniLM's held-out
             sentences 3 of its 5 int8 forms missed the worst-sentence budget with ``cv``, none with
@@ -382,7 +382,7 @@ class QuantizePass(Pass):
             def order(pool: list[Candidate], errs: dict[int, float]) -> list[Candidate]:
                 """The ops by error per multiply-add moved (the speed-up of an op is about proportional
                 to its weight's ``K*N`` per token); measured alone, only those that alone hold the budget."""
-                ranked = sorted(pool, key=lambda c: (max(errs[c.index], 1e-9) / _macs(c), errs[c.index]))
+                ranked = sorted(pool, key=lambda c: (max(errs[c.index], 1e-9) / macs(c), errs[c.index]))
                 return ranked if local is not None else [c for c in ranked if errs[c.index] <= 1.0 - budget.worst]
 
             if budget.holds(scored(all_on, on) if on is not ev else all_score):
@@ -390,7 +390,7 @@ class QuantizePass(Pass):
             # 2. the ranking: each op alone (on the hardest batches when screening), or local errors
             errs = errors_alone(candidates, "int8", {}, "ops alone")
             rounds = LOCAL_ADDITION_ROUNDS if local is not None else None
-            forms = _grow({}, order(candidates, errs), "int8", fits, ctx.bar, rounds)
+            forms = grow({}, order(candidates, errs), "int8", fits, ctx.bar, rounds)
             # 3. the ops left float: weight-only MatMulNBits under the same budget and search
             rest = [] if nbits is None else [c for c in candidates if c.index not in forms and c.op != "Attention"]
             nb_errs: dict[int, float] = {}
@@ -400,7 +400,7 @@ class QuantizePass(Pass):
                     forms = with_rest
                 else:
                     nb_errs = errors_alone(rest, "nbits", forms, "ops alone in nbits")
-                    forms = _grow(forms, order(rest, nb_errs), "nbits", fits, ctx.bar, rounds)
+                    forms = grow(forms, order(rest, nb_errs), "nbits", fits, ctx.bar, rounds)
             return forms, errs, nb_errs
 
         everything = list(range(len(ev.batches)))
@@ -523,57 +523,6 @@ class QuantizePass(Pass):
                 n = sum(len(v) for v in rest.values())
                 variants.append((f"{name} + {n} outlier channels", dataclasses.replace(base, smooth=factors, outliers=rest)))
         return variants or [(kind, base)]
-
-
-def _macs(c: Candidate) -> float:
-    """Multiply-adds per token of a candidate's weight product."""
-    return float(c.weight_shape[0] * c.weight_shape[1])
-
-
-#: With ``ranking=local`` the search's additions after its first bisection are this many more
-#: bisections, each over the ops after the one that broke the previous (skipped), instead of one
-#: trial an op: unfiltered by a measurement alone, a 1B decoder's tail is ~100 ops a search.
-LOCAL_ADDITION_ROUNDS = 3
-
-
-def _grow(start: dict[int, str], ok: list[Candidate], form: str, fits: Callable[[dict[int, str]], bool],
-          bar: Callable[[int, str], Any], rounds: int | None = None) -> dict[int, str]:
-    """``start`` with the most ops of ``ok`` (in the order to try them) in ``form`` that ``fits``: the
-    longest fitting prefix by bisection, then additions: with ``rounds=None`` each op after the first
-    that broke it tried in turn, else ``rounds`` more bisections over the ops after the one that
-    broke the previous (each step advancing a progress ``bar`` made by the context's factory)."""
-
-    def longest(forms: dict[int, str], pool: list[Candidate], b: Any) -> int:
-        """The longest prefix of ``pool`` that fits on top of ``forms`` (by bisection)."""
-        lo, hi = 0, len(pool)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if fits({**forms, **{c.index: form for c in pool[:mid]}}):
-                lo = mid
-            else:
-                hi = mid - 1
-            b.update()
-        return lo
-
-    with bar(max(1, len(ok)).bit_length(), f"quantize: {form} subsets tried (bisection)") as b:
-        lo = longest(start, ok, b)
-    forms = {**start, **{c.index: form for c in ok[:lo]}}
-    tail = ok[lo + 1 :]
-    if rounds is not None:
-        with bar(rounds * max(1, len(tail)).bit_length(), f"quantize: {form} subsets tried (bisections after)") as b:
-            for _ in range(rounds):
-                if not tail:
-                    break
-                k = longest(forms, tail, b)
-                forms.update({c.index: form for c in tail[:k]})
-                tail = tail[k + 1 :]
-        return forms
-    with bar(len(tail), f"quantize: {form} subsets tried (additions)") as b:
-        for c in tail:
-            if fits({**forms, c.index: form}):
-                forms[c.index] = form
-            b.update()
-    return forms
 
 
 def _with_forms(plan: Plan, forms: dict[int, str]) -> Plan:
