@@ -22,10 +22,11 @@ What it does, in order:
    cosine at or above ``min_cosine`` (and, with ``min_mean_cosine``, the mean cosine at or above
    that); the others stay float, or with ``fallback=nbits`` go to block-wise weight-only
    ``MatMulNBits`` (8-bit, or 4 with ``fallback_bits=4``) as far as the same budget and search
-   allow. If not even one op fits, the model stays float and a note says so. Screening keeps this cheap: the ops alone are ranked, and every subset tried is first
-   checked, on the few calibration batches the fully quantized model does worst on
-   (``screen_fraction``); a subset that misses the budget there misses it on the full set (a worst
-   over fewer samples is never lower), so only those that pass are measured on every batch.
+   allow. If not even one op fits, the model stays float and a note says so. Screening keeps this
+   cheap: the ops alone are ranked, and every subset tried is first checked, on the few calibration
+   batches the fully quantized model does worst on (``screen_fraction``); a subset that misses the
+   budget there misses it on the full set (a worst over fewer samples is never lower), so only those
+   that pass are measured on every batch.
    With ``static`` the remedies are also tried with static activation scales from calibration
    (:mod:`passes.quantization.static_scales`), measured the same way.
 5. **Rewrite** by ``policy.format``:
@@ -129,11 +130,12 @@ class QuantizePass(Pass):
             tightened by the gap between calibration and unseen samples, estimated by 2-fold
             cross-validation over the calibration batches (:func:`cross_validated_gap`: the search
             decides on one half and its decision is scored on the other; static scales are fitted
-            again on the half that decides), the mean of the two folds' gaps; ``cv-max``: the larger of the two (fewer ops int8, held on unseen samples
-            more often: ``--autotune`` uses it, since keeping the fastest of several forms that pass
-            on calibration favours the form whose gap was most underestimated; on MiniLM's held-out
-            sentences 3 of its 5 int8 forms missed the worst-sentence budget with ``cv``, none with
-            ``cv-max``); ``off``: the budget as given.
+            again on the half that decides), the mean of the two folds' gaps; ``cv-max``: the larger
+            of the two (fewer ops int8, held on unseen samples more often: ``--autotune`` uses it,
+            since keeping the fastest of several forms that pass on calibration favours the form
+            whose gap was most underestimated; on MiniLM's held-out sentences 3 of its 5 int8 forms
+            missed the worst-sentence budget with ``cv``, none with ``cv-max``); ``off``: the budget
+            as given.
         weight_clip: the weight scales: ``minmax`` (``max|w|`` maps to the top level) or ``mse``
             (per channel, the clipped range of least squared weight error,
             :func:`passes.quantization.quant_math.clip_ratios`).
