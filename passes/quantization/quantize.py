@@ -211,7 +211,6 @@ class QuantizePass(Pass):
         if self.fallback_bits not in FALLBACK_BITS:
             raise PassError(f"quantize: fallback_bits must be one of {', '.join(map(str, FALLBACK_BITS))}, "
                             f"not {self.fallback_bits!r}")
-        writer = nbits_writer(self.fallback_bits)
         ops = tuple(o for o in policy.ops if policy.format == "integer-ops" or o != "Attention")
         exclude = set(self.exclude)
         min_cos = float(self.min_cosine)
@@ -238,21 +237,24 @@ class QuantizePass(Pass):
                 report.append({"name": c.name, "op": c.op, "shape": list(c.weight_shape), "decision": "quantized",
                                "error": None, "smoothed": False})
             return _with_rows(rw.result(), report)
-        plan, errors = self._decide(model, ctx, candidates, base, min_cos, ranking)
+        # the fallback's MatMulNBits writer, when there is one
+        nbits = nbits_writer(self.fallback_bits) if self.fallback == "nbits" and ctx.target is not None \
+            and ctx.target.supports("MatMulNBits", MS) and any(c.op != "Attention" for c in candidates) else None
+        plan, errors = self._decide(model, ctx, candidates, base, min_cos, ranking, nbits)
         error_key = "local error" if ranking == "local" else "error"
         for c in candidates:
             err = errors.get(c.index)
             report.append({
                 "name": c.name, "op": c.op, "shape": list(c.weight_shape),
                 "decision": "quantized" if c.index in plan.chosen else (
-                    f"weight-only int{writer.bits} (MatMulNBits)" if c.index in plan.nbits else "kept float"),
+                    f"weight-only int{self.fallback_bits} (MatMulNBits)" if c.index in plan.nbits else "kept float"),
                 error_key: None if err is None else round(err, 7),
                 "smoothed": c.activation in plan.smooth and c.index in plan.chosen,
             })
         if not plan.chosen and not plan.nbits:
             return PassResult(False, stats=Counter({"kept float": len(candidates)}), rows=report)
         with weight_clipping(self.weight_clip):
-            rw = apply_plan(model, candidates, plan, writer)
+            rw = apply_plan(model, candidates, plan, nbits)
         rw.count("kept float", len(candidates) - len(plan.chosen) - len(plan.nbits))
         smoothed = {c.activation for c in candidates if c.index in plan.chosen and c.activation in plan.smooth}
         if smoothed:
@@ -262,10 +264,11 @@ class QuantizePass(Pass):
     # -- decisions ------------------------------------------------------------------------
     def _decide(
         self, model: ir.Model, ctx: PassContext, candidates: list[Candidate], base: Plan, min_cos: float,
-        ranking: str,
+        ranking: str, nbits: WeightOnlyQuantizePass | None,
     ) -> tuple[Plan, dict[int, float]]:
-        """The plan the budget allows, and each op's error alone (``1 -`` its worst cosine quantized
-        alone; with ``ranking=local`` its relative output error) where measured."""
+        """The plan the budget allows (``nbits``: the fallback's MatMulNBits writer, if any), and each
+        op's error alone (``1 -`` its worst cosine quantized alone; with ``ranking=local`` its relative
+        output error) where measured."""
         t0 = time.perf_counter()
         budget = Budget(min_cos, float(self.min_mean_cosine))
         calib: Any = None
@@ -281,9 +284,6 @@ class QuantizePass(Pass):
         if calib.generated:
             ctx.note(self.name, "calibration", "no --calibration or --tokenizer/--texts given: deciding on generated "
                      "inputs, which may not show the activation ranges of real data")
-        # the fallback's MatMulNBits writer, when there is one
-        nbits = nbits_writer(self.fallback_bits) if self.fallback == "nbits" and ctx.target is not None \
-            and ctx.target.supports("MatMulNBits", MS) and any(c.op != "Attention" for c in candidates) else None
 
         # 1. remedies for activation outliers, each measured on the fully quantized model
         variants = self._variants(model, ev, candidates, base)
