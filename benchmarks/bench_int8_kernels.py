@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             ir.save(compile_model(str(src), target, f"{target.pipeline},{pipeline}", verify=False).model, str(out))
             paths[name] = str(out)
         sessions = {name: session(p, threads=2, spinning=False) for name, p in paths.items()}
+        nbytes = {name: weight_bytes(p) for name, p in paths.items()}
         for m in args.m:
             x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
             ref = sessions["fp32"].run(None, {"x": x})[0]
@@ -111,12 +112,12 @@ def main(argv: list[str] | None = None) -> int:
                 y = s.run(None, {"x": x})[0]
                 rel = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
                 med = statistics.median(times[name])
-                rows.append((shape, m, name, med, med / base, weight_bytes(paths[name]), rel))
+                rows.append((shape, m, name, med, med / base, nbytes[name], rel))
     print(f"\none interleaved run per shape and M: {args.rounds} rounds x {args.runs} runs, 2 threads, spinning off\n")
     print("| projection | M | kernel | median us | vs fp32 | weight bytes | rel. error |")
     print("|---|---|---|---|---|---|---|")
-    for shape, m, name, med, ratio, nbytes, rel in rows:
-        print(f"| {shape} | {m} | {name} | {med:.1f} | {ratio:.2f}x | {nbytes / 1e6:.2f} MB | {rel:.4f} |")
+    for shape, m, name, med, ratio, size, rel in rows:
+        print(f"| {shape} | {m} | {name} | {med:.1f} | {ratio:.2f}x | {size / 1e6:.2f} MB | {rel:.4f} |")
     return 0
 
 

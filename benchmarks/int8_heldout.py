@@ -89,7 +89,7 @@ class Bench:
         self.ref_calib, self.ref_held = pooled(ref_sess, self.calib), pooled(ref_sess, self.held)
         del ref_sess
         print(f"references done ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
-        key = hashlib.sha256((pipeline or "").encode()).hexdigest()[:8] if pipeline else "default"
+        key = hashlib.sha256(pipeline.encode()).hexdigest()[:8] if pipeline else "default"
         folder = pathlib.Path(os.environ.get("INT8_HELDOUT_CACHE", "/tmp/int8-heldout"))
         cache = folder / f"{self.target.name}-{key}.onnx"
         if cache.exists():
